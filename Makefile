@@ -1,0 +1,36 @@
+# ftkvm build. `make run` builds and boots the test guest; `make test`
+# installs the test dependencies and runs every test.
+GO       ?= go
+BIN      := bin/ftkvm
+TESTOS   := guest/testos/testos.elf
+WORKLOAD ?= counter
+
+.PHONY: all build testos run test deps vet clean bench
+
+all: build testos
+
+build:
+	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/ftkvm
+
+testos:
+	$(MAKE) -s -C guest/testos
+
+run: all
+	$(BIN) run --kernel $(TESTOS) --cmdline "workload=$(WORKLOAD)"
+
+deps:
+	./test/setup-deps.sh
+
+vet:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
+	$(GO) vet ./...
+
+test: deps all vet
+	$(GO) test -count=1 -timeout 30m ./...
+
+bench: all
+	$(GO) test -run '^$$' -bench . -benchtime 1x ./vmm/ ./test/
+
+clean:
+	rm -rf bin
+	$(MAKE) -s -C guest/testos clean

@@ -1,0 +1,76 @@
+// Command ftkvm is a fault-tolerant virtual machine monitor on Linux KVM.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/alecthomas/kong"
+	"github.com/sirupsen/logrus"
+)
+
+// Exit statuses of ftkvm itself. A guest that ends through the debug-exit
+// port makes ftkvm exit with the guest's byte instead.
+const (
+	exitFailure = 125 // ftkvm or KVM failed, or the input was bad
+	exitQuit    = 130 // the user quit with Ctrl-A x
+)
+
+type cli struct {
+	LogLevel string `help:"Log level: debug, info, warn, error." default:"warn" enum:"debug,info,warn,error"`
+
+	Run   runCmd   `cmd:"" help:"Run a guest with its console on the terminal."`
+	Probe probeCmd `cmd:"" help:"Report what this host's KVM can do for ftkvm."`
+}
+
+func main() {
+	var c cli
+	parser, err := kong.New(&c,
+		kong.Name("ftkvm"),
+		kong.Description("A fault-tolerant virtual machine monitor on Linux KVM."),
+		kong.UsageOnError(),
+		kong.Exit(func(code int) {
+			if code != 0 {
+				code = 2
+			}
+			os.Exit(code)
+		}),
+	)
+	if err != nil {
+		fail(err)
+	}
+	ctx, err := parser.Parse(os.Args[1:])
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "ftkvm: %v\n", err)
+		os.Exit(2)
+	}
+	lvl, _ := logrus.ParseLevel(c.LogLevel)
+	logrus.SetLevel(lvl)
+	logrus.SetOutput(os.Stderr)
+	logrus.SetFormatter(&logrus.TextFormatter{DisableTimestamp: false, FullTimestamp: true})
+
+	status, err := dispatch(ctx)
+	if err != nil {
+		fail(err)
+	}
+	os.Exit(status)
+}
+
+// dispatch runs the chosen command; commands return a process exit status.
+func dispatch(ctx *kong.Context) (int, error) {
+	switch cmd := ctx.Selected().Target.Addr().Interface().(type) {
+	case *runCmd:
+		return cmd.run()
+	case *probeCmd:
+		return cmd.run()
+	}
+	return 0, errors.New("no command")
+}
+
+// fail prints one clear line and exits; it is the only way ftkvm reports a
+// fatal error (never a panic).
+func fail(err error) {
+	fmt.Fprintf(os.Stderr, "ftkvm: %v\n", err)
+	os.Exit(exitFailure)
+}

@@ -1,0 +1,56 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"text/tabwriter"
+
+	"github.com/ftkvm/ftkvm/vmm"
+)
+
+type probeCmd struct {
+	Device string `help:"KVM device." default:"/dev/kvm"`
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}
+
+func (c *probeCmd) run() (int, error) {
+	r, err := vmm.Probe(c.Device)
+	if err != nil {
+		return 0, err
+	}
+	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(w, "device\t%s\n", r.Device)
+	fmt.Fprintf(w, "api version\t%d\n", r.APIVersion)
+	missing := 0
+	for _, cs := range r.Caps {
+		note := ""
+		if cs.Required {
+			note = " (required)"
+			if cs.Value == 0 {
+				missing++
+				note = " (REQUIRED, MISSING)"
+			}
+		}
+		fmt.Fprintf(w, "cap %v\t%d%s\n", cs.Cap, cs.Value, note)
+	}
+	mode := "emulated"
+	if r.Ring0Native {
+		mode = "native"
+	}
+	fmt.Fprintf(w, "ring 0\t%s (%.3g instructions/s)\n", mode, r.Ring0IPS)
+	fmt.Fprintf(w, "ring 3\t%.3g instructions/s\n", r.Ring3IPS)
+	fmt.Fprintf(w, "single-step ring 0\t%s (%s)\n", yesNo(r.SingleStepRing0), r.SingleStepRing0Detail)
+	fmt.Fprintf(w, "single-step ring 3\t%s (%s)\n", yesNo(r.SingleStepRing3), r.SingleStepRing3Detail)
+	fmt.Fprintf(w, "performance counters\t%s (%s)\n", yesNo(r.PMU), r.PMUDetail)
+	w.Flush()
+	if missing > 0 {
+		return 0, fmt.Errorf("%s lacks %d capabilities ftkvm requires", r.Device, missing)
+	}
+	return 0, nil
+}

@@ -1,0 +1,176 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+	"golang.org/x/term"
+
+	"github.com/ftkvm/ftkvm/guest"
+	"github.com/ftkvm/ftkvm/vmm"
+)
+
+// guestFlags are the flags that describe a guest; later commands (snapshot
+// restore, replicas) share them.
+type guestFlags struct {
+	Kernel  string `help:"Guest kernel: a PVH ELF (ELF32 or ELF64) or a Linux bzImage." required:"" type:"path"`
+	Initrd  string `help:"Initial ramdisk." type:"path"`
+	Cmdline string `help:"Kernel command line. For Linux kernels it adds to or overrides ftkvm's defaults (console=ttyS0 and lpj)."`
+	Mem     uint64 `help:"Guest memory in MiB (a multiple of 2)." default:"256"`
+}
+
+// load reads the files and builds the machine configuration.
+func (g *guestFlags) load() (vmm.Config, error) {
+	var cfg vmm.Config
+	if g.Mem < 2 || g.Mem%2 != 0 || g.Mem > 1<<20 {
+		return cfg, fmt.Errorf("--mem %d: need a multiple of 2 MiB between 2 and %d", g.Mem, 1<<20)
+	}
+	kernel, err := os.ReadFile(g.Kernel)
+	if err != nil {
+		return cfg, fmt.Errorf("kernel: %w", err)
+	}
+	if len(kernel) == 0 {
+		return cfg, fmt.Errorf("kernel %s: %w", g.Kernel, guest.ErrEmpty)
+	}
+	var initrd []byte
+	if g.Initrd != "" {
+		if initrd, err = os.ReadFile(g.Initrd); err != nil {
+			return cfg, fmt.Errorf("initrd: %w", err)
+		}
+	}
+	cmdline := g.Cmdline
+	if guest.IsLinux(kernel) {
+		cmdline = guest.LinuxCmdline(g.Cmdline)
+	}
+	return vmm.Config{
+		Kernel:    kernel,
+		Initrd:    initrd,
+		Cmdline:   cmdline,
+		MemSize:   g.Mem << 20,
+		WallClock: time.Now(),
+	}, nil
+}
+
+type runCmd struct {
+	guestFlags
+}
+
+func (c *runCmd) run() (int, error) {
+	cfg, err := c.load()
+	if err != nil {
+		return 0, err
+	}
+	console, restore, err := openConsole()
+	if err != nil {
+		return 0, err
+	}
+	defer restore()
+	env := vmm.NewLiveEnv(console.input)
+	console.quit = env.Quit
+	cfg.Env = env
+	cfg.Console = os.Stdout
+	m, err := vmm.New(cfg)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", c.Kernel, err)
+	}
+	defer m.Close()
+	start := time.Now()
+	status, err := m.Run()
+	s := m.Stats
+	logrus.WithFields(logrus.Fields{
+		"exits": s.Exits, "kicks": s.Kicks, "io": s.IOExits, "hlt": s.HaltExits,
+		"window": s.WindowExits, "msr": s.MSRExits, "injected": s.Injected,
+		"ticks": s.TimerEvents, "ticks_at_kicks": s.KickTimer, "input": s.InputBytes,
+		"elapsed": time.Since(start).Round(time.Millisecond),
+	}).Info("guest stopped: ", m.StopReason())
+	if errors.Is(err, vmm.ErrQuit) {
+		restore()
+		fmt.Fprintln(os.Stderr, "\r\nftkvm: quit")
+		return exitQuit, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	return status, nil
+}
+
+// console is the guest's terminal: raw mode when stdin is a terminal, with
+// QEMU's escape Ctrl-A x to quit and Ctrl-A Ctrl-A to send Ctrl-A.
+type console struct {
+	input io.Reader
+	quit  func()
+}
+
+func openConsole() (*console, func(), error) {
+	c := &console{}
+	fd := int(os.Stdin.Fd())
+	if !term.IsTerminal(fd) {
+		c.input = os.Stdin
+		return c, func() {}, nil
+	}
+	old, err := term.MakeRaw(fd)
+	if err != nil {
+		return nil, nil, fmt.Errorf("terminal raw mode: %w", err)
+	}
+	// Keep output post-processing so that the guest's bare "\n" and our
+	// log lines still start at column 0.
+	if t, err := unix.IoctlGetTermios(fd, unix.TCGETS); err == nil {
+		t.Oflag |= unix.OPOST | unix.ONLCR
+		_ = unix.IoctlSetTermios(fd, unix.TCSETS, t)
+	}
+	done := false
+	restore := func() {
+		if !done {
+			done = true
+			_ = term.Restore(fd, old)
+		}
+	}
+	c.input = &escapeReader{r: os.Stdin, quit: func() {
+		if c.quit != nil {
+			c.quit()
+		}
+	}}
+	return c, restore, nil
+}
+
+// escapeReader filters the Ctrl-A escapes out of terminal input.
+type escapeReader struct {
+	r       io.Reader
+	quit    func()
+	escaped bool
+}
+
+const ctrlA = 0x01
+
+func (e *escapeReader) Read(p []byte) (int, error) {
+	for {
+		n, err := e.r.Read(p)
+		out := 0
+		for _, b := range p[:n] {
+			switch {
+			case e.escaped:
+				e.escaped = false
+				switch b {
+				case 'x', 'X':
+					e.quit()
+				case ctrlA:
+					p[out] = ctrlA
+					out++
+				}
+			case b == ctrlA:
+				e.escaped = true
+			default:
+				p[out] = b
+				out++
+			}
+		}
+		if out > 0 || err != nil {
+			return out, err
+		}
+	}
+}

@@ -1,0 +1,172 @@
+package vmm
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+
+	"github.com/ftkvm/ftkvm/kvm"
+)
+
+// ErrGuest wraps failures of the guest itself (triple fault, emulation
+// failure), as opposed to failures of ftkvm or KVM.
+var ErrGuest = errors.New("guest failed")
+
+// Run runs the guest until it stops: through the debug-exit port (its
+// status is returned), a reset request, the environment (ErrQuit), or an
+// error. It must be called once; it locks the calling goroutine to its OS
+// thread because KVM binds a vCPU to the thread that runs it and kicks
+// signal that thread.
+//
+// The loop is the exit path (~100k times a second): it allocates nothing,
+// logs nothing and takes no locks.
+func (m *Machine) Run() (int, error) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	m.vcpu.BindThread()
+	if err := m.env.Start(m.vcpu.Kick); err != nil {
+		return 0, fmt.Errorf("start environment: %w", err)
+	}
+	defer m.env.Stop()
+
+	run := m.run
+	for {
+		reason, err := m.vcpu.Run()
+		if err != nil {
+			return 0, err
+		}
+		m.point.Kind = PointExit
+		halted := false
+		switch reason {
+		case kvm.ExitIO:
+			m.Stats.IOExits++
+			m.handleIO()
+		case kvm.ExitMMIO:
+			m.Stats.MMIOExits++
+			m.handleMMIO()
+		case kvm.ExitHLT:
+			m.Stats.HaltExits++
+			halted = true
+		case kvm.ExitIRQWindowOpen:
+			m.Stats.WindowExits++
+		case kvm.ExitX86RDMSR, kvm.ExitX86WRMSR:
+			m.Stats.MSRExits++
+			m.handleMSR(reason)
+		case kvm.ExitIntr:
+			// A kick (or a stray signal): host-timed, never a position.
+			m.vcpu.ClearImmediateExit()
+			m.point.Kind = PointKick
+			m.Stats.Kicks++
+		default:
+			return 0, m.exitError(reason)
+		}
+		if m.stopped {
+			return m.exitStatus, nil
+		}
+		if m.point.Kind == PointExit {
+			m.Stats.Exits++
+			m.point.Exits = m.Stats.Exits
+		}
+		if err := m.env.At(m.point, m); err != nil {
+			return 0, err
+		}
+		if halted && !m.pic.HasInterrupt() {
+			if run.IfFlag == 0 {
+				// Nothing can wake a CPU halted with interrupts off: we
+				// have no NMI source. Linux's power-off without ACPI ends
+				// here; treat it as the guest powering off.
+				m.stop(0, "guest halted with interrupts disabled (power off)")
+				return 0, nil
+			}
+			if err := m.env.Halt(m.point, m); err != nil {
+				return 0, err
+			}
+		}
+		if m.stopped {
+			return m.exitStatus, nil
+		}
+		m.inject()
+	}
+}
+
+// inject moves the PIC's highest-priority request into the vCPU if the
+// guest can take it now, or asks KVM to exit as soon as it can. Both
+// conditions are guest state, so at a guest-caused exit the outcome is the
+// same on every replica.
+func (m *Machine) inject() {
+	run := m.run
+	if !m.pic.HasInterrupt() {
+		run.RequestInterruptWindow = 0
+		return
+	}
+	if run.ReadyForInterruptInjection != 0 && run.IfFlag != 0 {
+		vec := m.pic.Acknowledge()
+		if err := m.vcpu.Interrupt(vec); err == nil {
+			m.Stats.Injected++
+		}
+		run.RequestInterruptWindow = 0
+		return
+	}
+	run.RequestInterruptWindow = 1
+}
+
+func (m *Machine) handleIO() {
+	io := m.run.IO()
+	data := m.vcpu.IOData()
+	size := int(io.Size)
+	port := uint64(io.Port)
+	for off := 0; off+size <= len(data); off += size {
+		chunk := data[off : off+size]
+		if io.Direction == kvm.IOOut {
+			m.pio.Write(port, chunk)
+		} else {
+			m.pio.Read(port, chunk)
+		}
+	}
+}
+
+func (m *Machine) handleMMIO() {
+	mm := m.run.MMIO()
+	n := min(int(mm.Len), len(mm.Data))
+	if mm.IsWrite != 0 {
+		m.mmio.Write(mm.PhysAddr, mm.Data[:n])
+	} else {
+		m.mmio.Read(mm.PhysAddr, mm.Data[:n])
+	}
+}
+
+// handleMSR serves the MSRs the filter traps. The TSC is virtual time at
+// 1 GHz plus the offset the guest wrote; the others belong to features
+// CPUID hides, and fault as on a CPU without them.
+func (m *Machine) handleMSR(reason kvm.ExitReason) {
+	msr := m.run.MSR()
+	msr.Error = 0
+	switch {
+	case msr.Index == msrIA32TSC && reason == kvm.ExitX86RDMSR:
+		msr.Data = uint64(m.env.Now()) + m.tscOffset
+	case msr.Index == msrIA32TSC:
+		m.tscOffset = msr.Data - uint64(m.env.Now())
+	default:
+		msr.Error = 1 // #GP
+	}
+}
+
+func (m *Machine) exitError(reason kvm.ExitReason) error {
+	var regs kvm.Regs
+	_ = m.vcpu.GetRegs(&regs)
+	rip := regs.RIP
+	switch reason {
+	case kvm.ExitShutdown:
+		return fmt.Errorf("%w: shutdown (triple fault) at rip %#x", ErrGuest, rip)
+	case kvm.ExitInternalError:
+		ie := m.run.InternalError()
+		return fmt.Errorf("%w: KVM internal error, suberror %d, at rip %#x (this host's ring-0 emulator rejects some instructions; see README)",
+			ErrGuest, ie.Suberror, rip)
+	case kvm.ExitFailEntry:
+		fe := m.run.FailEntry()
+		return fmt.Errorf("%w: VM entry failed, hardware reason %#x", ErrGuest, fe.HardwareEntryFailureReason)
+	case kvm.ExitSystemEvent:
+		return fmt.Errorf("%w: system event %d", ErrGuest, m.run.SystemEvent().Type)
+	}
+	return fmt.Errorf("unexpected KVM exit %v at rip %#x", reason, rip)
+}

@@ -1,0 +1,239 @@
+// Package vmm is the machine: guest memory, one vCPU, its exit loop and
+// dispatch, the device buses, and the environment seam through which every
+// nondeterministic input reaches the guest.
+package vmm
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/ftkvm/ftkvm/devices"
+	"github.com/ftkvm/ftkvm/guest"
+	"github.com/ftkvm/ftkvm/kvm"
+)
+
+// Config describes a guest.
+type Config struct {
+	Kernel  []byte // PVH ELF or bzImage
+	Initrd  []byte
+	Cmdline string
+	MemSize uint64 // bytes, a multiple of 2 MiB
+
+	Console io.Writer   // UART output
+	Env     Environment // nil: a LiveEnv with no input
+	// WallClock is the RTC's time at virtual time zero. It is an input of
+	// the environment too: replicas agree on it at the handshake.
+	WallClock time.Time
+	// KVMPath is the KVM device, "/dev/kvm" if empty.
+	KVMPath string
+}
+
+// Stats counts what the vCPU loop did. Points are kept apart by kind:
+// guest-caused exits can be found again by a replica, kicks cannot.
+type Stats struct {
+	Exits       uint64 // guest-caused exits: replayable points
+	Kicks       uint64 // forced returns from KVM_RUN: non-replayable points
+	IOExits     uint64
+	MMIOExits   uint64
+	HaltExits   uint64
+	WindowExits uint64
+	MSRExits    uint64
+	Injected    uint64 // interrupts injected with KVM_INTERRUPT
+	TimerEvents uint64 // PIT ticks delivered
+	InputBytes  uint64 // UART bytes delivered
+	KickTimer   uint64 // timer events delivered at a kick point
+}
+
+// Machine is one guest with one vCPU.
+type Machine struct {
+	sys  *kvm.System
+	vm   *kvm.VM
+	vcpu *kvm.VCPU
+	run  *kvm.Run
+	mem  *Memory
+	env  Environment
+
+	pio, mmio *devices.Bus
+	pic       *devices.PIC
+	pit       *devices.PIT
+	uart      *devices.UART
+	rtc       *devices.RTC
+
+	// tscOffset makes the guest's TSC MSR read tscOffset + virtual ns.
+	tscOffset uint64
+
+	stopped    bool
+	exitStatus int
+	stopReason string
+
+	point Point // the current delivery point
+	Stats Stats
+}
+
+// Exit statuses that are not the guest's own debug-exit byte.
+const (
+	StatusReset = 0 // the guest asked for a reset; ftkvm has no reboot, it stops
+)
+
+// New creates the VM, loads the kernel and wires the devices. On error
+// everything acquired is released.
+func New(cfg Config) (m *Machine, err error) {
+	if cfg.Env == nil {
+		cfg.Env = NewLiveEnv(nil)
+	}
+	if cfg.Console == nil {
+		cfg.Console = io.Discard
+	}
+	if cfg.KVMPath == "" {
+		cfg.KVMPath = "/dev/kvm"
+	}
+	if cfg.WallClock.IsZero() {
+		cfg.WallClock = time.Unix(0, 0)
+	}
+	m = &Machine{env: cfg.Env}
+	defer func() {
+		if err != nil {
+			m.Close()
+		}
+	}()
+
+	if m.sys, err = kvm.Open(cfg.KVMPath); err != nil {
+		return nil, err
+	}
+	if v, err := m.sys.APIVersion(); err != nil {
+		return nil, err
+	} else if v != 12 {
+		return nil, fmt.Errorf("%s: KVM API version %d, ftkvm needs 12", cfg.KVMPath, v)
+	}
+	for _, c := range []kvm.Cap{kvm.CapUserMemory, kvm.CapImmediateExit, kvm.CapX86UserSpaceMSR, kvm.CapX86MSRFilter} {
+		if n, err := m.sys.CheckExtension(c); err != nil {
+			return nil, err
+		} else if n == 0 {
+			return nil, fmt.Errorf("%s lacks %v, which ftkvm needs", cfg.KVMPath, c)
+		}
+	}
+	if m.mem, err = NewMemory(cfg.MemSize); err != nil {
+		return nil, err
+	}
+	entry, err := guest.Load(m.mem.Bytes(), cfg.Kernel, cfg.Initrd, cfg.Cmdline)
+	if err != nil {
+		return nil, fmt.Errorf("load kernel: %w", err)
+	}
+	if m.vm, err = m.sys.CreateVM(); err != nil {
+		return nil, err
+	}
+	if err = m.vm.SetTSSAddr(0xfffbd000); err != nil {
+		return nil, err
+	}
+	if err = m.vm.SetUserMemoryRegion(kvm.MemoryRegion{
+		Slot:          0,
+		GuestPhysAddr: 0,
+		MemorySize:    m.mem.Size(),
+		UserspaceAddr: m.mem.Addr(),
+	}); err != nil {
+		return nil, err
+	}
+	if err = m.setupMSRFilter(); err != nil {
+		return nil, err
+	}
+	if m.vcpu, err = m.vm.CreateVCPU(0); err != nil {
+		return nil, err
+	}
+	m.run = m.vcpu.RunData()
+	supported, err := m.sys.SupportedCPUID()
+	if err != nil {
+		return nil, err
+	}
+	if err = m.vcpu.SetCPUID2(DeterministicCPUID(supported)); err != nil {
+		return nil, err
+	}
+	if err = setupCPU(m.vcpu, entry); err != nil {
+		return nil, err
+	}
+	if err = m.wireDevices(cfg); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func (m *Machine) setupMSRFilter() error {
+	if err := m.vm.EnableUserSpaceMSR(kvm.MSRExitReasonFilter); err != nil {
+		return err
+	}
+	f := kvm.MSRFilter{Flags: kvm.MSRFilterDefaultAllow}
+	for _, idx := range trappedMSRs {
+		// A bitmap bit of 0 denies the access, which with the FILTER exit
+		// reason enabled sends it to user space.
+		f.Ranges = append(f.Ranges, kvm.MSRFilterRange{
+			Flags:  kvm.MSRFilterRead | kvm.MSRFilterWrite,
+			NMSRs:  1,
+			Base:   idx,
+			Bitmap: []byte{0},
+		})
+	}
+	return m.vm.SetMSRFilter(f)
+}
+
+func (m *Machine) wireDevices(cfg Config) error {
+	m.pio = devices.NewBus()
+	m.mmio = devices.NewBus()
+	m.pic = devices.NewPIC()
+	m.pit = devices.NewPIT(m.env, m.pic)
+	m.uart = devices.NewUART(m.pic, 4, cfg.Console)
+	m.rtc = devices.NewRTC(m.env, cfg.WallClock)
+	reset := func() { m.stop(StatusReset, "guest requested a reset") }
+	err := devices.RegisterPC(m.pio, devices.PCDevices{
+		PIC:   m.pic,
+		PIT:   m.pit,
+		COM1:  m.uart,
+		RTC:   m.rtc,
+		Reset: devices.NewResetControl(reset),
+		I8042: devices.NewI8042(reset),
+		DebugExit: devices.NewDebugExit(func(v uint8) {
+			m.stop(int(v), fmt.Sprintf("guest wrote %d to the debug-exit port", v))
+		}),
+	})
+	if err != nil {
+		return fmt.Errorf("wire devices: %w", err)
+	}
+	return nil
+}
+
+func (m *Machine) stop(status int, reason string) {
+	if !m.stopped {
+		m.stopped, m.exitStatus, m.stopReason = true, status, reason
+	}
+}
+
+// Close releases the vCPU, the VM, KVM and guest memory.
+func (m *Machine) Close() error {
+	var errs []error
+	if m.vcpu != nil {
+		errs = append(errs, m.vcpu.Close())
+		m.vcpu = nil
+	}
+	if m.vm != nil {
+		errs = append(errs, m.vm.Close())
+		m.vm = nil
+	}
+	if m.sys != nil {
+		errs = append(errs, m.sys.Close())
+		m.sys = nil
+	}
+	if m.mem != nil {
+		errs = append(errs, m.mem.Close())
+		m.mem = nil
+	}
+	return errors.Join(errs...)
+}
+
+// Memory exposes guest memory (for loaders, snapshots and tests).
+func (m *Machine) Memory() []byte { return m.mem.Bytes() }
+
+// StopReason says why Run returned.
+func (m *Machine) StopReason() string { return m.stopReason }
+
+var _ = os.Stderr

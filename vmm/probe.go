@@ -1,0 +1,255 @@
+package vmm
+
+import (
+	"errors"
+	"fmt"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ftkvm/ftkvm/kvm"
+)
+
+// ProbeReport is what `ftkvm probe` measures about a host's KVM.
+type ProbeReport struct {
+	Device     string
+	APIVersion int
+	Caps       []CapStatus
+
+	// Loop speeds in guest instructions per second, from a two-instruction
+	// loop run at ring 0 and at ring 3 in 64-bit mode.
+	Ring0IPS, Ring3IPS float64
+	// Ring0Native is true when ring 0 runs within a factor of 20 of ring 3;
+	// a KVM that emulates ring 0 (ENVIRONMENT.md) is hundreds of times slower.
+	Ring0Native bool
+
+	SingleStepRing0, SingleStepRing3             bool
+	SingleStepRing0Detail, SingleStepRing3Detail string
+
+	PMU       bool
+	PMUDetail string
+}
+
+// CapStatus is one KVM capability and the value KVM_CHECK_EXTENSION gave.
+type CapStatus struct {
+	Cap      kvm.Cap
+	Value    int
+	Required bool
+}
+
+// Capabilities ftkvm relies on (Required) or uses when present.
+var probeCaps = []struct {
+	c        kvm.Cap
+	required bool
+}{
+	{kvm.CapUserMemory, true},
+	{kvm.CapImmediateExit, true},
+	{kvm.CapX86UserSpaceMSR, true},
+	{kvm.CapX86MSRFilter, true},
+	{kvm.CapSetTSSAddr, false},
+	{kvm.CapExtCPUID, true},
+	{kvm.CapVCPUEvents, true},
+	{kvm.CapDebugRegs, true},
+	{kvm.CapXSave, false},
+	{kvm.CapXCRs, false},
+	{kvm.CapMPState, true},
+	{kvm.CapSetGuestDebug, false},
+	{kvm.CapSyncRegs, false},
+	{kvm.CapIRQChip, false},
+}
+
+// Probe measures what KVM at path can do. Errors opening the device are
+// returned; failures of individual probes are reported in the report.
+func Probe(path string) (*ProbeReport, error) {
+	sys, err := kvm.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer sys.Close()
+	r := &ProbeReport{Device: path}
+	if r.APIVersion, err = sys.APIVersion(); err != nil {
+		return nil, err
+	}
+	for _, pc := range probeCaps {
+		v, err := sys.CheckExtension(pc.c)
+		if err != nil {
+			return nil, err
+		}
+		r.Caps = append(r.Caps, CapStatus{pc.c, v, pc.required})
+	}
+
+	if r.Ring0IPS, err = loopSpeed(sys, 0, 200_000); err != nil {
+		return nil, fmt.Errorf("ring-0 loop: %w", err)
+	}
+	if r.Ring3IPS, err = loopSpeed(sys, 3, 20_000_000); err != nil {
+		return nil, fmt.Errorf("ring-3 loop: %w", err)
+	}
+	r.Ring0Native = r.Ring0IPS*20 >= r.Ring3IPS
+
+	r.SingleStepRing0, r.SingleStepRing0Detail = singleStep(sys, 0)
+	r.SingleStepRing3, r.SingleStepRing3Detail = singleStep(sys, 3)
+	r.PMU, r.PMUDetail = probePMU()
+	return r, nil
+}
+
+// probeVM is a 4 MiB VM whose vCPU starts in 64-bit mode at ring cpl,
+// executing code at probeCode.
+type probeVM struct {
+	mem  *Memory
+	vm   *kvm.VM
+	vcpu *kvm.VCPU
+}
+
+const (
+	probeCode = 0x10000
+	probePML4 = 0x1000
+	probePDPT = 0x2000
+	probePD   = 0x3000
+)
+
+func newProbeVM(sys *kvm.System, cpl uint8, code []byte) (p *probeVM, err error) {
+	p = &probeVM{}
+	defer func() {
+		if err != nil {
+			p.Close()
+		}
+	}()
+	if p.mem, err = NewMemory(4 << 20); err != nil {
+		return nil, err
+	}
+	b := p.mem.Bytes()
+	// Identity-map 4 MiB with 2 MiB pages, user-accessible.
+	const pte = 0x7 // present, writable, user
+	le64(b[probePML4:], probePDPT|pte)
+	le64(b[probePDPT:], probePD|pte)
+	le64(b[probePD:], 0|pte|0x80)
+	le64(b[probePD+8:], 2<<20|pte|0x80)
+	copy(b[probeCode:], code)
+
+	if p.vm, err = sys.CreateVM(); err != nil {
+		return nil, err
+	}
+	if err = p.vm.SetTSSAddr(0xfffbd000); err != nil {
+		return nil, err
+	}
+	if err = p.vm.SetUserMemoryRegion(kvm.MemoryRegion{MemorySize: p.mem.Size(), UserspaceAddr: p.mem.Addr()}); err != nil {
+		return nil, err
+	}
+	if p.vcpu, err = p.vm.CreateVCPU(0); err != nil {
+		return nil, err
+	}
+	var sregs kvm.Sregs
+	if err = p.vcpu.GetSregs(&sregs); err != nil {
+		return nil, err
+	}
+	code64 := kvm.Segment{Limit: 0xffffffff, Selector: 0x10 | uint16(cpl), Type: 0xb, Present: 1, DPL: cpl, S: 1, L: 1, G: 1}
+	data := kvm.Segment{Limit: 0xffffffff, Selector: 0x18 | uint16(cpl), Type: 0x3, Present: 1, DPL: cpl, S: 1, DB: 1, G: 1}
+	sregs.CS = code64
+	sregs.DS, sregs.ES, sregs.FS, sregs.GS, sregs.SS = data, data, data, data, data
+	sregs.TR = kvm.Segment{Limit: 0x67, Selector: 0x20, Type: 0xb, Present: 1}
+	sregs.CR0 = cr0PE | cr0ET | cr0NE | cr0PG
+	sregs.CR3 = probePML4
+	sregs.CR4 = cr4PAE
+	sregs.EFER = eferLME | eferLMA
+	if err = p.vcpu.SetSregs(&sregs); err != nil {
+		return nil, err
+	}
+	// IOPL 3 lets ring 3 reach the port that ends the probe.
+	if err = p.vcpu.SetRegs(&kvm.Regs{RIP: probeCode, RSP: 0x8000, RFLAGS: 0x3002}); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+func (p *probeVM) Close() {
+	if p.vcpu != nil {
+		p.vcpu.Close()
+	}
+	if p.vm != nil {
+		p.vm.Close()
+	}
+	if p.mem != nil {
+		p.mem.Close()
+	}
+}
+
+func le64(b []byte, v uint64) {
+	for i := range 8 {
+		b[i] = byte(v >> (8 * i))
+	}
+}
+
+// loopSpeed runs `mov ecx, n; 1: dec ecx; jnz 1b; out 0x80, al` at ring
+// cpl and returns guest instructions per second.
+func loopSpeed(sys *kvm.System, cpl uint8, n uint32) (float64, error) {
+	code := []byte{0xb9, byte(n), byte(n >> 8), byte(n >> 16), byte(n >> 24), // mov ecx, n
+		0xff, 0xc9, // dec ecx
+		0x75, 0xfc, // jnz -4
+		0xe6, 0x80, // out 0x80, al
+		0xf4, // hlt
+	}
+	p, err := newProbeVM(sys, cpl, code)
+	if err != nil {
+		return 0, err
+	}
+	defer p.Close()
+	start := time.Now()
+	reason, err := p.vcpu.Run()
+	elapsed := time.Since(start)
+	if err != nil {
+		return 0, err
+	}
+	if reason != kvm.ExitIO || p.vcpu.RunData().IO().Port != 0x80 {
+		return 0, fmt.Errorf("loop ended with %v, not the port write", reason)
+	}
+	return float64(2*uint64(n)) / elapsed.Seconds(), nil
+}
+
+// singleStep checks that KVM_GUESTDBG_SINGLESTEP stops after each of three
+// `nop`s at ring cpl with RIP advancing by one.
+func singleStep(sys *kvm.System, cpl uint8) (bool, string) {
+	p, err := newProbeVM(sys, cpl, []byte{0x90, 0x90, 0x90, 0x90, 0xe6, 0x80})
+	if err != nil {
+		return false, err.Error()
+	}
+	defer p.Close()
+	if err := p.vcpu.SetGuestDebug(&kvm.GuestDebug{Control: kvm.GuestDebugEnable | kvm.GuestDebugSingleStep}); err != nil {
+		return false, err.Error()
+	}
+	for i := 1; i <= 3; i++ {
+		reason, err := p.vcpu.Run()
+		if err != nil {
+			return false, err.Error()
+		}
+		if reason != kvm.ExitDebug {
+			return false, fmt.Sprintf("step %d: exit %v instead of a debug exit", i, reason)
+		}
+		if pc := p.vcpu.RunData().Debug().PC; pc != probeCode+uint64(i) {
+			return false, fmt.Sprintf("step %d stopped at %#x, want %#x", i, pc, probeCode+uint64(i))
+		}
+	}
+	return true, "3 of 3 steps stopped at the next instruction"
+}
+
+// probePMU tries to open a hardware instruction counter for this thread,
+// counting guest execution, as `--epoch perf` would.
+func probePMU() (bool, string) {
+	attr := unix.PerfEventAttr{
+		Type:   unix.PERF_TYPE_HARDWARE,
+		Config: unix.PERF_COUNT_HW_INSTRUCTIONS,
+		Size:   uint32(unsafeSizeofPerfAttr),
+		Bits:   unix.PerfBitDisabled | unix.PerfBitExcludeHv,
+	}
+	fd, err := unix.PerfEventOpen(&attr, 0, -1, -1, unix.PERF_FLAG_FD_CLOEXEC)
+	if err != nil {
+		if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENODEV) {
+			return false, fmt.Sprintf("no hardware instruction counter (perf_event_open: %v)", err)
+		}
+		return false, fmt.Sprintf("perf_event_open: %v", err)
+	}
+	unix.Close(fd)
+	return true, "perf_event_open(PERF_COUNT_HW_INSTRUCTIONS) succeeded"
+}
+
+var unsafeSizeofPerfAttr = unsafe.Sizeof(unix.PerfEventAttr{})

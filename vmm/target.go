@@ -1,0 +1,28 @@
+package vmm
+
+// The machine is the environment's Target. These run on the vCPU thread,
+// called by the environment from At or Halt.
+
+// TimerDeadline reports when the PIT's counter 0 next fires.
+func (m *Machine) TimerDeadline() (int64, bool) { return m.pit.Deadline() }
+
+// FireTimer delivers a PIT tick as of virtual time now.
+func (m *Machine) FireTimer(now int64) {
+	m.pit.Fire(now)
+	m.Stats.TimerEvents++
+	if m.point.Kind == PointKick {
+		m.Stats.KickTimer++
+	}
+}
+
+// RxSpace is the room left in the UART's receive FIFO.
+func (m *Machine) RxSpace() int { return m.uart.RxSpace() }
+
+// Receive delivers one byte to the UART.
+func (m *Machine) Receive(b byte) {
+	m.uart.Receive(b)
+	m.Stats.InputBytes++
+}
+
+// Pending reports whether the PIC has an interrupt for the CPU.
+func (m *Machine) Pending() bool { return m.pic.HasInterrupt() }

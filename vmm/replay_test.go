@@ -187,8 +187,6 @@ func TestRecordReplayIdentical(t *testing.T) {
 		input   string
 	}{
 		{"workload=interleave lines=12 hz=250", ""},
-		{"workload=counter lines=8 hz=200", ""},
-		{"workload=clock samples=3 hz=100", ""},
 		{"workload=echo hz=100", "hello\nreplay\nquit\n"},
 		{"workload=compute mib=2 every=1 hz=100", ""},
 	} {

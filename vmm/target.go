@@ -15,8 +15,16 @@ func (m *Machine) FireTimer(now int64) {
 	}
 }
 
-// RxSpace is the room left in the UART's receive FIFO.
-func (m *Machine) RxSpace() int { return m.uart.RxSpace() }
+// RxSpace is the room left in the UART's receive FIFO. Until the guest
+// enables the receive interrupt it is zero: a driver initialising the UART
+// resets the FIFO, and input that arrived before it would be lost (as on
+// real hardware); holding it back is the flow control a user expects.
+func (m *Machine) RxSpace() int {
+	if !m.uart.ReceiveEnabled() {
+		return 0
+	}
+	return m.uart.RxSpace()
+}
 
 // Receive delivers one byte to the UART.
 func (m *Machine) Receive(b byte) {

@@ -80,7 +80,7 @@ const (
 
 // New creates the VM, loads the kernel and wires the devices. On error
 // everything acquired is released.
-func New(cfg Config) (m *Machine, err error) {
+func New(cfg Config) (_ *Machine, err error) {
 	if cfg.Env == nil {
 		cfg.Env = NewLiveEnv(nil)
 	}
@@ -93,7 +93,7 @@ func New(cfg Config) (m *Machine, err error) {
 	if cfg.WallClock.IsZero() {
 		cfg.WallClock = time.Unix(0, 0)
 	}
-	m = &Machine{env: cfg.Env}
+	m := &Machine{env: cfg.Env}
 	defer func() {
 		if err != nil {
 			m.Close()
@@ -101,6 +101,9 @@ func New(cfg Config) (m *Machine, err error) {
 	}()
 
 	if m.sys, err = kvm.Open(cfg.KVMPath); err != nil {
+		if errors.Is(err, os.ErrNotExist) || errors.Is(err, os.ErrPermission) {
+			return nil, fmt.Errorf("%w (ftkvm needs read/write access to a KVM device: load kvm_intel or kvm_amd, and run as root or in the kvm group)", err)
+		}
 		return nil, err
 	}
 	if v, err := m.sys.APIVersion(); err != nil {
@@ -236,4 +239,3 @@ func (m *Machine) Memory() []byte { return m.mem.Bytes() }
 // StopReason says why Run returned.
 func (m *Machine) StopReason() string { return m.stopReason }
 
-var _ = os.Stderr

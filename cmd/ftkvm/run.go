@@ -58,6 +58,7 @@ func (g *guestFlags) load() (vmm.Config, error) {
 
 type runCmd struct {
 	guestFlags
+	Device string `help:"KVM device." default:"/dev/kvm"`
 }
 
 func (c *runCmd) run() (int, error) {
@@ -74,6 +75,7 @@ func (c *runCmd) run() (int, error) {
 	console.quit = env.Quit
 	cfg.Env = env
 	cfg.Console = os.Stdout
+	cfg.KVMPath = c.Device
 	m, err := vmm.New(cfg)
 	if err != nil {
 		return 0, fmt.Errorf("%s: %w", c.Kernel, err)

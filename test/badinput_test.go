@@ -1,0 +1,79 @@
+package test
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Bad input gets one clear error line on stderr and a non-zero exit, never
+// a Go panic.
+func TestBadInput(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	elf, err := os.ReadFile(testosELF)
+	if err != nil {
+		t.Fatal(err)
+	}
+	empty := write("empty", nil)
+	truncated := write("truncated", elf[:200])
+	text := write("text", []byte("#!/bin/sh\necho this is not a kernel\n"))
+	// A valid ELF without the PVH note: this test binary's own ftkvm.
+	noNote := ftkvmBin
+	// A bzImage header claiming boot protocol 2.02 (too old for a 64-bit entry).
+	old := make([]byte, 0x1000)
+	copy(old[0x202:], "HdrS")
+	old[0x206], old[0x207] = 0x02, 0x02
+	old[0x1fe], old[0x1ff] = 0x55, 0xaa
+	oldBz := write("old-bzimage", old)
+	bigInitrd := write("big-initrd", make([]byte, 5<<20))
+
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string // in the error line
+	}{
+		{"no such kernel", []string{"run", "--kernel", filepath.Join(dir, "missing")}, "no such file"},
+		{"empty kernel", []string{"run", "--kernel", empty}, "empty"},
+		{"truncated kernel", []string{"run", "--kernel", truncated}, "malformed"},
+		{"not a kernel", []string{"run", "--kernel", text}, "not an ELF or bzImage"},
+		{"ELF without PVH note", []string{"run", "--kernel", noNote}, "no PVH entry note"},
+		{"old bzImage", []string{"run", "--kernel", oldBz}, "too old"},
+		{"memory too small for kernel", []string{"run", "--kernel", testosELF, "--mem", "2"}, "too small"},
+		{"memory too small for initrd", []string{"run", "--kernel", testosELF, "--mem", "6", "--initrd", bigInitrd}, "too small"},
+		{"odd memory size", []string{"run", "--kernel", testosELF, "--mem", "3"}, "multiple of 2"},
+		{"unknown flag", []string{"run", "--kernel", testosELF, "--frobnicate"}, "unknown flag"},
+		{"missing kernel flag", []string{"run"}, "--kernel"},
+		{"unknown command", []string{"fly"}, "unexpected argument"},
+		{"no KVM device", []string{"run", "--kernel", testosELF, "--device", filepath.Join(dir, "kvm")}, "no such file"},
+		{"KVM device not KVM", []string{"run", "--kernel", testosELF, "--device", "/dev/null"}, "KVM_GET_API_VERSION"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := ftkvm(t, time.Minute, "", tc.args...)
+			if r.status == 0 {
+				t.Fatalf("exit status 0; stderr:\n%s", r.stderr)
+			}
+			errLines := strings.Split(strings.TrimSpace(r.stderr), "\n")
+			if strings.Contains(r.stderr, "panic") || strings.Contains(r.stderr, "goroutine ") {
+				t.Fatalf("Go panic:\n%s", r.stderr)
+			}
+			if len(errLines) != 1 || !strings.HasPrefix(errLines[0], "ftkvm: ") {
+				t.Fatalf("want one line starting with \"ftkvm: \", got:\n%s", r.stderr)
+			}
+			if !strings.Contains(errLines[0], tc.want) {
+				t.Fatalf("error line %q does not mention %q", errLines[0], tc.want)
+			}
+			if r.stdout != "" {
+				t.Fatalf("stdout not empty: %q", r.stdout)
+			}
+		})
+	}
+}

@@ -238,4 +238,3 @@ func (m *Machine) Memory() []byte { return m.mem.Bytes() }
 
 // StopReason says why Run returned.
 func (m *Machine) StopReason() string { return m.stopReason }
-

@@ -5,85 +5,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"testing"
-)
 
-// buildELF makes a minimal ELF kernel: one PT_LOAD of code at paddr and,
-// if withNote, one PT_NOTE holding the Xen PVH entry note.
-func buildELF(class64 bool, paddr uint64, code []byte, entry uint32, withNote bool) []byte {
-	le := binary.LittleEndian
-	var note bytes.Buffer
-	if withNote {
-		// An unrelated note first, to check the walker skips it.
-		binary.Write(&note, le, []uint32{4, 4, 1})
-		note.WriteString("GNU\x00")
-		binary.Write(&note, le, uint32(0))
-		binary.Write(&note, le, []uint32{4, 4, xenElfnotePhys32Entry})
-		note.WriteString("Xen\x00")
-		binary.Write(&note, le, entry)
-	}
-	var ehsz, phsz int
-	if class64 {
-		ehsz, phsz = 64, 56
-	} else {
-		ehsz, phsz = 52, 32
-	}
-	nph := 1
-	if withNote {
-		nph = 2
-	}
-	codeOff := ehsz + nph*phsz
-	noteOff := codeOff + len(code)
-	var b bytes.Buffer
-	ident := []byte{0x7f, 'E', 'L', 'F', 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0}
-	if class64 {
-		ident[4] = 2
-	}
-	b.Write(ident)
-	machine := uint16(3) // EM_386
-	if class64 {
-		machine = 62 // EM_X86_64
-	}
-	if class64 {
-		binary.Write(&b, le, struct {
-			Type, Machine              uint16
-			Version                    uint32
-			Entry, Phoff, Shoff        uint64
-			Flags                      uint32
-			Ehsize, Phentsize, Phnum   uint16
-			Shentsize, Shnum, Shstrndx uint16
-		}{2, machine, 1, uint64(entry), uint64(ehsz), 0, 0, uint16(ehsz), uint16(phsz), uint16(nph), 64, 0, 0})
-		binary.Write(&b, le, struct {
-			Type, Flags                             uint32
-			Off, Vaddr, Paddr, Filesz, Memsz, Align uint64
-		}{1, 5, uint64(codeOff), paddr, paddr, uint64(len(code)), uint64(len(code)) + 0x1000, 0x1000})
-		if withNote {
-			binary.Write(&b, le, struct {
-				Type, Flags                             uint32
-				Off, Vaddr, Paddr, Filesz, Memsz, Align uint64
-			}{4, 4, uint64(noteOff), 0, 0, uint64(note.Len()), uint64(note.Len()), 4})
-		}
-	} else {
-		binary.Write(&b, le, struct {
-			Type, Machine              uint16
-			Version                    uint32
-			Entry, Phoff, Shoff        uint32
-			Flags                      uint32
-			Ehsize, Phentsize, Phnum   uint16
-			Shentsize, Shnum, Shstrndx uint16
-		}{2, machine, 1, entry, uint32(ehsz), 0, 0, uint16(ehsz), uint16(phsz), uint16(nph), 40, 0, 0})
-		binary.Write(&b, le, struct {
-			Type, Off, Vaddr, Paddr, Filesz, Memsz, Flags, Align uint32
-		}{1, uint32(codeOff), uint32(paddr), uint32(paddr), uint32(len(code)), uint32(len(code)) + 0x1000, 5, 0x1000})
-		if withNote {
-			binary.Write(&b, le, struct {
-				Type, Off, Vaddr, Paddr, Filesz, Memsz, Flags, Align uint32
-			}{4, uint32(noteOff), 0, 0, uint32(note.Len()), uint32(note.Len()), 4, 4})
-		}
-	}
-	b.Write(code)
-	b.Write(note.Bytes())
-	return b.Bytes()
-}
+	"github.com/ftkvm/ftkvm/guest/pvhtest"
+)
 
 func TestLoadPVH(t *testing.T) {
 	code := []byte{0xf4, 0xeb, 0xfd} // hlt; jmp back
@@ -92,7 +16,7 @@ func TestLoadPVH(t *testing.T) {
 		class64 bool
 	}{{"elf32", false}, {"elf64", true}} {
 		t.Run(tc.name, func(t *testing.T) {
-			img := buildELF(tc.class64, 0x200000, code, 0x200000, true)
+			img := pvhtest.Build(tc.class64, 0x200000, code, 0x200000, true)
 			mem := make([]byte, 64<<20)
 			initrd := bytes.Repeat([]byte{0xab}, 5000)
 			e, err := LoadPVH(mem, img, initrd, "console=ttyS0 workload=counter")
@@ -147,11 +71,11 @@ func TestLoadPVHErrors(t *testing.T) {
 	}{
 		{"empty", nil, 64 << 20, ErrEmpty},
 		{"garbage", []byte("MZ this is not a kernel at all"), 64 << 20, ErrBadKernel},
-		{"no note", buildELF(true, 0x200000, code, 0x200000, false), 64 << 20, ErrNoPVHNote},
-		{"truncated", buildELF(true, 0x200000, code, 0x200000, true)[:70], 64 << 20, ErrBadKernel},
-		{"memory too small", buildELF(true, 0x8000000, code, 0x8000000, true), 64 << 20, ErrTooSmall},
-		{"entry outside", buildELF(false, 0x200000, code, 0x900000, true), 64 << 20, ErrBadKernel},
-		{"below 1MiB", buildELF(false, 0x1000, code, 0x1000, true), 64 << 20, ErrUnsupported},
+		{"no note", pvhtest.Build(true, 0x200000, code, 0x200000, false), 64 << 20, ErrNoPVHNote},
+		{"truncated", pvhtest.Build(true, 0x200000, code, 0x200000, true)[:70], 64 << 20, ErrBadKernel},
+		{"memory too small", pvhtest.Build(true, 0x8000000, code, 0x8000000, true), 64 << 20, ErrTooSmall},
+		{"entry outside", pvhtest.Build(false, 0x200000, code, 0x900000, true), 64 << 20, ErrBadKernel},
+		{"below 1MiB", pvhtest.Build(false, 0x1000, code, 0x1000, true), 64 << 20, ErrUnsupported},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := LoadPVH(make([]byte, tc.mem), tc.img, nil, "")
@@ -161,15 +85,15 @@ func TestLoadPVHErrors(t *testing.T) {
 		})
 	}
 	// An initrd that cannot fit.
-	img := buildELF(true, 0x200000, code, 0x200000, true)
+	img := pvhtest.Build(true, 0x200000, code, 0x200000, true)
 	if _, err := LoadPVH(make([]byte, 4<<20), img, make([]byte, 3<<20), ""); !errors.Is(err, ErrTooSmall) {
 		t.Fatalf("big initrd: err = %v", err)
 	}
 }
 
 func FuzzLoadPVH(f *testing.F) {
-	f.Add(buildELF(true, 0x200000, []byte{0xf4}, 0x200000, true))
-	f.Add(buildELF(false, 0x200000, []byte{0xf4}, 0x200000, true))
+	f.Add(pvhtest.Build(true, 0x200000, []byte{0xf4}, 0x200000, true))
+	f.Add(pvhtest.Build(false, 0x200000, []byte{0xf4}, 0x200000, true))
 	f.Add([]byte("\x7fELF"))
 	mem := make([]byte, 8<<20)
 	f.Fuzz(func(t *testing.T, img []byte) {

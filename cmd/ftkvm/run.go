@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -73,6 +74,16 @@ func (c *runCmd) run() (int, error) {
 	defer restore()
 	env := vmm.NewLiveEnv(console.input)
 	console.quit = env.Quit
+	// SIGINT and SIGTERM stop the guest at its next point, so ftkvm still
+	// restores the terminal and reports.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
+	defer signal.Stop(sigs)
+	go func() {
+		if _, ok := <-sigs; ok {
+			env.Quit()
+		}
+	}()
 	cfg.Env = env
 	cfg.Console = os.Stdout
 	cfg.KVMPath = c.Device

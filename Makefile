@@ -5,7 +5,7 @@ BIN      := bin/ftkvm
 TESTOS   := guest/testos/testos.elf
 WORKLOAD ?= counter
 
-.PHONY: all build testos run test deps vet clean bench
+.PHONY: all build testos run test deps deps-build vet clean bench
 
 all: build testos
 
@@ -15,11 +15,14 @@ build:
 testos:
 	$(MAKE) -s -C guest/testos
 
-run: all
+run: deps-build all
 	$(BIN) run --kernel $(TESTOS) --cmdline "workload=$(WORKLOAD)"
 
+deps-build:
+	./test/setup-deps.sh build
+
 deps:
-	./test/setup-deps.sh
+	./test/setup-deps.sh test
 
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }

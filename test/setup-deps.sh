@@ -1,10 +1,14 @@
 #!/bin/sh
-# Installs what the tests need on a Debian machine, quietly and only once:
-# gcc and make build the test guest; qemu, busybox, cpio and xz build and
-# boot the nested test tier. Go modules come through `go mod download`.
+# Installs what ftkvm needs on a Debian machine, quietly and only once.
+#   setup-deps.sh build   gcc, make and binutils build the test guest
+#   setup-deps.sh test    also qemu, busybox, cpio and xz for the nested
+#                         test tier and the Linux guest images
+# Go modules come through `go mod download`.
 set -eu
+pkgs="gcc make binutils"
+[ "${1:-test}" = test ] && pkgs="$pkgs qemu-system-x86 busybox-static cpio xz-utils iproute2"
 need=""
-for p in gcc make qemu-system-x86 busybox-static cpio xz-utils iproute2; do
+for p in $pkgs; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need="$need $p"
 done
 if [ -n "$need" ]; then

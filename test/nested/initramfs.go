@@ -49,6 +49,14 @@ func buildL1Initramfs(ctx context.Context, cfg Config, im *imagelib.Images, out 
 		}
 	}
 
+	if cfg.GuestImages {
+		for dst, src := range map[string]string{GuestVmlinux: im.Vmlinux, GuestVmlinuz: im.Vmlinuz, GuestInitramfs: im.GuestInitramfs} {
+			if err := a.HostFile(dst, src, 0o644); err != nil {
+				return fmt.Errorf("guest image: %w", err)
+			}
+		}
+	}
+
 	// Caller files go last so they win over anything mirrored above,
 	// in sorted order so a conflict always resolves the same way.
 	dsts := make([]string, 0, len(cfg.Files))

@@ -59,6 +59,9 @@ type Config struct {
 	// HostPaths are host files or directories (copied recursively)
 	// placed at the same path in the L1, e.g. firmware directories.
 	HostPaths []string
+	// GuestImages puts the L2 guest images at GuestVmlinux,
+	// GuestVmlinuz and GuestInitramfs in the L1.
+	GuestImages bool
 	// HostQEMU adds the host's qemu-system-x86_64 with its libraries
 	// and firmware (/usr/share/qemu, /usr/share/seabios), to compare
 	// ftkvm with QEMU on the same L1 KVM.
@@ -122,6 +125,13 @@ const (
 	defaultCommandTimeout = 5 * time.Minute
 	bootAllowance         = 3 * time.Minute
 	killGrace             = 5 * time.Second // TERM -> KILL inside the L1
+)
+
+// L1 paths of the L2 guest images when Config.GuestImages is set.
+const (
+	GuestVmlinux   = "/guest/vmlinux"
+	GuestVmlinuz   = "/guest/vmlinuz"
+	GuestInitramfs = "/guest/initramfs-guest.cpio"
 )
 
 // L1 paths of what the harness itself puts in the initramfs.
@@ -314,8 +324,10 @@ type runResult struct {
 func runQEMU(ctx context.Context, qemu string, args []string, timeout time.Duration, logw io.Writer) (*runResult, error) {
 	res := &runResult{durations: map[string]time.Duration{}}
 	cmd := exec.Command(qemu, args...)
-	// Pdeathsig: QEMU must not outlive a killed test binary.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	// Pdeathsig: QEMU must not outlive a killed test binary. Its own
+	// process group lets a timeout kill any helper it started too, so
+	// nothing keeps the console pipe open after the kill.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	stdout, err := cmd.StdoutPipe()
@@ -392,12 +404,12 @@ func runQEMU(ctx context.Context, qemu string, args []string, timeout time.Durat
 			runErr = fmt.Errorf("qemu: %w%s", err, stderrNote(stderr.String()))
 		}
 	case <-timer.C:
-		cmd.Process.Kill()
+		killGroup(cmd)
 		<-waitErr
 		res.TimedOut = true
 		runErr = fmt.Errorf("%w after %v: qemu killed", ErrTimeout, timeout)
 	case <-ctx.Done():
-		cmd.Process.Kill()
+		killGroup(cmd)
 		<-waitErr
 		res.TimedOut = true
 		runErr = fmt.Errorf("%w: %v: qemu killed", ErrTimeout, ctx.Err())
@@ -408,4 +420,11 @@ func runQEMU(ctx context.Context, qemu string, args []string, timeout time.Durat
 	mu.Unlock()
 	res.Stderr = stderr.String()
 	return res, runErr
+}
+
+// killGroup kills QEMU's whole process group.
+func killGroup(cmd *exec.Cmd) {
+	if err := syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL); err != nil {
+		cmd.Process.Kill()
+	}
 }

@@ -1,13 +1,35 @@
 #!/bin/sh
-# setup-deps.sh installs the Debian packages the nested test tier and
-# tools/images need: QEMU (the L1 emulator and the L2 comparison VMM),
-# busybox-static (the userland of both initramfs images), cpio (to inspect
-# images by hand) and xz-utils (kernel modules and the bzImage payload).
-# It is idempotent and quiet: it only calls apt-get when something is
-# missing, so CI can run it on every build at no cost.
+# setup-deps.sh installs the Debian packages that the nested test tier and
+# tools/images need: qemu-system-x86 (the L1 emulator, and the QEMU that
+# L2 comparisons run inside the L1), busybox-static (the userland of both
+# initramfs images), cpio (to inspect images by hand) and xz-utils (the
+# bzImage payload). It also makes sure apt knows the pinned kernel package
+# that tools/images downloads. Idempotent and quiet: apt is only called
+# when something is missing, so CI can run it on every build.
 set -eu
 
 pkgs="qemu-system-x86 busybox-static cpio xz-utils"
+# Keep in sync with KernelPackage in tools/images/imagelib/kernel.go.
+kernel_pkg="linux-image-6.1.0-56-amd64"
+
+if [ "$(id -u)" -ne 0 ]; then
+	SUDO=sudo
+else
+	SUDO=
+fi
+export DEBIAN_FRONTEND=noninteractive
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# apt is noisy (debconf, unsandboxed-download warnings); show its output
+# only when it fails.
+quiet() {
+	if ! "$@" >"$log" 2>&1; then
+		cat "$log" >&2
+		echo "setup-deps: failed: $*" >&2
+		exit 1
+	fi
+}
 
 missing=""
 for p in $pkgs; do
@@ -16,19 +38,24 @@ for p in $pkgs; do
 	fi
 done
 
-if [ -z "$missing" ]; then
-	exit 0
-fi
+has_kernel_candidate() {
+	apt-cache policy "$kernel_pkg" 2>/dev/null | grep -q 'Candidate: [0-9]'
+}
 
-if [ "$(id -u)" -ne 0 ]; then
-	SUDO=sudo
-else
-	SUDO=
+updated=no
+if [ -n "$missing" ] || ! has_kernel_candidate; then
+	# Package lists may be absent or stale on a fresh machine.
+	quiet $SUDO apt-get update -qq
+	updated=yes
 fi
-
-export DEBIAN_FRONTEND=noninteractive
-# The package lists may be absent on a fresh machine; refresh them once.
-$SUDO apt-get update -qq >/dev/null
-# shellcheck disable=SC2086 # word splitting of $missing is intended
-$SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
-echo "setup-deps: installed$missing"
+if [ -n "$missing" ]; then
+	# shellcheck disable=SC2086 # word splitting of $missing is intended
+	quiet $SUDO apt-get install -y -qq --no-install-recommends $missing
+	echo "setup-deps: installed$missing"
+fi
+if [ "$updated" = yes ] && ! has_kernel_candidate; then
+	# Not fatal here: tools/images reports the pin clearly, and the
+	# nested tests skip, naming it.
+	echo "setup-deps: warning: apt offers no $kernel_pkg; the nested tier will be skipped" >&2
+fi
+exit 0

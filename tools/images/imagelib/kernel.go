@@ -190,8 +190,14 @@ func checkCandidate(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("%w: apt-cache policy %s: %v", ErrUnavailable, KernelPackage, err)
 	}
+	return candidateErr(out)
+}
+
+// candidateErr judges the output of apt-cache policy for the pinned
+// package.
+func candidateErr(policy []byte) error {
 	cand := ""
-	sc := bufio.NewScanner(bytes.NewReader(out))
+	sc := bufio.NewScanner(bytes.NewReader(policy))
 	for sc.Scan() {
 		if v, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "Candidate:"); ok {
 			cand = strings.TrimSpace(v)

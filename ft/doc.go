@@ -1,0 +1,216 @@
+// Package ft is ftkvm's replica-coordination protocol: Bressoud and
+// Schneider's hypervisor-based fault tolerance (ACM TOCS 14(1), 1996,
+// section 3), adapted to KVM as issue 5 describes, with what VMware FT,
+// Remus and COLO learned (output commit, checkpoints, re-protection).
+//
+// It is a pure state machine in the manner of etcd's raft package: calls
+// and messages in, actions and messages out. It has no sockets, clocks,
+// goroutines or KVM, and imports neither vmm nor kvm; time enters only as
+// timestamps the driver passes in. A thin driver connects a Node to a TCP
+// link (package ft/wire frames the messages) and to the vCPU loop through
+// vmm.Environment. The tests drive nodes directly: paper_test.go has one
+// test per rule, sim_test.go a simulation that kills the primary at every
+// message.
+//
+// # Positions and epochs
+//
+// A Position is (guest-caused exits since boot, instructions since the
+// last exit); the exit clock of issue 5 keeps the second at zero, the
+// exact clocks of issue 6 will set it. Point N is the moment after exit N
+// was handled, when vmm offers it (Environment.At). Environment reads and
+// outputs made while exit N is handled are at position N: they come before
+// point N. Kick points (vmm.PointKick) are host-timed: never a boundary.
+//
+// An epoch runs between two boundaries. Epoch 1 starts at boot. The
+// primary ends an epoch:
+//   - at the first exit at least Config.EpochLength (virtual time, from
+//     Point.Now) after the epoch began, if it has events to deliver (or in
+//     verify mode, where every epoch end compares states). An epoch with
+//     nothing to deliver is not ended: its end would be a message and
+//     nothing else, since records and heartbeats already tell the backup
+//     how far it may go. Length is in time, not exits, because an idle
+//     guest makes few exits and its timer ticks would wait for them;
+//   - at once in Halt (the guest waits in HLT) when events are deliverable;
+//   - with a checkpoint, at a kick point, when the end has been due for
+//     Config.KickAfter without a guest-caused exit (the guest computes
+//     without exits). Tick asks for the kick (Ready.Kick).
+//
+// # The rules
+//
+// Primary:
+//   - P0 (p0Read): an environment read's value goes to the backup as a
+//     Record [epoch, position, kind, value].
+//   - P1 (p1Buffer): asynchronous events are buffered, never delivered
+//     mid-epoch. Timer events coalesce; UART bytes beyond the receiver's
+//     room stay for a later epoch.
+//   - P2 (p2EndEpoch): at the epoch's end it sends the events (EpochEnd),
+//     waits for the ack as the policy requires, delivers them and starts
+//     the next epoch.
+//
+// Backup:
+//   - P3 (p3Read): a read takes its value from the log, waiting if it has
+//     not arrived; position, kind and epoch must match, else divergence.
+//   - P4 (Async, p4Output): it ignores its own asynchronous events; it
+//     absorbs outputs, checking each against the primary's Output record.
+//   - P5 (epochEndHead): at the epoch's end position it delivers the
+//     primary's events, in At or in Halt as the primary did.
+//
+// The backup runs ahead of the primary only as far as the primary went:
+// the head of its log says what the primary did next (a record at q proves
+// the primary passed every point before q without ending the epoch), and
+// a progress heartbeat says the same for its position. So the backup never
+// executes guest code the primary has not, which keeps the pages it dirtied
+// a subset of those a checkpoint carries.
+//
+// # Output policies
+//
+// Outputs are numbered (Out.Seq). The primary sends an Output record
+// before an output leaves and performs it (Ready.Perform) only once the
+// backup acknowledged every record up to and including it: then a promoted
+// backup can reproduce it.
+//   - Strict (the paper's): the vCPU waits for the ack of every record
+//     (read, output, epoch end, checkpoint) before it goes on.
+//   - OutputCommit (VMware FT's rule): records stream; the vCPU never waits
+//     for the log; outputs are held until acknowledged.
+//
+// The primary confirms what it performed (Performed messages, and Done in
+// each Output). A promoted backup performs every output not confirmed,
+// marked Uncertain: a repeat is only ever an output whose confirmation was
+// in flight, and it is identical. Nothing is lost.
+//
+// # Checkpoint epochs, repair, re-protection
+//
+// The primary captures state only at kick points, where the vCPU is
+// quiescent (KVM holds no half-done instruction) and the position exact.
+// The backup installs at a kick point or in Halt; at an exit it yields
+// (ActYield) to get a kick point first. Events of a checkpoint epoch are
+// delivered after the install, on both sides.
+//
+// Verify mode: each EpochEnd carries the primary's state hash, taken at
+// the boundary before delivery; the backup compares its own. Any mismatch
+// (hash, read, output, position) is a divergence: a NoteDivergence, a
+// CheckpointRequest, and the backup waits; the primary sends its full
+// state at its next kick point; the backup drops the log it replaces,
+// installs it and goes on. Status counts divergences and repairs.
+//
+// A primary whose backup died (Timeout without a message, or the link
+// broke) goes on unprotected: held outputs leave, nobody is waited for,
+// and NoteBackupLost says so. When a new backup completes the handshake,
+// the primary sends its full state at its next kick point (a Checkpoint
+// with Full), then replicates. A backup that boots together with a primary
+// whose guest has not run (Hello.Started false) needs no checkpoint.
+//
+// # Failover
+//
+// The backup declares the primary dead after Config.Timeout of silence or
+// when the link breaks. It becomes the primary at once (role, status), but
+// replays everything it received first: reads take logged values, epoch
+// ends deliver the primary's events, and the outputs not confirmed are
+// performed (uncertain). Where the log ends it goes live (NoteLive): reads
+// become real and it delivers its own events, unprotected until a backup
+// joins. A partial frame never reaches it (the decoder hands out only
+// frames whose checksums verify). A backup still waiting for a join's full
+// state has nothing to take over: ActStop with ErrNoState. When the guest
+// ends on the primary, Goodbye carries its status and the backup stops
+// with it; the primary waits for that goodbye's ack so the backup does not
+// fail over instead.
+//
+// # Messages (package ft/wire)
+//
+//	Hello              both, first: version, role, policy, clock, verify,
+//	                   started, memory size, wall clock, kernel/initrd/
+//	                   command-line hashes
+//	Refuse             a refused handshake, or a protocol error: reason, text
+//	Record      (log)  P0: seq, epoch, position, kind, value
+//	EpochEnd    (log)  P2: seq, epoch, position, halt, events, hash
+//	Checkpoint  (log)  seq, epoch, position, full, output count, events, state
+//	Output      (log)  seq, epoch, position, output seq, performed-up-to, data
+//	Goodbye     (log)  seq, the guest's exit status
+//	Performed          outputs performed up to N
+//	Ack                backup: every log record up to seq N received
+//	CheckpointRequest  backup: diverged, send the full state
+//	Heartbeat          both: liveness; from the primary, its epoch and position
+//
+// Log records carry consecutive sequence numbers per link; the backup
+// acknowledges them cumulatively, once per Ready.
+//
+// # The driver's contract
+//
+// A Node is not safe for concurrent use. The driver holds one mutex around
+// every call and drains Ready before releasing it. Then:
+//
+//   - Vcpu calls (Point, Halt, Read, Output, Finish) come from the vCPU
+//     thread, one at a time, each followed by answers until the node says
+//     ActGo, ActYield or ActStop: Continue after ActWait, ActDeliver and
+//     ActInstall; Hashed after ActHash; Checkpointed after ActCheckpoint.
+//     Calling anything else in between panics.
+//   - ActWait: release the lock and wait (a sync.Cond broadcast after
+//     every other call), then Continue. With WaitEvent (a halted primary)
+//     also wake at the PIT deadline and give the timer event first.
+//   - Positions: Point.Pos is vmm.Point.Exits; Read and Output are at the
+//     last point's Exits+1 (the exit being handled). Positions never
+//     decrease.
+//   - Read is every call of Environment.Now made by a device (PIT, RTC,
+//     TSC MSR). The driver's own decisions (is the timer due, Point.Now,
+//     Tick) use its own clock, never Environment.Now.
+//   - Output is every byte string the UART transmits: the console writer
+//     calls it instead of writing. The bytes are written when Ready.Perform
+//     hands them out, in order, by one goroutine; then Performed(seq).
+//   - Deliver: Timer events as Target.FireTimer(Value), UART events as
+//     Target.Receive(byte(Value)), in order.
+//   - Hash: SHA-256 of the vCPU registers and the guest pages dirtied
+//     since the last hash or checkpoint; clear the dirty state on Install
+//     too (the install's writes are not the guest's). Keep a separate
+//     accumulated bitmap for incremental checkpoints, which need every page
+//     dirtied since the last checkpoint.
+//   - Checkpoint: at the kick point it is asked at (quiescent): Full is the
+//     complete state; otherwise the pages dirtied since the previous
+//     checkpoint plus all vCPU, device and machine state (halted, the
+//     interrupt-window request, the delivery point, Stats).
+//   - Install: the state replaces the machine's entirely, its position
+//     included; then deliver and go on.
+//   - ActYield: call the kick function and return from At or Halt.
+//   - ActStop: make Run return (Status, or Err).
+//   - Tick at least every millisecond with the driver's clock; Async the
+//     events it sees (the PIT deadline passed: KindTimer with the time;
+//     a byte typed: KindUART); Step each decoded message; Disconnected on
+//     EOF, a reset or a decoding error; Connected when a link is up (one
+//     at a time; refuse others with Refuse{RefuseBusy}).
+//   - Ready: send Messages in order on the link; Kick: call the kick
+//     function; Close: close the link after sending; Notes: log them.
+//   - Start the primary's guest only after the handshake (or with no
+//     backup at all): a backup that booted with it must find the same
+//     guest.
+//
+// A primary driver over vmm.Environment, in outline:
+//
+//	At(p, t):    lock; post the timer if its deadline passed
+//	             a := node.Point(Point{Exits(p), kick?, clock(), t.RxSpace()})
+//	             return carry(a, t)
+//	Halt(p, t):  lock; a := node.Halt(...); carry(a, t)   // WaitEvent: wait for the
+//	             // deadline or input; after ActGo return if t.Pending()
+//	Now():       lock; a := node.Read(last+1, KindClock, clock()); carry; return a.Value
+//	console:     lock; node.Output(last+1, KindConsole, b); carry
+//	carry(a, t): loop: drain Ready; switch a.Kind {
+//	               Go: return nil; Yield: kick(); return nil; Stop: stop Run
+//	               Wait: cond.Wait(); a = node.Continue()
+//	               Deliver: FireTimer/Receive each; a = node.Continue()
+//	               Hash: a = node.Hashed(hash()); Checkpoint: a = node.Checkpointed(capture(a.Full))
+//	               Install: install(a.State); a = node.Continue() }
+//	net reader:  for { m, err := r.Read(); lock; err? node.Disconnected() : node.Step(m); drain; cond.Broadcast() }
+//	ticker:      every ms: lock; node.Tick(clock()); drain; cond.Broadcast()
+//	input:       lock; node.Async(Event{KindUART, b}); cond.Broadcast()
+//	guest end:   lock; carry(node.Finish(status)) then exit with it
+//
+// The backup's driver is the same code: the node decides what each call
+// means by its role, ignores the backup's own events, and turns into the
+// primary on failover without the driver changing anything.
+//
+// # Not here yet
+//
+// Split-brain protection (a cut link makes both sides go on, see
+// TestSimCutLinkAtEveryMessage); flow control of the backup's log; batching
+// of console bytes into fewer Output records; pre-copy before a join's
+// full checkpoint; chunking of checkpoints larger than wire.DefaultMaxBody;
+// disk and network kinds.
+package ft

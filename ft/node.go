@@ -1,0 +1,501 @@
+package ft
+
+import (
+	"fmt"
+	"slices"
+
+	"github.com/ftkvm/ftkvm/ft/wire"
+)
+
+// Node is one replica's protocol state machine: the primary, or the
+// backup, which becomes the primary when it promotes itself. It is not
+// safe for concurrent use: the driver serializes every call (one mutex)
+// and drains Ready after each.
+type Node struct {
+	cfg                                  Config
+	self                                 wire.Hello
+	epochLen, kickAfter, heartbeat, tout int64
+
+	role Role
+
+	// The link to the peer.
+	link      linkState
+	peer      wire.Hello
+	heard     bool   // something arrived since the last Tick
+	lastHeard int64  // the Tick at which something last arrived
+	lastSent  int64  // when something was last sent (as of the latest timestamp)
+	hbEpoch   uint64 // last progress heartbeat sent (primary), or received (backup)
+	hbPos     Position
+
+	now     int64 // the latest timestamp seen
+	started bool  // the guest has run (primary)
+	epoch   uint64
+	pos     Position // the last point
+	outSeq  uint64   // outputs the guest produced
+
+	op         op // the conversation with the vCPU thread in progress
+	stopAction Action
+
+	// Primary.
+	protected  bool // a backup holds our state and receives the log
+	joining    bool // a backup passed the handshake and needs the full state
+	repair     bool // the backup asked for the full state
+	seq, acked uint64
+	events     []Event // P1: buffered asynchronous events
+	rxSpace    int     // the UART's room at the last point
+	epochStart int64
+	due        bool // an epoch end is due (seen by Tick) since dueSince
+	dueSince   int64
+	kicked     bool // a kick was requested at kickedAt and no kick point came yet
+	kickedAt   int64
+	held       []heldOut // outputs waiting for acknowledgements
+	performed  uint64    // outputs the driver performed (Performed)
+	doneSent   uint64    // the highest confirmation sent to the backup
+
+	// Backup.
+	log       []wire.Msg // records received and not replayed, in order
+	recv      uint64     // the last log sequence number received
+	ackSent   uint64
+	confirmed uint64 // the primary performed every output up to here
+	absorbed  []Out  // outputs absorbed and not confirmed: redone at promotion
+	hasState  bool   // it holds the guest's state (booted alongside, or installed)
+	diverged  bool   // waiting for the primary's state
+	goodbye   bool   // the guest ended on the primary with goodbyeStatus
+	goodbyeSt int
+	replaying bool  // promoted; still replaying the log
+	failed    error // it cannot go on (ActStop with this error)
+
+	// Produced, drained by Ready.
+	outbox    []wire.Msg
+	perform   []Out
+	notes     []Note
+	kick      bool
+	closeLink bool
+
+	st Status // counters
+}
+
+type linkState uint8
+
+const (
+	linkDown  linkState = iota
+	linkHello           // our Hello is sent, the peer's not yet accepted
+	linkUp
+)
+
+type heldOut struct {
+	out Out
+	seq uint64 // the log sequence number of its Output record
+}
+
+// op is the vCPU thread's call in progress. A call returns an action; the
+// driver carries it out and calls Continue, Hashed or Checkpointed, which
+// resume the call where stage says, until it returns ActGo, ActYield or
+// ActStop.
+type op struct {
+	kind    opKind
+	stage   stage
+	pt      Point
+	rkind   Kind   // Read, Output
+	value   uint64 // Read: the live value
+	data    []byte // Output
+	status  int    // Finish
+	halt    bool   // the epoch ends in Halt
+	events  []Event
+	hash    Digest
+	hashed  bool
+	full    bool
+	state   []byte
+	waitSeq uint64
+	last    ActionKind
+}
+
+type opKind uint8
+
+const (
+	opNone opKind = iota
+	opPoint
+	opHalt
+	opRead
+	opOutput
+	opFinish
+	opStopped
+)
+
+var opNames = [...]string{"none", "Point", "Halt", "Read", "Output", "Finish", "stopped"}
+
+type stage uint8
+
+const (
+	stStart         stage = iota
+	stHashed              // ActHash returned; Hashed resumes
+	stCheckpointed        // ActCheckpoint returned; Checkpointed resumes
+	stAck                 // a record was sent; the policy may wait for its ack
+	stDelivered           // ActDeliver returned (or nothing to deliver)
+	stInstalled           // ActInstall returned
+	stMatch               // Output: counted; now matched against the log
+	stDeliver             // backup: the epoch end is checked; deliver its events
+	stCkptDelivered       // backup: the checkpoint's events are delivered
+)
+
+// NewNode returns a node in cfg.Role, at epoch 1, position 0, with no
+// link. A primary runs unprotected until a backup's handshake completes.
+func NewNode(cfg Config) *Node {
+	cfg.setDefaults()
+	if cfg.Role != RolePrimary && cfg.Role != RoleBackup {
+		panic("ft: Config.Role must be RolePrimary or RoleBackup")
+	}
+	n := &Node{
+		cfg:       cfg,
+		role:      cfg.Role,
+		epoch:     1,
+		epochLen:  int64(cfg.EpochLength),
+		kickAfter: int64(cfg.KickAfter),
+		heartbeat: int64(cfg.Heartbeat),
+		tout:      int64(cfg.Timeout),
+	}
+	g := cfg.Guest
+	n.self = wire.Hello{Version: ProtocolVersion, Policy: cfg.Policy, Clock: g.Clock, Verify: cfg.Verify,
+		MemSize: g.MemSize, WallClock: g.WallClock, Kernel: g.Kernel, Initrd: g.Initrd, Cmdline: g.Cmdline}
+	return n
+}
+
+// ---- Calls from the vCPU thread ----
+
+// Point offers a delivery point (vmm.Environment.At). On the primary's
+// exit path, with nothing due, it returns ActGo without allocating.
+func (n *Node) Point(pt Point) Action {
+	n.begin(opPoint)
+	n.op.pt = pt
+	return n.run()
+}
+
+// Halt is called when the guest waits in HLT at pt with nothing pending
+// (vmm.Environment.Halt). After ActGo the driver returns from Halt if an
+// interrupt is pending, else calls Halt again. While it waits (ActWait)
+// the driver may return early for vmm's Target.Wake and call Halt again
+// later instead of Continue.
+func (n *Node) Halt(pt Point) Action {
+	n.begin(opHalt)
+	pt.Kick = false
+	n.op.pt = pt
+	return n.run()
+}
+
+// Read is an environment read of kind at pos, while the exit that makes
+// point pos is handled. live is the environment's real value: the primary
+// logs it (P0); the backup returns the logged one (P3) until it is
+// promoted and its log ends. The final ActGo carries the value.
+func (n *Node) Read(pos Position, kind Kind, live uint64) Action {
+	n.begin(opRead)
+	n.op.pt.Pos, n.op.rkind, n.op.value = pos, kind, live
+	return n.run()
+}
+
+// Output is output of kind leaving the guest at pos (the UART transmits).
+// It is never performed by the caller: Ready.Perform hands it out when
+// the policy allows, and a backup absorbs it (P4). data must not change
+// until the call ends (ActGo); the node keeps a copy of what it needs.
+func (n *Node) Output(pos Position, kind Kind, data []byte) Action {
+	n.begin(opOutput)
+	n.op.pt.Pos, n.op.rkind, n.op.data = pos, kind, data
+	return n.run()
+}
+
+// Finish: the guest ended by itself with status. The final action is
+// ActStop: the primary first makes sure the backup got the goodbye; a
+// backup waits for its primary's goodbye (or fails over).
+func (n *Node) Finish(status int) Action {
+	n.begin(opFinish)
+	n.op.status = status
+	return n.run()
+}
+
+// Continue resumes the call after ActWait, ActDeliver or ActInstall.
+func (n *Node) Continue() Action {
+	n.resume(ActWait, ActDeliver, ActInstall)
+	return n.run()
+}
+
+// Hashed gives the state hash ActHash asked for.
+func (n *Node) Hashed(h Digest) Action {
+	n.resume(ActHash)
+	n.op.hash, n.op.hashed = h, true
+	return n.run()
+}
+
+// Checkpointed gives the state ActCheckpoint asked for. The node keeps
+// state until the next Ready has been sent.
+func (n *Node) Checkpointed(state []byte) Action {
+	n.resume(ActCheckpoint)
+	n.op.state = state
+	return n.run()
+}
+
+func (n *Node) begin(k opKind) {
+	if n.op.kind == opStopped {
+		return // every call answers ActStop again
+	}
+	// vmm's Halt may return early (Target.Wake: a control request) and
+	// be called again: a Halt still waiting where it began has done
+	// nothing yet and may be offered again. Every other wait must be
+	// seen through.
+	reoffer := k == opHalt && n.op.kind == opHalt && n.op.last == ActWait && n.op.stage == stStart
+	if n.op.kind != opNone && !reoffer {
+		panic(fmt.Sprintf("ft: %s called while %s waits for the answer to %v", opNames[k], opNames[n.op.kind], n.op.last))
+	}
+	n.op = op{kind: k}
+}
+
+func (n *Node) resume(want ...ActionKind) {
+	if n.op.kind == opStopped {
+		return
+	}
+	if n.op.kind == opNone || !slices.Contains(want, n.op.last) {
+		panic(fmt.Sprintf("ft: resuming %s after %v", opNames[n.op.kind], n.op.last))
+	}
+}
+
+// run advances the call in progress by the rules of the node's role.
+func (n *Node) run() Action {
+	if n.op.kind == opStopped {
+		return n.stopAction
+	}
+	var a Action
+	if n.role == RolePrimary && !n.replaying {
+		a = n.primaryStep()
+	} else {
+		a = n.backupStep()
+	}
+	switch a.Kind {
+	case ActGo, ActYield:
+		n.op = op{}
+	case ActStop:
+		n.op = op{kind: opStopped}
+		n.stopAction = a
+	default:
+		n.op.last = a.Kind
+	}
+	return a
+}
+
+var (
+	goAction = Action{Kind: ActGo}
+)
+
+func wait(w WaitReason) Action { return Action{Kind: ActWait, Wait: w} }
+
+// ---- Calls from any goroutine (serialized) ----
+
+// Async gives an asynchronous event that arrived (a timer deadline that
+// passed, a byte typed). The primary buffers it (P1); a backup ignores its
+// own (P4).
+func (n *Node) Async(ev Event) {
+	if n.role != RolePrimary {
+		return
+	}
+	n.p1Buffer(ev)
+}
+
+// Performed: the driver performed every output up to seq.
+func (n *Node) Performed(seq uint64) {
+	n.performed = max(n.performed, seq)
+}
+
+// Tick gives the time (ns, the same clock as Point.Now). Call it at
+// least every millisecond: it sends heartbeats, declares a silent peer
+// dead, and kicks a vCPU whose epoch end is overdue.
+func (n *Node) Tick(now int64) {
+	n.observe(now)
+	if n.heard {
+		n.lastHeard, n.heard = now, false
+	}
+	if n.link != linkDown && now-n.lastHeard >= n.tout {
+		n.peerLost(fmt.Errorf("%w: nothing heard for %v", ErrPeerLost, n.cfg.Timeout))
+	}
+	if n.role == RolePrimary && !n.replaying {
+		n.primaryTick(now)
+	}
+	if n.link == linkUp && now-n.lastSent >= n.heartbeat {
+		n.send(wire.Heartbeat{Epoch: n.epoch, Pos: n.pos})
+	}
+}
+
+func (n *Node) observe(t int64) { n.now = max(n.now, t) }
+
+// Connected: a link to a peer is up (the driver connected or accepted).
+// The node sends its Hello; the peer's decides the handshake. One link at
+// a time: the driver refuses others (wire.Refuse, RefuseBusy) and calls
+// Disconnected before a new one.
+func (n *Node) Connected() {
+	if n.link != linkDown {
+		panic("ft: Connected while a link is up")
+	}
+	n.link, n.heard = linkHello, true
+	n.seq, n.acked, n.recv, n.ackSent = 0, 0, 0, 0
+	h := n.self
+	h.Role, h.Started = n.role, n.started
+	n.send(h)
+}
+
+// Disconnected: the link broke (EOF, reset, a decoding error).
+func (n *Node) Disconnected() {
+	if n.link != linkDown {
+		n.peerLost(fmt.Errorf("%w: the connection broke", ErrPeerLost))
+	}
+}
+
+// Step gives a message from the peer.
+func (n *Node) Step(m wire.Msg) {
+	if n.link == linkDown {
+		return // from a link already given up on
+	}
+	n.heard = true
+	switch m := m.(type) {
+	case wire.Hello:
+		n.stepHello(m)
+		return
+	case wire.Refuse:
+		n.note(NoteRefused, fmt.Errorf("%w by the peer: %v: %s", ErrRefused, m.Reason, m.Text))
+		n.dropLink()
+		if n.role == RoleBackup {
+			// Refused in the handshake, or cut off by a primary that goes
+			// on alone: either way there is nothing to take over.
+			n.failed = fmt.Errorf("%w by the primary: %v: %s", ErrRefused, m.Reason, m.Text)
+		}
+		return
+	}
+	if n.link != linkUp {
+		n.protocolError(fmt.Errorf("%v before the handshake", m.Type()))
+		return
+	}
+	if n.role == RolePrimary {
+		n.primaryStepMsg(m)
+	} else {
+		n.backupStepMsg(m)
+	}
+}
+
+// Ready drains what the node produced.
+func (n *Node) Ready() Ready {
+	if n.link == linkUp && n.recv > n.ackSent {
+		// Acknowledge every record received, once per batch.
+		n.send(wire.Ack{Seq: n.recv})
+		n.ackSent = n.recv
+	}
+	r := Ready{Messages: n.outbox, Perform: n.perform, Kick: n.kick, Close: n.closeLink, Notes: n.notes}
+	n.outbox, n.perform, n.notes, n.kick, n.closeLink = nil, nil, nil, false, false
+	return r
+}
+
+// Status reports the node's state and counters.
+func (n *Node) Status() Status {
+	s := n.st
+	s.Role = n.role
+	s.Link = n.link == linkUp
+	s.Protected, s.Joining, s.Replaying, s.Diverged = n.protected, n.joining, n.replaying, n.diverged
+	s.Epoch, s.Pos, s.Outputs = n.epoch, n.pos, n.outSeq
+	if n.role == RolePrimary {
+		s.Performed = n.performed
+	} else {
+		s.Performed = n.confirmed
+	}
+	s.Held, s.LogSent, s.LogAcked, s.Backlog = len(n.held), n.seq, n.acked, len(n.log)
+	return s
+}
+
+// ---- The link ----
+
+func (n *Node) send(m wire.Msg) {
+	if n.link == linkDown {
+		return
+	}
+	n.outbox = append(n.outbox, m)
+	n.lastSent = n.now
+}
+
+func (n *Node) note(k NoteKind, err error) {
+	n.notes = append(n.notes, Note{Kind: k, Epoch: n.epoch, Pos: n.pos, Err: err})
+}
+
+func (n *Node) dropLink() {
+	n.link = linkDown
+	n.closeLink = true
+	if n.role == RolePrimary {
+		n.backupGone()
+	}
+}
+
+// peerLost: the peer is dead or unreachable. A primary goes on
+// unprotected; a backup fails over.
+func (n *Node) peerLost(err error) {
+	n.dropLink()
+	if n.role == RolePrimary {
+		if n.op.kind != opStopped {
+			n.note(NoteBackupLost, err)
+		}
+		return
+	}
+	n.promote(err)
+}
+
+func (n *Node) protocolError(err error) {
+	err = fmt.Errorf("%w: %v", ErrProtocol, err)
+	n.note(NoteProtocol, err)
+	n.send(wire.Refuse{Reason: wire.RefuseProtocol, Text: err.Error()})
+	n.peerLost(err)
+}
+
+// stepHello is the handshake: each side sends its Hello and checks the
+// peer's. A mismatch is refused with the reason, and the link closed.
+func (n *Node) stepHello(h wire.Hello) {
+	if n.link != linkHello {
+		n.protocolError(fmt.Errorf("a second hello"))
+		return
+	}
+	if reason, err := n.compatible(h); err != nil {
+		n.send(wire.Refuse{Reason: reason, Text: err.Error()})
+		n.note(NoteRefused, fmt.Errorf("%w: %v", ErrRefused, err))
+		n.link, n.closeLink = linkDown, true
+		if n.role == RoleBackup && !n.hasState {
+			n.failed = fmt.Errorf("%w: %v", ErrRefused, err)
+		}
+		return
+	}
+	n.link, n.peer = linkUp, h
+	n.notes = append(n.notes, Note{Kind: NoteLinkUp, Epoch: n.epoch, Pos: n.pos, Peer: h})
+	if n.role == RolePrimary {
+		n.backupJoined()
+	} else if !h.Started {
+		// Both boot the same guest: the backup's state is the primary's.
+		n.hasState = true
+	}
+}
+
+// compatible reports why the peer cannot be our partner, if it cannot.
+func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
+	s := n.self
+	short := func(d Digest) string { return fmt.Sprintf("%x", d[:6]) }
+	switch {
+	case h.Version != ProtocolVersion:
+		return wire.RefuseVersion, fmt.Errorf("the peer speaks protocol version %d, this ftkvm %d", h.Version, ProtocolVersion)
+	case h.Role == n.role:
+		if n.role == RolePrimary {
+			return wire.RefuseRole, fmt.Errorf("both replicas are primaries")
+		}
+		return wire.RefuseRole, fmt.Errorf("both replicas are backups")
+	case h.Role != RolePrimary && h.Role != RoleBackup:
+		return wire.RefuseRole, fmt.Errorf("the peer has no role (%v)", h.Role)
+	case h.Kernel != s.Kernel:
+		return wire.RefuseKernel, fmt.Errorf("different kernel: sha256 %s here, %s on the peer", short(s.Kernel), short(h.Kernel))
+	case h.Initrd != s.Initrd:
+		return wire.RefuseInitrd, fmt.Errorf("different initrd: sha256 %s here, %s on the peer", short(s.Initrd), short(h.Initrd))
+	case h.Cmdline != s.Cmdline:
+		return wire.RefuseCmdline, fmt.Errorf("different command line: sha256 %s here, %s on the peer", short(s.Cmdline), short(h.Cmdline))
+	case h.MemSize != s.MemSize:
+		return wire.RefuseMemory, fmt.Errorf("different memory size: %d MiB here, %d MiB on the peer", s.MemSize>>20, h.MemSize>>20)
+	case h.Clock != s.Clock:
+		return wire.RefuseClock, fmt.Errorf("different epoch clock: %v here, %v on the peer", s.Clock, h.Clock)
+	}
+	return 0, nil
+}

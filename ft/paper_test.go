@@ -1,0 +1,1109 @@
+package ft
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/ftkvm/ftkvm/ft/wire"
+)
+
+// One test per rule of the protocol, in the manner of etcd's
+// raft_paper_test.go. References are to Bressoud & Schneider,
+// "Hypervisor-based fault tolerance", ACM TOCS 14(1), 1996, section 3, and
+// to issue 5's adapted wording, quoted.
+
+// Reference: Bressoud & Schneider, section 3, rule P0.
+// Issue 5: "P0, primary: an environment instruction's result is sent to
+// the backup as [epoch, position, kind, value]."
+func TestP0PrimarySendsEnvironmentReads(t *testing.T) {
+	p, _ := pair(t, OutputCommit, false)
+	a := p.n.Read(at(5), wire.KindClock, 123456)
+	if a.Kind != ActGo || a.Value != 123456 {
+		t.Fatalf("read: %v, want go(123456)", a)
+	}
+	p.n.Read(at(5), wire.KindClock, 123460) // two reads at one exit
+	wantMsgs(t, "records", p.drain(),
+		wire.Record{Seq: 1, Epoch: 1, Pos: at(5), Kind: wire.KindClock, Value: 123456},
+		wire.Record{Seq: 2, Epoch: 1, Pos: at(5), Kind: wire.KindClock, Value: 123460})
+
+	// Unprotected, nobody is told.
+	alone := newReplica(t, testConfig(RolePrimary, OutputCommit))
+	if a := alone.n.Read(at(5), wire.KindClock, 7); a.Value != 7 {
+		t.Fatalf("unprotected read: %v", a)
+	}
+	wantMsgs(t, "unprotected", alone.drain())
+}
+
+// Reference: Bressoud & Schneider, section 3, rule P1.
+// Issue 5: "P1, primary: an asynchronous event (PIT tick, UART byte) is
+// buffered." It is never delivered in the middle of an epoch.
+func TestP1PrimaryBuffersAsyncEvents(t *testing.T) {
+	p, _ := pair(t, OutputCommit, false)
+	p.n.Async(timer(100))
+	p.n.Async(uart('a'))
+	for e := uint64(1); e <= 50; e++ {
+		// Every exit before the epoch length has passed: nothing is
+		// delivered, nothing is sent.
+		wantGo(t, "exit", p.n.Point(pt(e, int64(e)*ms/100)))
+	}
+	wantMsgs(t, "mid-epoch", without(p.drain()))
+	if s := p.n.Status(); s.Epoch != 1 {
+		t.Fatalf("epoch %d", s.Epoch)
+	}
+}
+
+// Reference: Bressoud & Schneider, section 3, rule P2.
+// Issue 5: "P2, primary: at the end of the epoch it sends the buffered
+// events, waits for the ack as the policy requires, delivers them, and
+// starts the next epoch." and "The primary ends an epoch at the first such
+// exit after its epoch length has passed."
+func TestP2EpochEndsAtFirstExitAfterLength(t *testing.T) {
+	for _, policy := range []Policy{Strict, OutputCommit} {
+		t.Run(policy.String(), func(t *testing.T) {
+			p, b := pair(t, policy, false)
+			p.n.Async(timer(500_000))
+			p.n.Async(uart('x'))
+			wantGo(t, "before the length", p.n.Point(pt(9, ms-1)))
+			a := p.n.Point(pt(10, ms))
+			sent := p.drain()
+			want := wire.EpochEnd{Seq: 1, Epoch: 1, Pos: at(10), Events: []Event{timer(500_000), uart('x')}}
+			wantMsgs(t, "epoch end", without(sent), want)
+			if policy == Strict {
+				// The events wait for the backup's ack.
+				wantWait(t, "strict", a, WaitAck)
+				wantWait(t, "no ack yet", p.n.Continue(), WaitAck)
+				b.step(sent...)
+				p.step(b.drain()...)
+				a = p.n.Continue()
+			}
+			a = wantAction(t, "deliver", a, ActDeliver)
+			if !equalEvents(a.Events, want.Events) {
+				t.Fatalf("delivered %v", a.Events)
+			}
+			wantGo(t, "after delivery", p.n.Continue())
+			if s := p.n.Status(); s.Epoch != 2 || s.Epochs != 1 {
+				t.Fatalf("status %v", s)
+			}
+			// The next epoch starts now: its length counts from here.
+			p.n.Async(timer(2_000_000))
+			wantGo(t, "new epoch", p.n.Point(pt(11, 2*ms-1)))
+		})
+	}
+}
+
+// Reference: issue 5, epoch boundaries: "... or at once at HLT when events
+// are pending." With nothing to deliver the halted primary waits.
+func TestP2HaltEndsEpochAtOnce(t *testing.T) {
+	p, _ := pair(t, OutputCommit, false)
+	wantGo(t, "exit", p.n.Point(pt(3, 10)))
+	wantWait(t, "halt, nothing pending", p.n.Halt(pt(3, 20)), WaitEvent)
+	wantWait(t, "still nothing", p.n.Continue(), WaitEvent)
+	p.n.Async(timer(30))
+	a := wantAction(t, "halt ends the epoch", p.n.Continue(), ActDeliver)
+	if !equalEvents(a.Events, []Event{timer(30)}) {
+		t.Fatalf("delivered %v", a.Events)
+	}
+	wantGo(t, "delivered", p.n.Continue())
+	wantMsgs(t, "epoch end", without(p.drain()),
+		wire.EpochEnd{Seq: 1, Epoch: 1, Pos: at(3), Halt: true, Events: []Event{timer(30)}})
+}
+
+// Reference: issue 5 leaves the epoch length's unit to us; ft/doc.go: "An
+// epoch with nothing to deliver is not ended", except in verify mode,
+// where every epoch end compares the replicas' states.
+func TestP2EmptyEpochIsNotEnded(t *testing.T) {
+	p, _ := pair(t, OutputCommit, false)
+	wantGo(t, "long epoch, nothing to deliver", p.n.Point(pt(10, 50*ms)))
+	wantMsgs(t, "no epoch end", without(p.drain()))
+
+	v, _ := pair(t, OutputCommit, true)
+	wantAction(t, "verify mode hashes every epoch", v.n.Point(pt(10, 50*ms)), ActHash)
+	wantGo(t, "then goes on", v.n.Hashed(Digest{1}))
+	ends := ofType[wire.EpochEnd](v.drain())
+	if len(ends) != 1 || !ends[0].Verify || ends[0].Hash != (Digest{1}) || len(ends[0].Events) != 0 {
+		t.Fatalf("verify epoch end: %#v", ends)
+	}
+}
+
+// UART bytes beyond the receiver's room stay buffered for a later epoch:
+// the backup must deliver exactly what the primary delivered, and
+// delivering into a full FIFO would lose them on both.
+func TestP2UARTBytesBeyondRoomStayBuffered(t *testing.T) {
+	p, _ := pair(t, OutputCommit, false)
+	for _, c := range "abc" {
+		p.n.Async(uart(byte(c)))
+	}
+	p.n.Async(timer(5))
+	a := wantAction(t, "end", p.n.Point(Point{Pos: at(4), Now: ms, RxSpace: 1}), ActDeliver)
+	if !equalEvents(a.Events, []Event{uart('a'), timer(5)}) {
+		t.Fatalf("delivered %v", a.Events)
+	}
+	wantGo(t, "delivered", p.n.Continue())
+	// No room: the bytes are not deliverable, so nothing is due.
+	wantGo(t, "no room", p.n.Point(Point{Pos: at(5), Now: 3 * ms, RxSpace: 0}))
+	wantWait(t, "halt with only undeliverable bytes", p.n.Halt(Point{Pos: at(5), Now: 3 * ms, RxSpace: 0}), WaitEvent)
+	p.n.Async(timer(6))
+	a = wantAction(t, "timer arrives", p.n.Continue(), ActDeliver)
+	if !equalEvents(a.Events, []Event{timer(6)}) {
+		t.Fatalf("delivered %v", a.Events)
+	}
+	wantGo(t, "delivered", p.n.Continue())
+	a = wantAction(t, "room again", p.n.Point(Point{Pos: at(6), Now: 5 * ms, RxSpace: 8}), ActDeliver)
+	if !equalEvents(a.Events, []Event{uart('b'), uart('c')}) {
+		t.Fatalf("delivered %v", a.Events)
+	}
+}
+
+// Timer events coalesce: the PIT's Fire(now) delivers every edge due by
+// now, so only the latest time matters.
+func TestP1TimerEventsCoalesce(t *testing.T) {
+	p, _ := pair(t, OutputCommit, false)
+	p.n.Async(timer(100))
+	p.n.Async(uart('q'))
+	p.n.Async(timer(300))
+	p.n.Async(timer(200))
+	a := wantAction(t, "end", p.n.Point(pt(2, ms)), ActDeliver)
+	if !equalEvents(a.Events, []Event{timer(300), uart('q')}) {
+		t.Fatalf("delivered %v", a.Events)
+	}
+}
+
+// Reference: Bressoud & Schneider, section 3, rule P3.
+// Issue 5: "P3, backup: at an environment instruction it takes the value
+// from the log, waiting if it has not arrived."
+func TestP3BackupTakesValueFromLog(t *testing.T) {
+	p, b := pair(t, OutputCommit, false)
+	wantWait(t, "not arrived", b.n.Read(at(5), wire.KindClock, 999), WaitLog)
+	wantWait(t, "still not", b.n.Continue(), WaitLog)
+	p.n.Read(at(5), wire.KindClock, 42)
+	b.step(p.drain()...)
+	a := b.n.Continue()
+	if a.Kind != ActGo || a.Value != 42 {
+		t.Fatalf("replayed read: %v, want go(42)", a)
+	}
+	// The backup acknowledges what it received.
+	wantMsgs(t, "ack", b.drain(), wire.Ack{Seq: 1})
+}
+
+// Reference: issue 5, P3: "It verifies that position and kind match. A
+// mismatch is a divergence." It is loud (a note, a count) and repaired
+// from the primary's state.
+func TestP3MismatchIsDivergence(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		log  wire.Msg
+		read Position
+		kind Kind
+	}{
+		{"position", wire.Record{Seq: 1, Epoch: 1, Pos: at(5), Kind: wire.KindClock, Value: 1}, at(6), wire.KindClock},
+		{"kind", wire.Record{Seq: 1, Epoch: 1, Pos: at(5), Kind: wire.KindClock, Value: 1}, at(5), 77},
+		{"epoch", wire.Record{Seq: 1, Epoch: 2, Pos: at(5), Kind: wire.KindClock, Value: 1}, at(5), wire.KindClock},
+		{"an output, not a read", wire.Output{Seq: 1, Epoch: 1, Pos: at(5), OutSeq: 1, Kind: wire.KindConsole, Data: []byte("x")}, at(5), wire.KindClock},
+		{"an epoch end, not a read", wire.EpochEnd{Seq: 1, Epoch: 1, Pos: at(5)}, at(5), wire.KindClock},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, b := pair(t, OutputCommit, false)
+			b.step(tc.log)
+			a := b.n.Read(tc.read, tc.kind, 31337)
+			// The read goes on (the state is wrong anyway) to the next
+			// point, where the backup waits for the primary's state.
+			if a.Kind != ActGo {
+				t.Fatalf("read: %v", a)
+			}
+			sent := b.drain()
+			if n, ok := b.hasNote(NoteDivergence); !ok || !isErr(n.Err, ErrDivergence) {
+				t.Fatalf("no divergence note: %v", b.notes)
+			}
+			if got := ofType[wire.CheckpointRequest](sent); len(got) != 1 {
+				t.Fatalf("checkpoint requests: %v", got)
+			}
+			wantWait(t, "next point", b.n.Point(pt(6, 0)), WaitRepair)
+			if s := b.n.Status(); s.Divergences != 1 || !s.Diverged {
+				t.Fatalf("status %v", s)
+			}
+		})
+	}
+}
+
+// Reference: Bressoud & Schneider, section 3, rule P4.
+// Issue 5: "P4, backup: it ignores its own asynchronous events."
+func TestP4BackupIgnoresOwnAsyncEvents(t *testing.T) {
+	_, b := pair(t, OutputCommit, false)
+	b.n.Async(timer(1))
+	b.n.Async(uart('z'))
+	b.step(wire.EpochEnd{Seq: 1, Epoch: 1, Pos: at(3)})
+	wantGo(t, "before the end", b.n.Point(pt(2, 5*ms)))
+	// The epoch end has no events, and the backup adds none of its own.
+	wantGo(t, "at the end", b.n.Point(pt(3, 5*ms)))
+	if s := b.n.Status(); s.Epoch != 2 {
+		t.Fatalf("status %v", s)
+	}
+}
+
+// Reference: issue 5, P4: "It absorbs outputs (UART transmit, and every
+// later device output) instead of performing them."
+func TestP4BackupAbsorbsOutputs(t *testing.T) {
+	p, b := pair(t, OutputCommit, false)
+	p.n.Output(at(4), wire.KindConsole, []byte("hi"))
+	b.step(p.drain()...)
+	wantGo(t, "absorbed", b.n.Output(at(4), wire.KindConsole, []byte("hi")))
+	b.drain()
+	if len(b.perform) != 0 {
+		t.Fatalf("backup performed %v", b.perform)
+	}
+	if s := b.n.Status(); s.Outputs != 1 {
+		t.Fatalf("status %v", s)
+	}
+	// A different output is a divergence.
+	p.n.Output(at(6), wire.KindConsole, []byte("A"))
+	b.step(p.drain()...)
+	b.n.Output(at(6), wire.KindConsole, []byte("B"))
+	b.drain()
+	if _, ok := b.hasNote(NoteDivergence); !ok {
+		t.Fatal("different output bytes not a divergence")
+	}
+}
+
+// Reference: Bressoud & Schneider, section 3, rule P5.
+// Issue 5: "P5, backup: at the epoch's end it delivers the primary's events
+// at exactly that point."
+func TestP5BackupDeliversAtEpochEnd(t *testing.T) {
+	p, b := pair(t, OutputCommit, false)
+	p.n.Async(timer(77))
+	a := p.n.Point(pt(10, ms))
+	wantAction(t, "primary delivers", a, ActDeliver)
+	p.n.Continue()
+	b.step(p.drain()...)
+	for e := uint64(1); e < 10; e++ {
+		wantGo(t, "before the end", b.n.Point(pt(e, 0)))
+	}
+	a = wantAction(t, "at the end", b.n.Point(pt(10, 0)), ActDeliver)
+	if !equalEvents(a.Events, []Event{timer(77)}) {
+		t.Fatalf("delivered %v", a.Events)
+	}
+	wantGo(t, "delivered", b.n.Continue())
+	if s := b.n.Status(); s.Epoch != 2 || s.Backlog != 0 {
+		t.Fatalf("status %v", s)
+	}
+}
+
+// The backup runs ahead of the primary only as far as the primary has
+// gone: at a point it does not know the primary passed, it waits. A
+// record at q, or a heartbeat, proves the primary passed every point
+// before it.
+func TestP5BackupWaitsWhereTheLogEnds(t *testing.T) {
+	p, b := pair(t, OutputCommit, false)
+	wantWait(t, "nothing known", b.n.Point(pt(1, 0)), WaitLog)
+	p.n.Read(at(4), wire.KindClock, 1)
+	b.step(p.drain()...)
+	wantGo(t, "a record at 4 proves the primary passed 1", b.n.Continue())
+	wantGo(t, "and 3", b.n.Point(pt(3, 0)))
+	b.n.Read(at(4), wire.KindClock, 0)
+	wantWait(t, "but not 4", b.n.Point(pt(4, 0)), WaitLog)
+	// The primary's progress heartbeat.
+	for e := uint64(4); e <= 9; e++ {
+		p.n.Point(pt(e, 10))
+	}
+	p.n.Tick(20)
+	b.step(p.drain()...)
+	wantGo(t, "heartbeat at 9", b.n.Continue())
+	wantGo(t, "8", b.n.Point(pt(8, 0)))
+	wantWait(t, "9", b.n.Point(pt(9, 0)), WaitLog)
+}
+
+// An epoch ended while the primary's guest waited in HLT is delivered in
+// the backup's Halt at that position, not when the exit is first offered;
+// several epochs can end at one halted position.
+func TestP5EpochsEndedInHalt(t *testing.T) {
+	p, b := pair(t, OutputCommit, false)
+	wantGo(t, "primary exit", p.n.Point(pt(7, 10)))
+	wantWait(t, "primary halts", p.n.Halt(pt(7, 10)), WaitEvent)
+	p.n.Async(uart('m')) // e.g. the guest masked the UART: no interrupt
+	wantAction(t, "primary delivers 1", p.n.Continue(), ActDeliver)
+	wantGo(t, "", p.n.Continue())
+	wantWait(t, "still halted", p.n.Halt(pt(7, 20)), WaitEvent)
+	p.n.Async(timer(30))
+	wantAction(t, "primary delivers 2", p.n.Continue(), ActDeliver)
+	wantGo(t, "", p.n.Continue())
+	b.step(p.drain()...)
+
+	wantGo(t, "backup exit: no epoch ended in At", b.n.Point(pt(7, 0)))
+	a := wantAction(t, "backup halt: epoch 1", b.n.Halt(pt(7, 0)), ActDeliver)
+	if !equalEvents(a.Events, []Event{uart('m')}) {
+		t.Fatalf("epoch 1 delivered %v", a.Events)
+	}
+	wantGo(t, "", b.n.Continue())
+	a = wantAction(t, "backup halt again: epoch 2", b.n.Halt(pt(7, 0)), ActDeliver)
+	if !equalEvents(a.Events, []Event{timer(30)}) {
+		t.Fatalf("epoch 2 delivered %v", a.Events)
+	}
+	wantGo(t, "", b.n.Continue())
+	wantWait(t, "a third halt waits", b.n.Halt(pt(7, 0)), WaitLog)
+}
+
+// A backup that halts where the primary's guest went on has diverged.
+func TestP5HaltWherePrimaryWentOnIsDivergence(t *testing.T) {
+	_, b := pair(t, OutputCommit, false)
+	b.step(wire.Record{Seq: 1, Epoch: 1, Pos: at(9), Kind: wire.KindClock})
+	wantGo(t, "exit", b.n.Point(pt(5, 0)))
+	wantWait(t, "halt", b.n.Halt(pt(5, 0)), WaitRepair)
+	b.drain()
+	if _, ok := b.hasNote(NoteDivergence); !ok {
+		t.Fatal("no divergence")
+	}
+}
+
+// Reference: REPLICATION-NOTES: a kick's point "depends on host timing. It
+// must never count toward a position, and nothing may be injected there
+// while replicating."
+func TestKickPointIsNeverABoundary(t *testing.T) {
+	p, b := pair(t, OutputCommit, false)
+	p.n.Async(timer(1))
+	wantGo(t, "primary kick, not overdue", p.n.Point(kick(10, 2*ms)))
+	b.step(wire.EpochEnd{Seq: 1, Epoch: 1, Pos: at(10), Events: []Event{timer(1)}})
+	wantGo(t, "backup kick at the end's position", b.n.Point(kick(10, 0)))
+	wantAction(t, "backup exit at it", b.n.Point(pt(10, 0)), ActDeliver)
+}
+
+// Reference: issue 5, output: "strict, the paper's: the primary waits for
+// the ack of each log record before going on."
+func TestStrictWaitsForEachRecord(t *testing.T) {
+	p, b := pair(t, Strict, false)
+	wantWait(t, "read", p.n.Read(at(3), wire.KindClock, 5), WaitAck)
+	sent := p.drain()
+	b.step(sent...)
+	p.step(b.drain()...)
+	if a := p.n.Continue(); a.Kind != ActGo || a.Value != 5 {
+		t.Fatalf("after ack: %v", a)
+	}
+	wantWait(t, "output", p.n.Output(at(4), wire.KindConsole, []byte("o")), WaitAck)
+	p.drain()
+	if len(p.perform) != 0 {
+		t.Fatal("output left before its ack")
+	}
+}
+
+// Reference: issue 5, output: "output-commit, VMware FT's output rule:
+// records stream without waiting, and the primary waits for the ack only
+// before an output leaves the machine." The guest itself does not wait:
+// the output is held until the acknowledgement covers its own record.
+func TestOutputCommitStreamsAndHoldsOutput(t *testing.T) {
+	p, b := pair(t, OutputCommit, false)
+	for i := range 3 {
+		if a := p.n.Read(at(uint64(i+1)), wire.KindClock, uint64(i)); a.Kind != ActGo {
+			t.Fatalf("read %d waited: %v", i, a)
+		}
+	}
+	wantGo(t, "output", p.n.Output(at(4), wire.KindConsole, []byte("out")))
+	sent := p.drain()
+	if len(p.perform) != 0 {
+		t.Fatal("output left before any ack")
+	}
+	// An ack of the reads only is not enough: the output waits for its
+	// own record too.
+	p.step(wire.Ack{Seq: 3})
+	p.drain()
+	if len(p.perform) != 0 {
+		t.Fatal("output left before its record's ack")
+	}
+	b.step(sent...)
+	p.step(b.drain()...)
+	p.drain()
+	if len(p.perform) != 1 || string(p.perform[0].Data) != "out" || p.perform[0].Seq != 1 || p.perform[0].Uncertain {
+		t.Fatalf("performed %v", p.perform)
+	}
+	if s := p.n.Status(); s.Held != 0 {
+		t.Fatalf("status %v", s)
+	}
+}
+
+// Reference: issue 5, output: "Outputs carry sequence numbers, and the
+// primary tells the backup which it has performed."
+func TestPerformedConfirmations(t *testing.T) {
+	p, b := pair(t, OutputCommit, false)
+	p.n.Output(at(2), wire.KindConsole, []byte("a"))
+	b.step(p.drain()...)
+	p.step(b.drain()...)
+	p.drain()
+	p.n.Performed(p.perform[0].Seq)
+	// The next output carries the confirmation, and a tick sends it if
+	// no output comes.
+	p.n.Output(at(3), wire.KindConsole, []byte("b"))
+	outs := ofType[wire.Output](p.drain())
+	if len(outs) != 1 || outs[0].Done != 1 {
+		t.Fatalf("piggyback: %#v", outs)
+	}
+	p.n.Performed(2)
+	p.n.Tick(ms)
+	if got := ofType[wire.Performed](p.drain()); len(got) != 1 || got[0].OutSeq != 2 {
+		t.Fatalf("performed: %#v", got)
+	}
+}
+
+// Reference: issue 5, epoch boundaries: "After a bound (default about
+// 10-20 ms), the primary kicks the vCPU and ends the epoch with an
+// incremental checkpoint instead. The backup installs it, and the buffered
+// events are delivered after it, at the same state on both sides. Count
+// these checkpoint epochs and their bytes."
+func TestCheckpointEpochAfterKickBound(t *testing.T) {
+	for _, policy := range []Policy{Strict, OutputCommit} {
+		t.Run(policy.String(), func(t *testing.T) {
+			p, b := pair(t, policy, false)
+			wantGo(t, "exit", p.n.Point(pt(5, 0)))
+			p.n.Async(timer(ms))
+			p.n.Tick(2 * ms) // due: the length passed, an event waits
+			p.drain()
+			if p.kicks != 0 {
+				t.Fatal("kicked before the bound")
+			}
+			p.n.Tick(11 * ms)
+			p.n.Tick(12 * ms) // overdue from 2 ms: kick at 12 ms
+			p.drain()
+			if p.kicks != 1 {
+				t.Fatalf("%d kicks", p.kicks)
+			}
+			a := wantAction(t, "kick point", p.n.Point(kick(5, 12*ms)), ActCheckpoint)
+			if a.Full {
+				t.Fatal("a kick's checkpoint is incremental")
+			}
+			a = p.n.Checkpointed([]byte("STATE"))
+			sent := p.drain()
+			cps := ofType[wire.Checkpoint](sent)
+			if len(cps) != 1 || string(cps[0].State) != "STATE" || cps[0].Full || cps[0].Epoch != 1 || cps[0].Pos != at(5) ||
+				!equalEvents(cps[0].Events, []Event{timer(ms)}) {
+				t.Fatalf("checkpoint: %#v", cps)
+			}
+			if policy == Strict {
+				wantWait(t, "strict", a, WaitAck)
+				b.step(sent...)
+				p.step(b.drain()...)
+				a = p.n.Continue()
+			}
+			wantAction(t, "deliver after the checkpoint", a, ActDeliver)
+			wantGo(t, "", p.n.Continue())
+			if s := p.n.Status(); s.CheckpointEpochs != 1 || s.CheckpointBytes != 5 || s.Epoch != 2 {
+				t.Fatalf("status %v", s)
+			}
+		})
+	}
+}
+
+// A kick point whose epoch end is not overdue is no boundary and no
+// checkpoint; an unprotected primary delivers there like a lone VMM.
+func TestKickPointWithoutOverdueEpoch(t *testing.T) {
+	p, _ := pair(t, OutputCommit, false)
+	p.n.Async(timer(1))
+	p.n.Tick(2 * ms)
+	wantGo(t, "due but not overdue", p.n.Point(kick(3, 5*ms)))
+	wantMsgs(t, "nothing", without(p.drain()))
+
+	alone := newReplica(t, testConfig(RolePrimary, OutputCommit))
+	alone.n.Async(timer(1))
+	alone.n.Tick(2 * ms)
+	alone.n.Tick(13 * ms)
+	wantAction(t, "unprotected overdue kick delivers", alone.n.Point(kick(3, 13*ms)), ActDeliver)
+}
+
+// Reference: issue 5: "The backup installs it, and the buffered events are
+// delivered after it." Installing needs a quiescent vCPU: at an exit the
+// backup yields to a kick point first; in Halt it installs at once.
+func TestBackupInstallsCheckpointThenDelivers(t *testing.T) {
+	for _, where := range []string{"kick", "halt"} {
+		t.Run(where, func(t *testing.T) {
+			_, b := pair(t, OutputCommit, false)
+			cp := wire.Checkpoint{Seq: 1, Epoch: 1, Pos: at(8), OutSeq: 0, Events: []Event{timer(5)}, State: []byte("S")}
+			b.step(cp)
+			b.drain()
+			if b.kicks != 1 {
+				t.Fatal("a checkpoint arriving kicks the backup's vCPU")
+			}
+			wantAction(t, "exit", b.n.Point(pt(6, 0)), ActYield)
+			var a Action
+			if where == "kick" {
+				a = b.n.Point(kick(6, 0))
+			} else {
+				a = b.n.Halt(pt(6, 0))
+			}
+			a = wantAction(t, "install", a, ActInstall)
+			if string(a.State) != "S" {
+				t.Fatalf("install %v", a)
+			}
+			a = wantAction(t, "then deliver", b.n.Continue(), ActDeliver)
+			if !equalEvents(a.Events, cp.Events) {
+				t.Fatalf("delivered %v", a.Events)
+			}
+			wantGo(t, "", b.n.Continue())
+			if s := b.n.Status(); s.Epoch != 2 || s.Pos != at(8) || s.CheckpointEpochs != 1 {
+				t.Fatalf("status %v", s)
+			}
+		})
+	}
+}
+
+// Reference: issue 5: "Wire format: framed, versioned, checksummed, with
+// heartbeats." A quiet link carries heartbeats both ways.
+func TestHeartbeatsOnAQuietLink(t *testing.T) {
+	p, b := pair(t, OutputCommit, false)
+	p.n.Tick(1)
+	b.n.Tick(1)
+	p.drain()
+	b.drain()
+	p.n.Tick(15 * ms)
+	b.n.Tick(15 * ms)
+	wantMsgs(t, "not yet", append(p.drain(), b.drain()...))
+	p.n.Tick(21 * ms)
+	b.n.Tick(21 * ms)
+	if len(ofType[wire.Heartbeat](p.drain())) != 1 || len(ofType[wire.Heartbeat](b.drain())) != 1 {
+		t.Fatal("no heartbeats after 20 ms of silence")
+	}
+}
+
+// Reference: issue 5, failure: "The backup declares the primary dead when
+// nothing arrives within a timeout (heartbeats; default 100 ms,
+// configurable), or when the connection breaks."
+func TestBackupDeclaresPrimaryDead(t *testing.T) {
+	for _, how := range []string{"timeout", "connection"} {
+		t.Run(how, func(t *testing.T) {
+			p, b := pair(t, OutputCommit, false)
+			b.n.Tick(0)
+			b.step(wire.Heartbeat{Epoch: 1})
+			b.n.Tick(50 * ms)
+			b.n.Tick(149 * ms)
+			b.drain()
+			if _, ok := b.hasNote(NotePrimaryLost); ok {
+				t.Fatal("declared dead within the timeout")
+			}
+			if how == "timeout" {
+				b.n.Tick(150 * ms)
+			} else {
+				b.n.Disconnected()
+			}
+			b.drain()
+			if _, ok := b.hasNote(NotePrimaryLost); !ok || !b.closed {
+				t.Fatalf("not declared dead: %v", b.notes)
+			}
+			s := b.n.Status()
+			if s.Role != RolePrimary || !s.Replaying || s.Promotions != 1 || s.Link {
+				t.Fatalf("status %v", s)
+			}
+			_ = p
+		})
+	}
+}
+
+// Reference: issue 5, failure: "If the backup dies, the primary continues
+// unprotected, says so in its log and status, and accepts a new backup."
+// Whatever waited for the backup goes on.
+func TestPrimaryContinuesUnprotectedWhenBackupDies(t *testing.T) {
+	for _, how := range []string{"timeout", "connection"} {
+		t.Run(how, func(t *testing.T) {
+			p, _ := pair(t, Strict, false)
+			p.n.Tick(0)
+			wantWait(t, "strict output", p.n.Output(at(2), wire.KindConsole, []byte("held")), WaitAck)
+			p.drain()
+			if how == "timeout" {
+				p.n.Tick(100 * ms)
+			} else {
+				p.n.Disconnected()
+			}
+			wantGo(t, "the vCPU goes on", p.n.Continue())
+			p.drain()
+			if _, ok := p.hasNote(NoteBackupLost); !ok || !p.closed {
+				t.Fatalf("notes %v", p.notes)
+			}
+			if s := p.n.Status(); s.Protected || s.Role != RolePrimary {
+				t.Fatalf("status %v", s)
+			}
+			if len(p.perform) != 1 {
+				t.Fatalf("held output not released: %v", p.perform)
+			}
+		})
+	}
+}
+
+// Reference: issue 5, failure: "It replays everything it received and goes
+// live where the log ends. Environment instructions become real there.
+// ... From the next epoch on it is the primary."
+func TestFailoverReplaysLogThenGoesLive(t *testing.T) {
+	_, b := pair(t, OutputCommit, false)
+	b.step(
+		wire.Record{Seq: 1, Epoch: 1, Pos: at(3), Kind: wire.KindClock, Value: 30},
+		wire.EpochEnd{Seq: 2, Epoch: 1, Pos: at(5), Events: []Event{uart('p')}},
+		wire.Record{Seq: 3, Epoch: 2, Pos: at(7), Kind: wire.KindClock, Value: 70},
+	)
+	b.n.Async(uart('b')) // before promotion: ignored
+	b.n.Disconnected()
+	b.n.Async(timer(1000)) // after: its own
+	if a := b.n.Read(at(3), wire.KindClock, 1); a.Value != 30 {
+		t.Fatalf("replayed read: %v", a)
+	}
+	a := wantAction(t, "replayed epoch end", b.n.Point(pt(5, 0)), ActDeliver)
+	if !equalEvents(a.Events, []Event{uart('p')}) {
+		t.Fatalf("delivered %v", a.Events)
+	}
+	wantGo(t, "", b.n.Continue())
+	if a := b.n.Read(at(7), wire.KindClock, 2); a.Value != 70 {
+		t.Fatalf("replayed read: %v", a)
+	}
+	b.drain()
+	if _, ok := b.hasNote(NoteLive); ok {
+		t.Fatal("live before the log ended")
+	}
+	if a := b.n.Read(at(8), wire.KindClock, 80); a.Value != 80 {
+		t.Fatalf("live read: %v", a)
+	}
+	b.drain()
+	if _, ok := b.hasNote(NoteLive); !ok {
+		t.Fatal("not live")
+	}
+	// Its own events, delivered by its own epochs.
+	a = wantAction(t, "own epoch", b.n.Point(pt(9, 5*ms)), ActDeliver)
+	if !equalEvents(a.Events, []Event{timer(1000)}) {
+		t.Fatalf("delivered %v", a.Events)
+	}
+	if s := b.n.Status(); s.Replaying || s.Protected || s.Role != RolePrimary {
+		t.Fatalf("status %v", s)
+	}
+}
+
+// Reference: issue 5, output: "A promoted backup performs only those not
+// confirmed. Nothing is lost, and a duplicate can only be an output whose
+// confirmation was in flight." and failure: "Outstanding device operations
+// complete with an 'uncertain' outcome".
+func TestFailoverRedoesUnconfirmedOutputs(t *testing.T) {
+	_, b := pair(t, OutputCommit, false)
+	out := func(seq, pos uint64, done uint64, s string) wire.Output {
+		return wire.Output{Seq: seq, Epoch: 1, Pos: at(pos), OutSeq: seq, Done: done, Kind: wire.KindConsole, Data: []byte(s)}
+	}
+	b.step(out(1, 2, 0, "a"), out(2, 3, 0, "b"), out(3, 4, 1, "c"), out(4, 5, 1, "d"), out(5, 6, 1, "e"))
+	for i, s := range []string{"a", "b", "c"} {
+		wantGo(t, "absorb", b.n.Output(at(uint64(i+2)), wire.KindConsole, []byte(s)))
+	}
+	b.step(wire.Performed{OutSeq: 2})
+	b.n.Disconnected()
+	b.drain()
+	// Absorbed and not confirmed: "c" is redone at once.
+	if len(b.perform) != 1 || string(b.perform[0].Data) != "c" || !b.perform[0].Uncertain {
+		t.Fatalf("redone at promotion: %v", b.perform)
+	}
+	// Replayed from the log, not confirmed: performed, uncertain.
+	b.n.Output(at(5), wire.KindConsole, []byte("d"))
+	b.n.Output(at(6), wire.KindConsole, []byte("e"))
+	// Past the log: new, certain.
+	b.n.Output(at(7), wire.KindConsole, []byte("f"))
+	b.drain()
+	var got string
+	for i, o := range b.perform {
+		got += string(o.Data)
+		if o.Seq != uint64(i+3) || o.Uncertain != (i < 3) {
+			t.Fatalf("output %d: %+v", i, o)
+		}
+	}
+	if got != "cdef" {
+		t.Fatalf("performed %q", got)
+	}
+}
+
+// Reference: REPLICATION-NOTES, failover: "If a message arrives only in
+// part, the backup ignores the incomplete record. A record is applied only
+// when its checksum verifies."
+func TestFailoverIgnoresPartialRecord(t *testing.T) {
+	_, b := pair(t, OutputCommit, false)
+	stream := wire.Append(nil, wire.Record{Seq: 1, Epoch: 1, Pos: at(3), Kind: wire.KindClock, Value: 30})
+	last := wire.Marshal(wire.Record{Seq: 2, Epoch: 1, Pos: at(5), Kind: wire.KindClock, Value: 50})
+	stream = append(stream, last[:len(last)-1]...) // the last byte never came
+	d := wire.NewDecoder(0)
+	d.Write(stream)
+	for {
+		m, err := d.Next()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m == nil {
+			break
+		}
+		b.step(m)
+	}
+	b.n.Disconnected()
+	if a := b.n.Read(at(3), wire.KindClock, 1); a.Value != 30 {
+		t.Fatalf("whole record: %v", a)
+	}
+	if a := b.n.Read(at(5), wire.KindClock, 55); a.Value != 55 {
+		t.Fatalf("the partial record was applied: %v", a)
+	}
+}
+
+// A backup still waiting for a joining checkpoint has nothing to promote.
+func TestBackupWithoutStateCannotPromote(t *testing.T) {
+	p := newReplica(t, testConfig(RolePrimary, OutputCommit))
+	p.n.Point(pt(1, 0)) // the guest has run
+	b := newReplica(t, testConfig(RoleBackup, OutputCommit))
+	p.n.Connected()
+	b.n.Connected()
+	exchange(p, b)
+	b.n.Disconnected()
+	a := wantAction(t, "no state", b.n.Point(pt(1, 0)), ActStop)
+	if !isErr(a.Err, ErrNoState) {
+		t.Fatalf("err %v", a.Err)
+	}
+}
+
+// Reference: issue 5, surface: "The handshake refuses, with a clear
+// message: a different protocol version; a different kernel, initrd or
+// command line (compared by hash); a different memory size." Both sides
+// say why, and a refused backup stops.
+func TestHandshakeRefusals(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		change func(*wire.Hello)
+		reason wire.RefuseReason
+		text   string
+	}{
+		{"protocol version", func(h *wire.Hello) { h.Version = 2 }, wire.RefuseVersion, "protocol version 2"},
+		{"kernel", func(h *wire.Hello) { h.Kernel[0] = 0xee }, wire.RefuseKernel, "different kernel"},
+		{"initrd", func(h *wire.Hello) { h.Initrd[0] = 0xee }, wire.RefuseInitrd, "different initrd"},
+		{"command line", func(h *wire.Hello) { h.Cmdline[0] = 0xee }, wire.RefuseCmdline, "different command line"},
+		{"memory size", func(h *wire.Hello) { h.MemSize = 128 << 20 }, wire.RefuseMemory, "128 MiB on the peer"},
+		{"two primaries", func(h *wire.Hello) { h.Role = RolePrimary }, wire.RefuseRole, "both replicas are primaries"},
+		{"epoch clock", func(h *wire.Hello) { h.Clock = 1 }, wire.RefuseClock, "different epoch clock"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := newReplica(t, testConfig(RolePrimary, OutputCommit))
+			b := newReplica(t, testConfig(RoleBackup, OutputCommit))
+			p.n.Connected()
+			b.n.Connected()
+			hello := ofType[wire.Hello](b.drain())[0]
+			tc.change(&hello)
+			p.step(hello)
+			refusals := ofType[wire.Refuse](p.drain())
+			if len(refusals) != 1 || refusals[0].Reason != tc.reason || !contains(refusals[0].Text, tc.text) {
+				t.Fatalf("refusal %#v, want %v %q", refusals, tc.reason, tc.text)
+			}
+			if n, ok := p.hasNote(NoteRefused); !ok || !isErr(n.Err, ErrRefused) || !p.closed {
+				t.Fatalf("primary notes %v", p.notes)
+			}
+			if s := p.n.Status(); s.Protected || s.Link {
+				t.Fatalf("primary %v", s)
+			}
+			b.step(refusals[0])
+			b.drain()
+			if _, ok := b.hasNote(NoteRefused); !ok || !b.closed {
+				t.Fatalf("backup notes %v", b.notes)
+			}
+			a := wantAction(t, "refused backup", b.n.Point(pt(1, 0)), ActStop)
+			if !isErr(a.Err, ErrRefused) || !contains(a.Err.Error(), tc.text) {
+				t.Fatalf("stop: %v", a.Err)
+			}
+		})
+	}
+}
+
+// The backup adopts the primary's wall clock (an input of the
+// environment, vmm.Config.WallClock).
+func TestHandshakeGivesPeerIdentity(t *testing.T) {
+	pc := testConfig(RolePrimary, Strict)
+	pc.Guest.WallClock = 42
+	p, b := newReplica(t, pc), newReplica(t, testConfig(RoleBackup, OutputCommit))
+	p.n.Connected()
+	b.n.Connected()
+	exchange(p, b)
+	n, ok := b.hasNote(NoteLinkUp)
+	if !ok || n.Peer.WallClock != 42 || n.Peer.Policy != Strict || n.Peer.Role != RolePrimary {
+		t.Fatalf("note %+v", n)
+	}
+}
+
+// Reference: issue 5, divergence: "In --verify mode the primary sends, at
+// each epoch end, a hash of its vCPU registers and of the guest pages
+// dirtied in the epoch; the backup compares. On a mismatch, a logged
+// divergence, the backup requests a checkpoint and continues from the
+// primary's state. Count repairs."
+func TestVerifyDivergenceDetectedAndRepaired(t *testing.T) {
+	p, b := pair(t, OutputCommit, true)
+	primaryHash, backupHash := Digest{1}, Digest{2}
+
+	// Epoch 1 ends at 4; the hashes differ.
+	p.n.Async(timer(1))
+	wantAction(t, "primary hash", p.n.Point(pt(4, ms)), ActHash)
+	wantAction(t, "deliver", p.n.Hashed(primaryHash), ActDeliver)
+	wantGo(t, "", p.n.Continue())
+	// Epoch 2 goes on meanwhile: a read and an output at 6.
+	p.n.Read(at(6), wire.KindClock, 60)
+	p.n.Output(at(6), wire.KindConsole, []byte("z"))
+	b.step(p.drain()...)
+
+	wantAction(t, "backup hash", b.n.Point(pt(4, 0)), ActHash)
+	wantWait(t, "mismatch", b.n.Hashed(backupHash), WaitRepair)
+	fromB := b.drain()
+	if n, ok := b.hasNote(NoteDivergence); !ok || !contains(n.Err.Error(), "state hash") {
+		t.Fatalf("backup notes %v", b.notes)
+	}
+	reqs := ofType[wire.CheckpointRequest](fromB)
+	if len(reqs) != 1 || reqs[0].Epoch != 1 {
+		t.Fatalf("requests %#v", reqs)
+	}
+	p.step(fromB...)
+	p.drain()
+	if _, ok := p.hasNote(NoteDivergence); !ok || p.kicks != 1 {
+		t.Fatalf("primary: notes %v, kicks %d", p.notes, p.kicks)
+	}
+	// The primary's next kick point gives its full state.
+	a := wantAction(t, "repair checkpoint", p.n.Point(kick(7, 2*ms)), ActCheckpoint)
+	if !a.Full {
+		t.Fatal("a repair needs the full state")
+	}
+	wantGo(t, "", p.n.Checkpointed([]byte("FULL")))
+	b.step(p.drain()...)
+
+	// The backup skips what the checkpoint replaces and installs it.
+	wantAction(t, "yield", b.n.Continue(), ActYield)
+	a = wantAction(t, "install", b.n.Point(kick(4, 0)), ActInstall)
+	if !a.Full || string(a.State) != "FULL" {
+		t.Fatalf("install %v", a)
+	}
+	wantGo(t, "", b.n.Continue())
+	b.drain()
+	if _, ok := b.hasNote(NoteRepaired); !ok {
+		t.Fatal("no repaired note")
+	}
+	s := b.n.Status()
+	if s.Repairs != 1 || s.Divergences != 1 || s.Diverged || s.Epoch != 3 || s.Pos != at(7) || s.Outputs != 1 {
+		t.Fatalf("status %v", s)
+	}
+
+	// From here the hashes agree again.
+	p.n.Async(timer(9))
+	wantAction(t, "hash", p.n.Point(pt(9, 10*ms)), ActHash)
+	p.n.Hashed(Digest{7})
+	p.n.Continue()
+	b.step(p.drain()...)
+	wantAction(t, "backup hash", b.n.Point(pt(9, 0)), ActHash)
+	wantAction(t, "agrees", b.n.Hashed(Digest{7}), ActDeliver)
+	if s := b.n.Status(); s.Divergences != 1 {
+		t.Fatalf("status %v", s)
+	}
+}
+
+// Reference: issue 5, failure: "Re-protection: a fresh ftkvm backup
+// --listen ADDR --join receives the running primary's state through live
+// transfer, then replicates." After its backup died the primary accepts a
+// new one: full state at the next kick point, then the log.
+func TestReprotection(t *testing.T) {
+	p, old := pair(t, OutputCommit, false)
+	p.n.Point(pt(3, 0))
+	old.n.Disconnected()
+	p.n.Disconnected()
+	p.drain()
+	if s := p.n.Status(); s.Protected {
+		t.Fatalf("status %v", s)
+	}
+	p.n.Output(at(4), wire.KindConsole, []byte("u"))
+
+	b := newReplica(t, testConfig(RoleBackup, OutputCommit))
+	p.n.Connected()
+	b.n.Connected()
+	exchange(p, b)
+	if s := p.n.Status(); !s.Joining || s.Protected {
+		t.Fatalf("joining: %v", s)
+	}
+	if p.kicks == 0 {
+		t.Fatal("no kick for the join")
+	}
+	// The new backup booted a guest; it waits for the state.
+	wantWait(t, "new backup", b.n.Point(pt(1, 0)), WaitLog)
+	// Reads before the checkpoint are not logged: the state covers them.
+	p.n.Read(at(5), wire.KindClock, 1)
+	a := wantAction(t, "join checkpoint", p.n.Point(kick(5, ms)), ActCheckpoint)
+	if !a.Full {
+		t.Fatal("a join needs the full state")
+	}
+	wantGo(t, "", p.n.Checkpointed([]byte("ALL")))
+	p.n.Read(at(6), wire.KindClock, 66)
+	sent := p.drain()
+	if _, ok := p.hasNote(NoteProtected); !ok {
+		t.Fatal("not protected")
+	}
+	cps := ofType[wire.Checkpoint](sent)
+	if len(cps) != 1 || !cps[0].Full || cps[0].OutSeq != 1 || len(ofType[wire.Record](sent)) != 1 {
+		t.Fatalf("sent %#v", sent)
+	}
+	b.step(sent...)
+	wantAction(t, "yield", b.n.Continue(), ActYield)
+	wantAction(t, "install", b.n.Point(kick(1, 0)), ActInstall)
+	wantGo(t, "", b.n.Continue())
+	if a := b.n.Read(at(6), wire.KindClock, 0); a.Value != 66 {
+		t.Fatalf("replicating: %v", a)
+	}
+	if s := b.n.Status(); s.Epoch != 2 || s.Outputs != 1 || s.Performed != 1 {
+		t.Fatalf("backup %v", s)
+	}
+}
+
+// A promoted backup is a primary like any other: it accepts a new backup
+// once it is live.
+func TestReprotectionAfterFailover(t *testing.T) {
+	_, b := pair(t, OutputCommit, false)
+	b.step(wire.Record{Seq: 1, Epoch: 1, Pos: at(3), Kind: wire.KindClock, Value: 3})
+	b.n.Disconnected()
+	nb := newReplica(t, testConfig(RoleBackup, OutputCommit))
+	b.n.Connected()
+	nb.n.Connected()
+	exchange(b, nb)
+	if s := b.n.Status(); !s.Joining {
+		t.Fatalf("status %v", s)
+	}
+	// Still replaying: the join waits until live.
+	wantGo(t, "replaying kick", b.n.Point(kick(2, 0)))
+	b.n.Read(at(3), wire.KindClock, 0)
+	wantGo(t, "live", b.n.Point(pt(3, 0)))
+	b.n.Tick(20 * ms)
+	b.drain()
+	a := wantAction(t, "join checkpoint", b.n.Point(kick(3, 20*ms)), ActCheckpoint)
+	if !a.Full {
+		t.Fatal("not full")
+	}
+	b.n.Checkpointed([]byte("X"))
+	nb.step(b.drain()...)
+	if s := b.n.Status(); !s.Protected {
+		t.Fatalf("status %v", s)
+	}
+}
+
+// Reference: issue 5, surface: "When the guest ends normally on the
+// primary, the backup exits with the same status." The primary makes sure
+// the goodbye arrived, so that the backup does not fail over instead.
+func TestGoodbyeStatus(t *testing.T) {
+	for _, order := range []string{"goodbye first", "backup ends first"} {
+		t.Run(order, func(t *testing.T) {
+			p, b := pair(t, OutputCommit, false)
+			if order == "backup ends first" {
+				wantWait(t, "backup guest ended", b.n.Finish(3), WaitPrimary)
+			}
+			wantWait(t, "primary finish", p.n.Finish(3), WaitAck)
+			b.step(p.drain()...)
+			var a Action
+			if order == "backup ends first" {
+				a = b.n.Continue()
+			} else {
+				a = b.n.Point(pt(100, 0))
+			}
+			if a.Kind != ActStop || a.Status != 3 || a.Err != nil {
+				t.Fatalf("backup: %v", a)
+			}
+			p.step(b.drain()...)
+			if a := p.n.Continue(); a.Kind != ActStop || a.Status != 3 {
+				t.Fatalf("primary: %v", a)
+			}
+			if n, ok := b.hasNote(NoteGoodbye); !ok || n.Status != 3 {
+				t.Fatalf("notes %v", b.notes)
+			}
+			// The primary closes the link: no failover now.
+			b.n.Disconnected()
+			if s := b.n.Status(); s.Role != RoleBackup || s.Promotions != 0 {
+				t.Fatalf("status %v", s)
+			}
+			if a := b.n.Point(pt(101, 0)); a.Kind != ActStop || a.Status != 3 {
+				t.Fatalf("after: %v", a)
+			}
+		})
+	}
+}
+
+// Reference: the vmm loop is the exit path (~100k times a second) and
+// allocates nothing; neither may the primary's answer at an exit with
+// nothing to log.
+func TestPrimaryExitPathDoesNotAllocate(t *testing.T) {
+	for _, protected := range []bool{false, true} {
+		var n *Node
+		if protected {
+			p, _ := pair(t, OutputCommit, false)
+			n = p.n
+		} else {
+			n = NewNode(testConfig(RolePrimary, OutputCommit))
+		}
+		n.Tick(0)
+		e := uint64(0)
+		allocs := testing.AllocsPerRun(1000, func() {
+			e++
+			if a := n.Point(Point{Pos: Position{Exits: e}, Now: int64(e), RxSpace: 16}); a.Kind != ActGo {
+				t.Fatal(a)
+			}
+			n.Ready()
+		})
+		if allocs != 0 {
+			t.Errorf("protected=%v: %v allocations per exit", protected, allocs)
+		}
+	}
+	// The backup's too, running up to the primary's next record.
+	_, b := pair(t, OutputCommit, false)
+	b.step(wire.Record{Seq: 1, Epoch: 1, Pos: at(1 << 40), Kind: wire.KindClock})
+	e := uint64(0)
+	allocs := testing.AllocsPerRun(1000, func() {
+		e++
+		if a := b.n.Point(pt(e, 0)); a.Kind != ActGo {
+			t.Fatal(a)
+		}
+		b.n.Ready()
+	})
+	if allocs != 0 {
+		t.Errorf("backup: %v allocations per exit", allocs)
+	}
+}
+
+func BenchmarkPrimaryExit(b *testing.B) {
+	p, _ := pair(b, OutputCommit, false)
+	n := p.n
+	e := uint64(0)
+	for b.Loop() {
+		e++
+		n.Point(Point{Pos: Position{Exits: e}, Now: int64(e), RxSpace: 16})
+		n.Ready()
+	}
+}
+
+// vmm's Halt returns early when the machine needs its thread (Target.Wake)
+// and is called again: a waiting Halt may be offered again.
+func TestHaltMayBeOfferedAgain(t *testing.T) {
+	p, b := pair(t, OutputCommit, false)
+	wantWait(t, "primary halts", p.n.Halt(pt(3, 0)), WaitEvent)
+	wantWait(t, "offered again", p.n.Halt(pt(3, 10)), WaitEvent)
+	p.n.Async(timer(20))
+	wantAction(t, "then ends the epoch", p.n.Continue(), ActDeliver)
+	wantWait(t, "backup halts", b.n.Halt(pt(3, 0)), WaitLog)
+	wantWait(t, "offered again", b.n.Halt(pt(3, 0)), WaitLog)
+}
+
+// The vCPU thread's conversation has an order; breaking it is a driver
+// bug, reported at once.
+func TestCallOrderIsChecked(t *testing.T) {
+	p, _ := pair(t, Strict, false)
+	p.n.Read(at(1), wire.KindClock, 0) // waits for its ack
+	for name, f := range map[string]func(){
+		"Point":        func() { p.n.Point(pt(2, 0)) },
+		"Hashed":       func() { p.n.Hashed(Digest{}) },
+		"Checkpointed": func() { p.n.Checkpointed(nil) },
+	} {
+		func() {
+			defer func() {
+				if recover() == nil {
+					t.Errorf("%s during a Read: no panic", name)
+				}
+			}()
+			f()
+		}()
+	}
+}
+
+func equalEvents(a, b []Event) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i].Kind != b[i].Kind || a[i].Value != b[i].Value || string(a[i].Data) != string(b[i].Data) {
+			return false
+		}
+	}
+	return true
+}
+
+func contains(s, sub string) bool { return strings.Contains(s, sub) }

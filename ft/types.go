@@ -1,0 +1,339 @@
+package ft
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/ftkvm/ftkvm/ft/wire"
+)
+
+// ProtocolVersion is sent in Hello; peers with another version are refused.
+const ProtocolVersion = 1
+
+// The wire types the protocol speaks in, under shorter names.
+type (
+	Position = wire.Position
+	Event    = wire.Event
+	Kind     = wire.Kind
+	Role     = wire.Role
+	Policy   = wire.Policy
+	Digest   = wire.Digest
+)
+
+const (
+	RolePrimary  = wire.RolePrimary
+	RoleBackup   = wire.RoleBackup
+	Strict       = wire.PolicyStrict
+	OutputCommit = wire.PolicyOutputCommit
+)
+
+// Identity is what the handshake compares: both replicas must run the same
+// guest on the same clock.
+type Identity struct {
+	Kernel, Initrd, Cmdline Digest // SHA-256 of the files and the command line
+	MemSize                 uint64 // bytes
+	Clock                   wire.Clock
+	// WallClock (Unix ns) is the primary's RTC base; the backup adopts the
+	// primary's (Note.Peer of NoteLinkUp). It is not compared.
+	WallClock int64
+}
+
+// Config configures a Node. Durations are compared with the timestamps
+// the driver passes in (Point.Now, Tick), in nanoseconds.
+type Config struct {
+	Role   Role
+	Policy Policy // the primary's; zero means OutputCommit
+	// Verify: the primary sends a state hash with each epoch end and ends
+	// epochs every EpochLength even with nothing to deliver, so that a
+	// divergence is seen within an epoch.
+	Verify bool
+	Guest  Identity
+
+	// EpochLength: an epoch ends at the first guest-caused exit at least
+	// this long after it began (virtual time, from Point.Now), if it has
+	// something to deliver (default 1 ms). At HLT it ends at once.
+	EpochLength time.Duration
+	// KickAfter: an epoch whose end is due but finds no guest-caused exit
+	// for this long is ended by a kick and a checkpoint (default 10 ms).
+	KickAfter time.Duration
+	// Heartbeat: a link quiet for this long gets a heartbeat (default
+	// 20 ms).
+	Heartbeat time.Duration
+	// Timeout: a peer heard nothing from for this long is dead (default
+	// 100 ms).
+	Timeout time.Duration
+}
+
+func (c *Config) setDefaults() {
+	if c.Policy == 0 {
+		c.Policy = OutputCommit
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&c.EpochLength, time.Millisecond)
+	def(&c.KickAfter, 10*time.Millisecond)
+	def(&c.Heartbeat, 20*time.Millisecond)
+	def(&c.Timeout, 100*time.Millisecond)
+}
+
+// Point is a delivery point, as the vCPU loop offers it to the
+// environment (vmm.Environment.At and Halt).
+type Point struct {
+	Pos Position
+	// Kick: a return from KVM_RUN forced by the host (vmm.PointKick). It
+	// is never an epoch boundary; Pos is the count at the last exit.
+	Kick bool
+	// Now is the driver's clock (ns), read at the point. It only times
+	// the primary's decisions; it is not an environment read.
+	Now int64
+	// RxSpace is the UART's room (vmm.Target.RxSpace): bytes beyond it
+	// stay buffered for a later epoch.
+	RxSpace int
+}
+
+// ActionKind is what the vCPU thread must do next.
+type ActionKind uint8
+
+const (
+	// ActGo: done; the vCPU goes on. After Read, Action.Value is what the
+	// guest reads.
+	ActGo ActionKind = iota
+	// ActWait: the vCPU must not go on. Block until anything else is
+	// given to the node (Step, Tick, Async, Disconnected), then call
+	// Continue. Action.Wait says for what.
+	ActWait
+	// ActDeliver: deliver Action.Events into the machine, in order, now
+	// (vmm.Target.FireTimer, Receive), then call Continue.
+	ActDeliver
+	// ActHash: compute the state hash (vCPU registers and the guest pages
+	// dirtied since the last hash) and call Hashed.
+	ActHash
+	// ActCheckpoint: capture the machine's state (Action.Full: complete,
+	// else the pages dirtied since the last checkpoint) and call
+	// Checkpointed with the blob. Only ever at a kick point, where the
+	// vCPU is quiescent and the position exact.
+	ActCheckpoint
+	// ActInstall: install Action.State into the machine, then call
+	// Continue. Only ever at a kick point or in Halt.
+	ActInstall
+	// ActYield: leave this point without running the guest: call the
+	// kick function, then return from At (or Halt). The install waiting
+	// for this replica happens at the kick point that follows.
+	ActYield
+	// ActStop: stop the machine; the process exits with Action.Status, or
+	// fails with Action.Err.
+	ActStop
+)
+
+var actionNames = [...]string{"go", "wait", "deliver", "hash", "checkpoint", "install", "yield", "stop"}
+
+func (k ActionKind) String() string {
+	if int(k) < len(actionNames) {
+		return actionNames[k]
+	}
+	return "action(" + strconv.Itoa(int(k)) + ")"
+}
+
+// WaitReason says what an ActWait waits for.
+type WaitReason uint8
+
+const (
+	WaitNone WaitReason = iota
+	// WaitAck: the primary waits for the backup's acknowledgement (strict
+	// policy, or Finish).
+	WaitAck
+	// WaitEvent: the primary's guest is halted with nothing to deliver.
+	// The driver also wakes at its timer deadline and gives the node the
+	// timer event (Async) before Continue.
+	WaitEvent
+	// WaitLog: the backup is ahead of the primary's log.
+	WaitLog
+	// WaitRepair: the backup diverged and waits for the primary's state.
+	WaitRepair
+	// WaitPrimary: the backup's guest ended; it waits for the primary's
+	// goodbye, or for failover.
+	WaitPrimary
+)
+
+var waitNames = [...]string{"nothing", "ack", "event", "log", "repair", "primary"}
+
+func (w WaitReason) String() string {
+	if int(w) < len(waitNames) {
+		return waitNames[w]
+	}
+	return "wait(" + strconv.Itoa(int(w)) + ")"
+}
+
+// Action is the node's answer to a call from the vCPU thread. Its slices
+// belong to the node and are valid until the next call.
+type Action struct {
+	Kind   ActionKind
+	Value  uint64     // ActGo after Read
+	Wait   WaitReason // ActWait
+	Events []Event    // ActDeliver
+	Full   bool       // ActCheckpoint, ActInstall
+	State  []byte     // ActInstall
+	Status int        // ActStop
+	Err    error      // ActStop: the replica cannot go on
+}
+
+func (a Action) String() string {
+	switch a.Kind {
+	case ActGo:
+		return fmt.Sprintf("go(%d)", a.Value)
+	case ActWait:
+		return "wait(" + a.Wait.String() + ")"
+	case ActDeliver:
+		return fmt.Sprintf("deliver%v", a.Events)
+	case ActCheckpoint, ActInstall:
+		return fmt.Sprintf("%v(full=%v, %d bytes)", a.Kind, a.Full, len(a.State))
+	case ActStop:
+		if a.Err != nil {
+			return fmt.Sprintf("stop(%v)", a.Err)
+		}
+		return fmt.Sprintf("stop(%d)", a.Status)
+	}
+	return a.Kind.String()
+}
+
+// Out is an output to perform (write to the console). Uncertain: the
+// failed primary may have performed it already; devices redo it (a
+// console repeats the bytes, TCP drops the duplicate, a disk write is
+// idempotent).
+type Out struct {
+	Seq       uint64
+	Kind      Kind
+	Data      []byte
+	Uncertain bool
+}
+
+// Ready is what the node produced since the last Ready: the driver drains
+// it after every call (or batch of calls), under the same lock.
+type Ready struct {
+	// Messages go to the peer, in this order.
+	Messages []wire.Msg
+	// Perform: outputs to perform now, in this order, by one goroutine;
+	// then call Performed with the highest Seq done.
+	Perform []Out
+	// Kick: call the vCPU's kick function (any goroutine).
+	Kick bool
+	// Close: close the link after sending Messages (a refusal, a peer
+	// declared dead, a protocol error).
+	Close bool
+	// Notes: state changes to log and show in the status.
+	Notes []Note
+}
+
+// NoteKind tells what changed.
+type NoteKind uint8
+
+const (
+	NoteLinkUp      NoteKind = iota + 1 // handshake accepted; Peer is the peer's Hello
+	NoteRefused                         // the handshake was refused, by us or by the peer (Err)
+	NoteProtected                       // primary: a backup holds its state; replication runs
+	NoteBackupLost                      // primary: the backup is gone (Err); running unprotected
+	NotePrimaryLost                     // backup: the primary is declared dead (Err); failover
+	NoteLive                            // promoted backup: log replayed; it is the primary now, unprotected
+	NoteDivergence                      // the replicas differ (Err says how)
+	NoteRepaired                        // backup: installed the primary's state after a divergence
+	NoteGoodbye                         // backup: the guest ended on the primary with Status
+	NoteProtocol                        // the peer broke the protocol (Err); the link is closed
+)
+
+var noteNames = [...]string{"", "link up", "refused", "protected", "backup lost", "primary lost",
+	"live", "divergence", "repaired", "goodbye", "protocol error"}
+
+func (k NoteKind) String() string {
+	if int(k) < len(noteNames) && k > 0 {
+		return noteNames[k]
+	}
+	return "note(" + strconv.Itoa(int(k)) + ")"
+}
+
+// Note is a state change for the driver to log and show.
+type Note struct {
+	Kind   NoteKind
+	Epoch  uint64
+	Pos    Position
+	Status int        // NoteGoodbye
+	Peer   wire.Hello // NoteLinkUp
+	Err    error
+}
+
+func (n Note) String() string {
+	s := fmt.Sprintf("%v at epoch %d position %v", n.Kind, n.Epoch, n.Pos)
+	if n.Kind == NoteGoodbye {
+		s += fmt.Sprintf(", status %d", n.Status)
+	}
+	if n.Err != nil {
+		s += ": " + n.Err.Error()
+	}
+	return s
+}
+
+// Errors carried by notes and ActStop, for errors.Is.
+var (
+	ErrDivergence = errors.New("divergence")
+	ErrRefused    = errors.New("handshake refused")
+	ErrProtocol   = errors.New("protocol error")
+	ErrPeerLost   = errors.New("peer lost")
+	// ErrNoState: a backup lost its primary before it had the guest's
+	// state (it was still waiting for the full checkpoint).
+	ErrNoState = errors.New("the backup has no guest state to promote")
+)
+
+// Status is a snapshot of the node for `ftkvm ctl status` and logs.
+type Status struct {
+	Role Role
+	// Link: the handshake with a peer succeeded and the link is up.
+	Link bool
+	// Protected (primary): a backup holds the guest's state and receives
+	// the log. A primary that is not protected says so.
+	Protected bool
+	Joining   bool // primary: a backup waits for the full state
+	Replaying bool // promoted backup: still replaying the dead primary's log
+	Diverged  bool // backup: waiting for a repair
+
+	Epoch   uint64
+	Pos     Position
+	Outputs uint64 // outputs the guest produced
+	// Performed: primary, outputs the driver performed; backup, outputs
+	// the primary confirmed.
+	Performed uint64
+	Held      int    // primary: outputs waiting for acknowledgements
+	LogSent   uint64 // primary: log records sent on this link
+	LogAcked  uint64
+	Backlog   int // backup: log records received, not replayed yet
+
+	Epochs           uint64 // epochs ended (primary) or replayed (backup)
+	CheckpointEpochs uint64
+	CheckpointBytes  uint64
+	Divergences      uint64
+	Repairs          uint64
+	Promotions       uint64
+}
+
+func (s Status) String() string {
+	state := s.Role.String()
+	switch {
+	case s.Role == RolePrimary && s.Replaying:
+		state += ", promoted, replaying the log"
+	case s.Role == RolePrimary && s.Protected:
+		state += ", protected"
+	case s.Role == RolePrimary && s.Joining:
+		state += ", unprotected (a backup is joining)"
+	case s.Role == RolePrimary:
+		state += ", unprotected"
+	case s.Diverged:
+		state += ", diverged, waiting for repair"
+	}
+	return fmt.Sprintf("%s; epoch %d at %v; %d outputs, %d performed; %d checkpoint epochs (%d bytes); %d divergences, %d repairs",
+		state, s.Epoch, s.Pos, s.Outputs, s.Performed, s.CheckpointEpochs, s.CheckpointBytes, s.Divergences, s.Repairs)
+}
+
+func errorf(format string, args ...any) error { return fmt.Errorf(format, args...) }

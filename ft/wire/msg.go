@@ -1,0 +1,347 @@
+package wire
+
+import "strconv"
+
+// Type identifies a message in its frame header.
+type Type uint8
+
+const (
+	TypeHello             Type = 1
+	TypeRefuse            Type = 2
+	TypeRecord            Type = 3
+	TypeEpochEnd          Type = 4
+	TypeCheckpoint        Type = 5
+	TypeOutput            Type = 6
+	TypePerformed         Type = 7
+	TypeAck               Type = 8
+	TypeCheckpointRequest Type = 9
+	TypeHeartbeat         Type = 10
+	TypeGoodbye           Type = 11
+	typeLimit                  = 12
+)
+
+var typeNames = [typeLimit]string{"", "hello", "refuse", "record", "epoch-end", "checkpoint",
+	"output", "performed", "ack", "checkpoint-request", "heartbeat", "goodbye"}
+
+func (t Type) String() string {
+	if t > 0 && t < typeLimit {
+		return typeNames[t]
+	}
+	return "type(" + strconv.Itoa(int(t)) + ")"
+}
+
+// Msg is one protocol message. The set is closed: the types below.
+type Msg interface {
+	Type() Type
+	appendBody(b []byte) []byte
+}
+
+// Hello opens a link, sent by both sides. Its encoding is frozen (new
+// fields go at the end) so that any version can read a peer's Hello and
+// refuse it politely.
+type Hello struct {
+	Version uint32 // ProtocolVersion of the sender
+	Role    Role
+	Policy  Policy // the primary's; a backup sends its own default
+	Clock   Clock
+	Verify  bool // the primary will send state hashes at epoch ends
+	// Started: the primary's guest has already run, so the backup must
+	// wait for a full checkpoint instead of booting alongside.
+	Started bool
+	MemSize uint64 // bytes
+	// WallClock is the RTC's time at virtual time zero (Unix ns): an input
+	// of the environment that the backup takes from the primary.
+	WallClock int64
+	Kernel    Digest
+	Initrd    Digest
+	Cmdline   Digest
+}
+
+// Refuse ends a handshake, with the reason.
+type Refuse struct {
+	Reason RefuseReason
+	Text   string
+}
+
+// Record is P0: the result of an environment read on the primary.
+type Record struct {
+	Seq   uint64 // log sequence number, acknowledged by Ack
+	Epoch uint64
+	Pos   Position
+	Kind  Kind
+	Value uint64
+	Data  []byte // for reads that return buffers (disk, later)
+}
+
+// EpochEnd is P2: the epoch ended at Pos, and these events were delivered
+// there, after the hash (verify mode) was taken.
+type EpochEnd struct {
+	Seq   uint64
+	Epoch uint64
+	Pos   Position
+	// Halt: the epoch ended while the guest waited in HLT at Pos (from
+	// vmm.Environment.Halt), not when the exit was first offered (At).
+	Halt   bool
+	Events []Event
+	Verify bool   // Hash is set
+	Hash   Digest // vCPU registers and the guest pages dirtied in the epoch
+}
+
+// Checkpoint ends an epoch that has no replayable boundary (the guest ran
+// past the kick bound without a guest-caused exit), or starts a backup on
+// the primary's state (Full: a joining backup, a repair). State is the
+// blob the state-capture code produced; the backup installs it, then
+// delivers Events.
+type Checkpoint struct {
+	Seq    uint64
+	Epoch  uint64
+	Pos    Position // where the primary was: the count at its last exit
+	Full   bool     // the complete state, not the pages dirtied since the last one
+	OutSeq uint64   // outputs the guest had produced; all were performed
+	Events []Event
+	State  []byte
+}
+
+// Output announces the primary's output OutSeq before it leaves the
+// machine. It is a log record (acknowledged): under both policies the
+// output is performed only once the backup holds it, so a promoted backup
+// reproduces every output the primary performed.
+type Output struct {
+	Seq    uint64
+	Epoch  uint64
+	Pos    Position
+	OutSeq uint64
+	Done   uint64 // outputs performed up to here (a piggybacked Performed)
+	Kind   Kind
+	Data   []byte
+}
+
+// Performed confirms that the primary performed every output up to OutSeq.
+type Performed struct {
+	OutSeq uint64
+}
+
+// Ack acknowledges every log record up to Seq (cumulative).
+type Ack struct {
+	Seq uint64
+}
+
+// CheckpointRequest asks the primary for a full checkpoint: the backup
+// diverged at Epoch/Pos and continues from the primary's state.
+type CheckpointRequest struct {
+	Epoch  uint64
+	Pos    Position
+	Reason string
+}
+
+// Heartbeat keeps a quiet link alive. From the primary it also carries
+// progress: every point before Pos was passed in Epoch without ending it.
+type Heartbeat struct {
+	Epoch uint64
+	Pos   Position
+}
+
+// Goodbye: the guest ended on the primary with Status. It is a log record.
+type Goodbye struct {
+	Seq    uint64
+	Status int32
+}
+
+func (Hello) Type() Type             { return TypeHello }
+func (Refuse) Type() Type            { return TypeRefuse }
+func (Record) Type() Type            { return TypeRecord }
+func (EpochEnd) Type() Type          { return TypeEpochEnd }
+func (Checkpoint) Type() Type        { return TypeCheckpoint }
+func (Output) Type() Type            { return TypeOutput }
+func (Performed) Type() Type         { return TypePerformed }
+func (Ack) Type() Type               { return TypeAck }
+func (CheckpointRequest) Type() Type { return TypeCheckpointRequest }
+func (Heartbeat) Type() Type         { return TypeHeartbeat }
+func (Goodbye) Type() Type           { return TypeGoodbye }
+
+// Bodies: little-endian fixed-width integers, bools as one byte 0 or 1,
+// byte strings and lists as a 32-bit count then the items. Every valid
+// body has exactly one encoding, so decode-then-encode gives back the
+// same bytes (the fuzz targets check it).
+
+func (m Hello) appendBody(b []byte) []byte {
+	b = le32(b, m.Version)
+	b = append(b, byte(m.Role), byte(m.Policy), byte(m.Clock), boolByte(m.Verify), boolByte(m.Started))
+	b = le64(b, m.MemSize)
+	b = le64(b, uint64(m.WallClock))
+	b = append(b, m.Kernel[:]...)
+	b = append(b, m.Initrd[:]...)
+	return append(b, m.Cmdline[:]...)
+}
+
+func decodeHello(r *reader) Msg {
+	var m Hello
+	m.Version = r.u32()
+	m.Role = Role(r.u8())
+	m.Policy = Policy(r.u8())
+	m.Clock = Clock(r.u8())
+	m.Verify = r.bool()
+	m.Started = r.bool()
+	m.MemSize = r.u64()
+	m.WallClock = int64(r.u64())
+	m.Kernel = r.digest()
+	m.Initrd = r.digest()
+	m.Cmdline = r.digest()
+	return m
+}
+
+func (m Refuse) appendBody(b []byte) []byte {
+	b = append(b, byte(m.Reason))
+	return appendBytes(b, []byte(m.Text))
+}
+
+func decodeRefuse(r *reader) Msg {
+	var m Refuse
+	m.Reason = RefuseReason(r.u8())
+	m.Text = string(r.bytes())
+	return m
+}
+
+func (m Record) appendBody(b []byte) []byte {
+	b = le64(b, m.Seq)
+	b = le64(b, m.Epoch)
+	b = appendPos(b, m.Pos)
+	b = append(b, byte(m.Kind))
+	b = le64(b, m.Value)
+	return appendBytes(b, m.Data)
+}
+
+func decodeRecord(r *reader) Msg {
+	var m Record
+	m.Seq = r.u64()
+	m.Epoch = r.u64()
+	m.Pos = r.pos()
+	m.Kind = Kind(r.u8())
+	m.Value = r.u64()
+	m.Data = r.bytes()
+	return m
+}
+
+func (m EpochEnd) appendBody(b []byte) []byte {
+	b = le64(b, m.Seq)
+	b = le64(b, m.Epoch)
+	b = appendPos(b, m.Pos)
+	b = append(b, boolByte(m.Halt))
+	b = appendEvents(b, m.Events)
+	b = append(b, boolByte(m.Verify))
+	return append(b, m.Hash[:]...)
+}
+
+func decodeEpochEnd(r *reader) Msg {
+	var m EpochEnd
+	m.Seq = r.u64()
+	m.Epoch = r.u64()
+	m.Pos = r.pos()
+	m.Halt = r.bool()
+	m.Events = r.events()
+	m.Verify = r.bool()
+	m.Hash = r.digest()
+	return m
+}
+
+func (m Checkpoint) appendBody(b []byte) []byte {
+	b = le64(b, m.Seq)
+	b = le64(b, m.Epoch)
+	b = appendPos(b, m.Pos)
+	b = append(b, boolByte(m.Full))
+	b = le64(b, m.OutSeq)
+	b = appendEvents(b, m.Events)
+	return appendBytes(b, m.State)
+}
+
+func decodeCheckpoint(r *reader) Msg {
+	var m Checkpoint
+	m.Seq = r.u64()
+	m.Epoch = r.u64()
+	m.Pos = r.pos()
+	m.Full = r.bool()
+	m.OutSeq = r.u64()
+	m.Events = r.events()
+	m.State = r.bytes()
+	return m
+}
+
+func (m Output) appendBody(b []byte) []byte {
+	b = le64(b, m.Seq)
+	b = le64(b, m.Epoch)
+	b = appendPos(b, m.Pos)
+	b = le64(b, m.OutSeq)
+	b = le64(b, m.Done)
+	b = append(b, byte(m.Kind))
+	return appendBytes(b, m.Data)
+}
+
+func decodeOutput(r *reader) Msg {
+	var m Output
+	m.Seq = r.u64()
+	m.Epoch = r.u64()
+	m.Pos = r.pos()
+	m.OutSeq = r.u64()
+	m.Done = r.u64()
+	m.Kind = Kind(r.u8())
+	m.Data = r.bytes()
+	return m
+}
+
+func (m Performed) appendBody(b []byte) []byte { return le64(b, m.OutSeq) }
+func decodePerformed(r *reader) Msg            { return Performed{OutSeq: r.u64()} }
+
+func (m Ack) appendBody(b []byte) []byte { return le64(b, m.Seq) }
+func decodeAck(r *reader) Msg            { return Ack{Seq: r.u64()} }
+
+func (m CheckpointRequest) appendBody(b []byte) []byte {
+	b = le64(b, m.Epoch)
+	b = appendPos(b, m.Pos)
+	return appendBytes(b, []byte(m.Reason))
+}
+
+func decodeCheckpointRequest(r *reader) Msg {
+	var m CheckpointRequest
+	m.Epoch = r.u64()
+	m.Pos = r.pos()
+	m.Reason = string(r.bytes())
+	return m
+}
+
+func (m Heartbeat) appendBody(b []byte) []byte {
+	b = le64(b, m.Epoch)
+	return appendPos(b, m.Pos)
+}
+
+func decodeHeartbeat(r *reader) Msg {
+	var m Heartbeat
+	m.Epoch = r.u64()
+	m.Pos = r.pos()
+	return m
+}
+
+func (m Goodbye) appendBody(b []byte) []byte {
+	b = le64(b, m.Seq)
+	return le32(b, uint32(m.Status))
+}
+
+func decodeGoodbye(r *reader) Msg {
+	var m Goodbye
+	m.Seq = r.u64()
+	m.Status = int32(r.u32())
+	return m
+}
+
+var decoders = [typeLimit]func(*reader) Msg{
+	TypeHello:             decodeHello,
+	TypeRefuse:            decodeRefuse,
+	TypeRecord:            decodeRecord,
+	TypeEpochEnd:          decodeEpochEnd,
+	TypeCheckpoint:        decodeCheckpoint,
+	TypeOutput:            decodeOutput,
+	TypePerformed:         decodePerformed,
+	TypeAck:               decodeAck,
+	TypeCheckpointRequest: decodeCheckpointRequest,
+	TypeHeartbeat:         decodeHeartbeat,
+	TypeGoodbye:           decodeGoodbye,
+}

@@ -1,0 +1,188 @@
+package wire
+
+import (
+	"fmt"
+	"strconv"
+)
+
+// Position is a point in the guest's instruction stream that both replicas
+// can find again: the number of guest-caused exits since the machine
+// started and, for the exact-epoch clocks of issue 6, the instructions
+// retired since the last of them. The exit clock keeps Instr at zero.
+// Positions compare lexicographically, Exits first.
+type Position struct {
+	Exits uint64
+	Instr uint64
+}
+
+// Compare returns -1, 0 or +1 as p is before, at or after q.
+func (p Position) Compare(q Position) int {
+	switch {
+	case p.Exits < q.Exits:
+		return -1
+	case p.Exits > q.Exits:
+		return 1
+	case p.Instr < q.Instr:
+		return -1
+	case p.Instr > q.Instr:
+		return 1
+	}
+	return 0
+}
+
+// Less reports whether p is before q.
+func (p Position) Less(q Position) bool { return p.Compare(q) < 0 }
+
+func (p Position) String() string {
+	if p.Instr == 0 {
+		return strconv.FormatUint(p.Exits, 10)
+	}
+	return strconv.FormatUint(p.Exits, 10) + "+" + strconv.FormatUint(p.Instr, 10)
+}
+
+// Kind says what a log record, an event or an output is. Kinds are shared
+// by the three so that a later device adds one constant, not three.
+type Kind uint8
+
+const (
+	// KindClock is an environment read of virtual time (the PIT counter,
+	// the RTC, the TSC MSR all read vmm.Environment.Now): Value is the ns.
+	KindClock Kind = 1
+	// KindTimer is an asynchronous PIT tick: Value is the virtual time it
+	// fires at (vmm.Target.FireTimer).
+	KindTimer Kind = 2
+	// KindUART is an asynchronous byte arriving on the UART: Value is the
+	// byte (vmm.Target.Receive).
+	KindUART Kind = 3
+	// KindConsole is an output: bytes the UART transmits, in Data.
+	KindConsole Kind = 4
+	// Disk and network kinds come later; Data carries their buffers.
+)
+
+func (k Kind) String() string {
+	switch k {
+	case KindClock:
+		return "clock"
+	case KindTimer:
+		return "timer"
+	case KindUART:
+		return "uart"
+	case KindConsole:
+		return "console"
+	}
+	return "kind(" + strconv.Itoa(int(k)) + ")"
+}
+
+// Event is an asynchronous event the primary buffered during an epoch and
+// both replicas deliver at its end.
+type Event struct {
+	Kind  Kind
+	Value uint64
+	Data  []byte // empty for the timer and the UART
+}
+
+func (e Event) String() string {
+	if len(e.Data) > 0 {
+		return fmt.Sprintf("%v(%d, %d bytes)", e.Kind, e.Value, len(e.Data))
+	}
+	return fmt.Sprintf("%v(%d)", e.Kind, e.Value)
+}
+
+// Digest is a SHA-256 hash (files in the handshake, state in verify mode).
+type Digest [32]byte
+
+// Role is a replica's part in the pair.
+type Role uint8
+
+const (
+	RolePrimary Role = 1
+	RoleBackup  Role = 2
+)
+
+func (r Role) String() string {
+	switch r {
+	case RolePrimary:
+		return "primary"
+	case RoleBackup:
+		return "backup"
+	}
+	return "role(" + strconv.Itoa(int(r)) + ")"
+}
+
+// Policy is when the primary waits for the backup's acknowledgements.
+type Policy uint8
+
+const (
+	// PolicyOutputCommit (VMware FT's output rule): log records stream;
+	// an output leaves the machine only once every record before it,
+	// its own included, is acknowledged. The guest does not wait.
+	PolicyOutputCommit Policy = 1
+	// PolicyStrict (the paper's): the vCPU waits for the acknowledgement
+	// of each log record before it goes on.
+	PolicyStrict Policy = 2
+)
+
+func (p Policy) String() string {
+	switch p {
+	case PolicyOutputCommit:
+		return "output-commit"
+	case PolicyStrict:
+		return "strict"
+	}
+	return "policy(" + strconv.Itoa(int(p)) + ")"
+}
+
+// Clock is what measures positions. Both replicas must use the same.
+type Clock uint8
+
+const (
+	// ClockExits counts guest-caused exits (issue 5). Issue 6 adds the
+	// single-step and performance-counter clocks.
+	ClockExits Clock = 0
+)
+
+func (c Clock) String() string {
+	if c == ClockExits {
+		return "exits"
+	}
+	return "clock(" + strconv.Itoa(int(c)) + ")"
+}
+
+// RefuseReason says why a handshake was refused.
+type RefuseReason uint8
+
+const (
+	RefuseVersion  RefuseReason = 1 // a different protocol version
+	RefuseRole     RefuseReason = 2 // two primaries or two backups
+	RefuseKernel   RefuseReason = 3 // a different kernel (by hash)
+	RefuseInitrd   RefuseReason = 4 // a different initrd (by hash)
+	RefuseCmdline  RefuseReason = 5 // a different command line (by hash)
+	RefuseMemory   RefuseReason = 6 // a different memory size
+	RefuseClock    RefuseReason = 7 // a different epoch clock
+	RefuseBusy     RefuseReason = 8 // the primary already has a backup
+	RefuseProtocol RefuseReason = 9 // the peer broke the protocol
+)
+
+func (r RefuseReason) String() string {
+	switch r {
+	case RefuseVersion:
+		return "protocol version"
+	case RefuseRole:
+		return "role"
+	case RefuseKernel:
+		return "kernel"
+	case RefuseInitrd:
+		return "initrd"
+	case RefuseCmdline:
+		return "command line"
+	case RefuseMemory:
+		return "memory size"
+	case RefuseClock:
+		return "epoch clock"
+	case RefuseBusy:
+		return "busy"
+	case RefuseProtocol:
+		return "protocol error"
+	}
+	return "reason(" + strconv.Itoa(int(r)) + ")"
+}

@@ -6,7 +6,7 @@
 # Go modules come through `go mod download`.
 set -eu
 pkgs="gcc make binutils"
-[ "${1:-test}" = test ] && pkgs="$pkgs qemu-system-x86 busybox-static cpio xz-utils iproute2"
+[ "${1:-test}" = test ] && pkgs="$pkgs iproute2"
 need=""
 for p in $pkgs; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need="$need $p"
@@ -21,4 +21,7 @@ if [ ! -e /dev/kvm ]; then
 	echo "setup-deps: warning: /dev/kvm is missing; the KVM tests will fail" >&2
 fi
 cd "$(dirname "$0")/.."
+# The nested tier and the Linux guest images (qemu, busybox, xz, the
+# pinned kernel package's apt entry).
+[ "${1:-test}" = test ] && ./test/nested/setup-deps.sh
 go mod download

@@ -55,6 +55,11 @@ func setupCPU(v *kvm.VCPU, e *guest.Entry) error {
 	sregs.LDT = kvm.Segment{Type: 0x2, Present: 1, Unusable: 1}
 	sregs.GDT = kvm.DTable{Base: e.GDTBase, Limit: e.GDTLimit}
 	sregs.IDT = kvm.DTable{}
+	// No local APIC: disable it in IA32_APIC_BASE too. KVM derives
+	// CPUID.1:EDX.APIC from that MSR's enable bit at run time, so leaving
+	// the reset value (enabled) would advertise the APIC that
+	// DeterministicCPUID hid, and Linux would try to use it.
+	sregs.ApicBase = 0
 	if err := v.SetSregs(&sregs); err != nil {
 		return err
 	}

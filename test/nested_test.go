@@ -1,0 +1,89 @@
+package test
+
+import (
+	"context"
+	"fmt"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ftkvm/ftkvm/test/nested"
+)
+
+// The nested tier: ftkvm inside an L1 Linux whose kvm_amd is a real KVM
+// (ring 0 native, single-step at every ring). One L1 boot runs all the
+// commands, since an L1 boot under TCG is the expensive part.
+
+const l1FTKVM = "/bin/ftkvm"
+const l1TestOS = "/guest/testos.elf"
+
+// linuxRun boots the Debian guest under ftkvm in L1 with the lines workload.
+func linuxRun(kernel string) string {
+	return fmt.Sprintf("%s run --kernel %s --initrd %s --mem 256 --cmdline 'quiet ftkvm.workload=lines ftkvm.lines=10'",
+		l1FTKVM, kernel, nested.GuestInitramfs)
+}
+
+func testosRun(cmdline string) string {
+	return fmt.Sprintf("%s run --kernel %s --mem 32 --cmdline '%s'", l1FTKVM, l1TestOS, cmdline)
+}
+
+func TestNestedFTKVM(t *testing.T) {
+	if testing.Short() {
+		t.Skip("nested tier boots an L1 under QEMU TCG (minutes): skipped with -short")
+	}
+	if _, err := nested.QEMUAvailable(); err != nil {
+		t.Skipf("nested tier needs QEMU, which could not be installed here: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	cmds := []nested.Command{
+		{Name: "probe", Cmd: l1FTKVM + " probe"},
+		{Name: "linux-bzimage", Cmd: linuxRun(nested.GuestVmlinuz), Timeout: 4 * time.Minute},
+		{Name: "linux-pvh", Cmd: linuxRun(nested.GuestVmlinux), Timeout: 4 * time.Minute},
+		{Name: "testos-counter", Cmd: testosRun("workload=counter lines=5 hz=100")},
+		{Name: "testos-interleave", Cmd: testosRun("workload=interleave lines=6 hz=250")},
+		{Name: "testos-compute", Cmd: testosRun("workload=compute mib=4 every=2")},
+		{Name: "testos-clock", Cmd: testosRun("workload=clock samples=3")},
+		{Name: "testos-echo", Cmd: "printf 'nested\\nquit\\n' | " + testosRun("workload=echo")},
+	}
+	res, err := nested.Run(ctx, nested.Config{
+		Files:       map[string]string{l1FTKVM: ftkvmBin, l1TestOS: testosELF},
+		GuestImages: true,
+		Commands:    cmds,
+	})
+	if err != nil {
+		if res != nil {
+			t.Logf("L1 console:\n%s", res.Console)
+		}
+		t.Fatal(err)
+	}
+	t.Logf("L1 boot %v, whole run %v", res.BootTime.Round(time.Second), res.Elapsed.Round(time.Second))
+	check := func(name string, want ...string) {
+		t.Helper()
+		c := res.Command(name)
+		if c == nil || !c.OK() {
+			t.Errorf("%s failed: %v\n%s", name, c.Err(), c.Output)
+			return
+		}
+		for _, w := range want {
+			if !strings.Contains(c.Output, w) {
+				t.Errorf("%s: output lacks %q:\n%s", name, w, c.Output)
+				return
+			}
+		}
+		t.Logf("%s: ok in %v", name, c.Duration.Round(time.Millisecond))
+	}
+	check("probe", "ring 0                          native", "single-step ring 0              yes", "single-step ring 3              yes")
+	for _, k := range []string{"linux-bzimage", "linux-pvh"} {
+		check(k, "FTKVM-GUEST-READY", "line 1\n", "line 10\n", "FTKVM-GUEST-DONE status=0")
+	}
+	check("testos-counter", "counter 5 ticks=", "testos: PASS")
+	check("testos-interleave", "A 6", "B 6", "testos: PASS")
+	check("testos-compute", "compute mib=4 sum="+computeSums(4, 2)[4], "testos: PASS")
+	check("testos-clock", "testos: PASS")
+	check("testos-echo", "echo: NESTED", "testos: PASS")
+	if c := res.Command("probe"); c != nil && !regexp.MustCompile(`ring 0\s+native`).MatchString(c.Output) {
+		t.Errorf("probe does not report native ring 0:\n%s", c.Output)
+	}
+}

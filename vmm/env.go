@@ -1,6 +1,10 @@
 package vmm
 
-import "errors"
+import (
+	"errors"
+
+	"github.com/ftkvm/ftkvm/vmm/snapshot"
+)
 
 // PointKind tells apart the two kinds of delivery point.
 type PointKind uint8
@@ -48,6 +52,10 @@ type Target interface {
 	Receive(b byte)
 	// Pending reports whether an interrupt is waiting to be injected.
 	Pending() bool
+	// Wake receives when the machine needs its vCPU thread back (a control
+	// request) while the guest is halted: Halt then returns nil at once,
+	// whether or not an interrupt is pending.
+	Wake() <-chan struct{}
 }
 
 // Environment is the single seam through which everything that could make
@@ -69,6 +77,8 @@ type Environment interface {
 	// Halt is called at a HLT exit when the guest waits for an interrupt
 	// with interrupts enabled and none is pending. It blocks until an
 	// interrupt is pending in t, or returns an error that stops the machine.
+	// It may return nil with nothing pending (when t.Wake fires); the
+	// machine then serves its control requests and calls Halt again.
 	Halt(p Point, t Target) error
 	// Stop releases what Start acquired. The machine calls it once.
 	Stop()
@@ -76,3 +86,21 @@ type Environment interface {
 
 // ErrQuit is returned by an environment when the user asked to quit.
 var ErrQuit = errors.New("quit requested")
+
+// Freezer is an environment whose virtual time can stand still. The machine
+// freezes it while it holds the vCPU for control requests (a pause, a
+// snapshot, a migration's stop-and-copy), so the guest does not see the
+// hold. Freeze and Thaw come in pairs, on the vCPU thread.
+type Freezer interface {
+	Freeze()
+	Thaw()
+}
+
+// StateSaver is an environment with state of its own that snapshots carry:
+// its virtual time, and events it holds but has not delivered yet.
+// SaveState is called on the vCPU thread at a quiescent point (frozen);
+// RestoreState before Run, by Machine.Install.
+type StateSaver interface {
+	SaveState(*snapshot.Env)
+	RestoreState(*snapshot.Env)
+}

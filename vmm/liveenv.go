@@ -6,14 +6,23 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/ftkvm/ftkvm/vmm/snapshot"
 )
 
 // LiveEnv is the environment of a machine running alone: host monotonic
 // time, bytes from an input stream (the terminal), and delivery of pending
 // events at every point, kicks included, so that a guest spinning without
 // exits still gets its timer ticks. It records nothing.
+//
+// Virtual time runs with host time while the machine runs: it starts when
+// the machine starts (Start) and stands still while the machine holds the
+// guest for control requests (Freeze/Thaw). A restored guest's time
+// continues from the snapshot's (RestoreState).
 type LiveEnv struct {
-	start time.Time
+	origin time.Time
+	base   atomic.Int64 // when running: virtual time = base + time.Since(origin)
+	frozen atomic.Int64 // >= 0: virtual time stands at this value
 
 	deadline atomic.Int64  // next timer deadline the vCPU reported; noDeadline if none
 	wake     chan struct{} // kicker: the deadline changed
@@ -34,26 +43,85 @@ type LiveEnv struct {
 const noDeadline = math.MaxInt64
 
 // NewLiveEnv returns a live environment reading guest input from in (nil
-// for none).
-func NewLiveEnv(in io.Reader) *LiveEnv {
+// for none), with virtual time starting at 0.
+func NewLiveEnv(in io.Reader) *LiveEnv { return NewLiveEnvAt(0, in) }
+
+// NewLiveEnvAt is NewLiveEnv with virtual time starting at now (ns).
+func NewLiveEnvAt(now int64, in io.Reader) *LiveEnv {
 	e := &LiveEnv{
-		start:   time.Now(),
+		origin:  time.Now(),
 		wake:    make(chan struct{}, 1),
 		inReady: make(chan struct{}, 1),
 		quitCh:  make(chan struct{}),
 		done:    make(chan struct{}),
 		input:   in,
 	}
-	e.deadline.Store(noDeadline)
+	// Unknown until the first point reports it: deadline 0 makes the
+	// kicker kick once at start, so a guest that computes for long before
+	// its first exit still reaches a point and gets its timer ticks.
+	e.deadline.Store(0)
+	e.frozen.Store(max(now, 0)) // until Start
 	return e
 }
 
-// Now is host monotonic time since the environment was created.
-func (e *LiveEnv) Now() int64 { return int64(time.Since(e.start)) }
+// Now is virtual time: host monotonic time while the machine runs.
+func (e *LiveEnv) Now() int64 {
+	if f := e.frozen.Load(); f >= 0 {
+		return f
+	}
+	return e.base.Load() + int64(time.Since(e.origin))
+}
 
-// Start launches the input reader and the kicker.
+// Freeze stops virtual time (Freezer).
+func (e *LiveEnv) Freeze() {
+	if e.frozen.Load() < 0 {
+		e.frozen.Store(e.Now())
+	}
+}
+
+// Thaw lets virtual time run again from where Freeze stopped it.
+func (e *LiveEnv) Thaw() {
+	f := e.frozen.Load()
+	if f < 0 {
+		return
+	}
+	e.base.Store(f - int64(time.Since(e.origin)))
+	e.frozen.Store(-1)
+}
+
+// SaveState records virtual time and the input not yet delivered
+// (StateSaver).
+func (e *LiveEnv) SaveState(s *snapshot.Env) {
+	s.Now = e.Now()
+	e.mu.Lock()
+	s.Input = append(s.Input[:0], e.queue...)
+	e.mu.Unlock()
+}
+
+// RestoreState sets virtual time and puts the saved input ahead of any
+// input received so far. Call it before the machine runs.
+func (e *LiveEnv) RestoreState(s *snapshot.Env) {
+	if e.frozen.Load() >= 0 {
+		e.frozen.Store(max(s.Now, 0))
+	} else {
+		e.base.Store(s.Now - int64(time.Since(e.origin)))
+	}
+	e.mu.Lock()
+	e.queue = append(append([]byte(nil), s.Input...), e.queue...)
+	e.hasInput.Store(len(e.queue) > 0)
+	e.mu.Unlock()
+}
+
+// SetInput sets the input stream; call it before Start.
+func (e *LiveEnv) SetInput(in io.Reader) { e.input = in }
+
+// Quitting reports whether Quit was called.
+func (e *LiveEnv) Quitting() bool { return e.quit.Load() }
+
+// Start launches the input reader and the kicker, and starts virtual time.
 func (e *LiveEnv) Start(kick func()) error {
 	e.kick = kick
+	e.Thaw()
 	if e.input != nil {
 		go e.readInput()
 	}
@@ -136,6 +204,8 @@ func (e *LiveEnv) Halt(p Point, t Target) error {
 		case <-tc:
 		case <-e.inReady:
 		case <-e.quitCh:
+		case <-t.Wake():
+			return nil
 		}
 	}
 }
@@ -190,6 +260,9 @@ func (e *LiveEnv) kicker() {
 				continue
 			case <-e.done:
 				return
+			}
+			if e.Now() < dl {
+				continue // time stood still (Freeze) meanwhile
 			}
 		}
 		if e.deadline.Load() == dl {

@@ -13,80 +13,126 @@ import (
 var ErrGuest = errors.New("guest failed")
 
 // Run runs the guest until it stops: through the debug-exit port (its
-// status is returned), a reset request, the environment (ErrQuit), or an
-// error. It must be called once; it locks the calling goroutine to its OS
-// thread because KVM binds a vCPU to the thread that runs it and kicks
-// signal that thread.
+// status is returned), a reset request, the environment (ErrQuit), the
+// control API (an error wrapping ErrStopped), or an error. It must be called
+// once; it locks the calling goroutine to its OS thread because KVM binds a
+// vCPU to the thread that runs it and kicks signal that thread.
 //
 // The loop is the exit path (~100k times a second): it allocates nothing,
-// logs nothing and takes no locks.
+// logs nothing and takes no locks. Its one check for control requests (Do,
+// Post) is a single atomic load per iteration.
 func (m *Machine) Run() (int, error) {
+	if !m.installed {
+		return 0, errors.New("vmm: the machine has no guest state (NewEmpty without Install)")
+	}
+	if !m.ctl.start() {
+		return 0, errors.New("vmm: Run called twice")
+	}
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	m.vcpu.BindThread()
-	if err := m.env.Start(m.vcpu.Kick); err != nil {
+	defer m.vcpu.UnbindThread()
+	defer m.ctl.finish()
+	if err := m.env.Start(m.kick); err != nil {
 		return 0, fmt.Errorf("start environment: %w", err)
 	}
 	defer m.env.Stop()
 
-	run := m.run
 	for {
+		if m.ctl.pending.Load() != 0 {
+			if err := m.service(); err != nil {
+				return 0, err
+			}
+			if m.stopped {
+				return m.exitStatus, m.stopErr
+			}
+		}
+		if m.halted {
+			// The guest waits in HLT. Halt returns when an interrupt is
+			// pending, or early when a control request needs the thread.
+			if err := m.env.Halt(m.point, m); err != nil {
+				return 0, err
+			}
+			if m.stopped {
+				return m.exitStatus, m.stopErr
+			}
+			if !m.pic.HasInterrupt() {
+				continue
+			}
+			m.halted = false
+			m.inject()
+		}
 		reason, err := m.vcpu.Run()
 		if err != nil {
 			return 0, err
 		}
-		m.point.Kind = PointExit
-		halted := false
-		switch reason {
-		case kvm.ExitIO:
-			m.Stats.IOExits++
-			m.handleIO()
-		case kvm.ExitMMIO:
-			m.Stats.MMIOExits++
-			m.handleMMIO()
-		case kvm.ExitHLT:
-			m.Stats.HaltExits++
-			halted = true
-		case kvm.ExitIRQWindowOpen:
-			m.Stats.WindowExits++
-		case kvm.ExitX86RDMSR, kvm.ExitX86WRMSR:
-			m.Stats.MSRExits++
-			m.handleMSR(reason)
-		case kvm.ExitIntr:
-			// A kick (or a stray signal): host-timed, never a position.
-			m.vcpu.ClearImmediateExit()
-			m.point.Kind = PointKick
-			m.Stats.Kicks++
-		default:
-			return 0, m.exitError(reason)
-		}
-		if m.stopped {
-			return m.exitStatus, nil
-		}
-		if m.point.Kind == PointExit {
-			m.Stats.Exits++
-			m.point.Exits = m.Stats.Exits
-		}
-		if err := m.env.At(m.point, m); err != nil {
+		if err := m.exit(reason); err != nil {
 			return 0, err
 		}
-		if halted && !m.pic.HasInterrupt() {
-			if run.IfFlag == 0 {
-				// Nothing can wake a CPU halted with interrupts off: we
-				// have no NMI source. Linux's power-off without ACPI ends
-				// here; treat it as the guest powering off.
-				m.stop(0, "guest halted with interrupts disabled (power off)")
-				return 0, nil
-			}
-			if err := m.env.Halt(m.point, m); err != nil {
-				return 0, err
-			}
-		}
 		if m.stopped {
-			return m.exitStatus, nil
+			return m.exitStatus, m.stopErr
 		}
-		m.inject()
 	}
+}
+
+// exit handles one return from KVM_RUN: the exit itself, the environment's
+// delivery point, and interrupt injection. A HLT with nothing pending sets
+// m.halted; Run then waits in the environment's Halt.
+func (m *Machine) exit(reason kvm.ExitReason) error {
+	m.quiescent = false
+	m.point.Kind = PointExit
+	halted := false
+	switch reason {
+	case kvm.ExitIO:
+		m.Stats.IOExits++
+		m.handleIO()
+	case kvm.ExitMMIO:
+		m.Stats.MMIOExits++
+		m.handleMMIO()
+	case kvm.ExitHLT:
+		m.Stats.HaltExits++
+		halted = true
+	case kvm.ExitIRQWindowOpen:
+		m.Stats.WindowExits++
+	case kvm.ExitX86RDMSR, kvm.ExitX86WRMSR:
+		m.Stats.MSRExits++
+		m.handleMSR(reason)
+	case kvm.ExitIntr:
+		// A kick (or a stray signal): host-timed, never a position. KVM
+		// finishes any half-done instruction before it returns EINTR.
+		m.vcpu.ClearImmediateExit()
+		m.quiescent = true
+		m.point.Kind = PointKick
+		m.Stats.Kicks++
+	default:
+		return m.exitError(reason)
+	}
+	if m.stopped {
+		return nil
+	}
+	if m.point.Kind == PointExit {
+		m.Stats.Exits++
+		m.point.Exits = m.Stats.Exits
+	}
+	if err := m.env.At(m.point, m); err != nil {
+		return err
+	}
+	if halted && !m.pic.HasInterrupt() {
+		if m.run.IfFlag == 0 {
+			// Nothing can wake a CPU halted with interrupts off: we
+			// have no NMI source. Linux's power-off without ACPI ends
+			// here; treat it as the guest powering off.
+			m.stop(0, "guest halted with interrupts disabled (power off)")
+			return nil
+		}
+		m.halted = true
+		return nil
+	}
+	if m.stopped {
+		return nil
+	}
+	m.inject()
+	return nil
 }
 
 // inject moves the PIC's highest-priority request into the vCPU if the

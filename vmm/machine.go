@@ -13,6 +13,7 @@ import (
 	"github.com/ftkvm/ftkvm/devices"
 	"github.com/ftkvm/ftkvm/guest"
 	"github.com/ftkvm/ftkvm/kvm"
+	"github.com/ftkvm/ftkvm/vmm/snapshot"
 )
 
 // Config describes a guest.
@@ -31,43 +32,51 @@ type Config struct {
 	KVMPath string
 }
 
-// Stats counts what the vCPU loop did. Points are kept apart by kind:
-// guest-caused exits can be found again by a replica, kicks cannot.
-type Stats struct {
-	Exits       uint64 // guest-caused exits: replayable points
-	Kicks       uint64 // forced returns from KVM_RUN: non-replayable points
-	IOExits     uint64
-	MMIOExits   uint64
-	HaltExits   uint64
-	WindowExits uint64
-	MSRExits    uint64
-	Injected    uint64 // interrupts injected with KVM_INTERRUPT
-	TimerEvents uint64 // PIT ticks delivered
-	InputBytes  uint64 // UART bytes delivered
-	KickTimer   uint64 // timer events delivered at a kick point
-}
+// Stats counts what the vCPU loop did; it is part of a snapshot's machine
+// state (snapshot.Stats documents the fields).
+type Stats = snapshot.Stats
 
 // Machine is one guest with one vCPU.
 type Machine struct {
-	sys  *kvm.System
-	vm   *kvm.VM
-	vcpu *kvm.VCPU
-	run  *kvm.Run
-	mem  *Memory
-	env  Environment
+	sys   *kvm.System
+	vm    *kvm.VM
+	vcpu  *kvm.VCPU
+	kvcpu *kvm.VCPU // = vcpu, never cleared: Kick is safe after Close
+	run   *kvm.Run
+	mem   *Memory
+	env   Environment
 
 	pio, mmio *devices.Bus
 	pic       *devices.PIC
 	pit       *devices.PIT
 	uart      *devices.UART
 	rtc       *devices.RTC
+	reset     *devices.ResetControl
+	i8042     *devices.I8042
+	debugExit *devices.DebugExit
 
 	// tscOffset makes the guest's TSC MSR read tscOffset + virtual ns.
 	tscOffset uint64
 
+	cpuid      []kvm.CPUIDEntry // what the vCPU was given
+	msrIndices []uint32         // the MSRs a capture saves (probed)
+
+	// installed is false for a machine from NewEmpty until Install.
+	installed bool
+	// halted: the guest waits in HLT for an interrupt (see Run).
+	halted bool
+	// quiescent: the last KVM_RUN returned EINTR, so KVM holds no
+	// half-done instruction (a port read whose value user space has not
+	// given back yet, say). State can be read or set only then.
+	quiescent bool
+
 	stopped    bool
 	exitStatus int
 	stopReason string
+	stopErr    error
+
+	ctl control
+	dl  dirtyLog
 
 	point Point // the current delivery point
 	Stats Stats
@@ -81,6 +90,44 @@ const (
 // New creates the VM, loads the kernel and wires the devices. On error
 // everything acquired is released.
 func New(cfg Config) (_ *Machine, err error) {
+	m, err := newMachine(&cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			m.Close()
+		}
+	}()
+	entry, err := guest.Load(m.mem.Bytes(), cfg.Kernel, cfg.Initrd, cfg.Cmdline)
+	if err != nil {
+		return nil, fmt.Errorf("load kernel: %w", err)
+	}
+	supported, err := m.sys.SupportedCPUID()
+	if err != nil {
+		return nil, err
+	}
+	if err = m.setCPUID(DeterministicCPUID(supported)); err != nil {
+		return nil, err
+	}
+	if err = setupCPU(m.vcpu, entry); err != nil {
+		return nil, err
+	}
+	m.firmwareInit()
+	m.installed = true
+	return m, nil
+}
+
+// NewEmpty creates a machine with zeroed memory of cfg.MemSize bytes, its
+// devices and a vCPU, but no guest: cfg.Kernel, Initrd and Cmdline are
+// ignored. It is for restoring a snapshot: fill Memory(), then Install the
+// state. Run refuses to start until Install succeeded.
+func NewEmpty(cfg Config) (*Machine, error) {
+	return newMachine(&cfg)
+}
+
+// newMachine acquires KVM, memory, the VM and its vCPU, and the devices.
+func newMachine(cfg *Config) (_ *Machine, err error) {
 	if cfg.Env == nil {
 		cfg.Env = NewLiveEnv(nil)
 	}
@@ -93,7 +140,8 @@ func New(cfg Config) (_ *Machine, err error) {
 	if cfg.WallClock.IsZero() {
 		cfg.WallClock = time.Unix(0, 0)
 	}
-	m := &Machine{env: cfg.Env}
+	m := &Machine{env: cfg.Env, quiescent: true}
+	m.ctl.init()
 	defer func() {
 		if err != nil {
 			m.Close()
@@ -121,22 +169,13 @@ func New(cfg Config) (_ *Machine, err error) {
 	if m.mem, err = NewMemory(cfg.MemSize); err != nil {
 		return nil, err
 	}
-	entry, err := guest.Load(m.mem.Bytes(), cfg.Kernel, cfg.Initrd, cfg.Cmdline)
-	if err != nil {
-		return nil, fmt.Errorf("load kernel: %w", err)
-	}
 	if m.vm, err = m.sys.CreateVM(); err != nil {
 		return nil, err
 	}
 	if err = m.vm.SetTSSAddr(0xfffbd000); err != nil {
 		return nil, err
 	}
-	if err = m.vm.SetUserMemoryRegion(kvm.MemoryRegion{
-		Slot:          0,
-		GuestPhysAddr: 0,
-		MemorySize:    m.mem.Size(),
-		UserspaceAddr: m.mem.Addr(),
-	}); err != nil {
+	if err = m.setSlot(0); err != nil {
 		return nil, err
 	}
 	if err = m.setupMSRFilter(); err != nil {
@@ -145,21 +184,35 @@ func New(cfg Config) (_ *Machine, err error) {
 	if m.vcpu, err = m.vm.CreateVCPU(0); err != nil {
 		return nil, err
 	}
+	m.kvcpu = m.vcpu
 	m.run = m.vcpu.RunData()
-	supported, err := m.sys.SupportedCPUID()
-	if err != nil {
-		return nil, err
-	}
-	if err = m.vcpu.SetCPUID2(DeterministicCPUID(supported)); err != nil {
-		return nil, err
-	}
-	if err = setupCPU(m.vcpu, entry); err != nil {
-		return nil, err
-	}
-	if err = m.wireDevices(cfg); err != nil {
+	if err = m.wireDevices(*cfg); err != nil {
 		return nil, err
 	}
 	return m, nil
+}
+
+// setSlot registers guest memory as KVM slot 0 with the given flags.
+func (m *Machine) setSlot(flags uint32) error {
+	return m.vm.SetUserMemoryRegion(kvm.MemoryRegion{
+		Slot:          0,
+		Flags:         flags,
+		GuestPhysAddr: 0,
+		MemorySize:    m.mem.Size(),
+		UserspaceAddr: m.mem.Addr(),
+	})
+}
+
+// setCPUID gives the vCPU its CPUID and finds the MSRs a capture saves,
+// which depend on it.
+func (m *Machine) setCPUID(entries []kvm.CPUIDEntry) error {
+	if err := m.vcpu.SetCPUID2(entries); err != nil {
+		return err
+	}
+	m.cpuid = append([]kvm.CPUIDEntry(nil), entries...)
+	var err error
+	m.msrIndices, err = m.probeMSRs()
+	return err
 }
 
 func (m *Machine) setupMSRFilter() error {
@@ -185,19 +238,22 @@ func (m *Machine) wireDevices(cfg Config) error {
 	m.mmio = devices.NewBus()
 	m.pic = devices.NewPIC()
 	m.pit = devices.NewPIT(m.env, m.pic)
-	m.uart = devices.NewUART(m.pic, 4, cfg.Console)
+	m.uart = devices.NewUART(m.pic, 4, &consoleCounter{w: cfg.Console, n: &m.Stats.ConsoleBytes})
 	m.rtc = devices.NewRTC(m.env, cfg.WallClock)
 	reset := func() { m.stop(StatusReset, "guest requested a reset") }
+	m.reset = devices.NewResetControl(reset)
+	m.i8042 = devices.NewI8042(reset)
+	m.debugExit = devices.NewDebugExit(func(v uint8) {
+		m.stop(int(v), fmt.Sprintf("guest wrote %d to the debug-exit port", v))
+	})
 	err := devices.RegisterPC(m.pio, devices.PCDevices{
-		PIC:   m.pic,
-		PIT:   m.pit,
-		COM1:  m.uart,
-		RTC:   m.rtc,
-		Reset: devices.NewResetControl(reset),
-		I8042: devices.NewI8042(reset),
-		DebugExit: devices.NewDebugExit(func(v uint8) {
-			m.stop(int(v), fmt.Sprintf("guest wrote %d to the debug-exit port", v))
-		}),
+		PIC:       m.pic,
+		PIT:       m.pit,
+		COM1:      m.uart,
+		RTC:       m.rtc,
+		Reset:     m.reset,
+		I8042:     m.i8042,
+		DebugExit: m.debugExit,
 	})
 	if err != nil {
 		return fmt.Errorf("wire devices: %w", err)
@@ -211,8 +267,10 @@ func (m *Machine) stop(status int, reason string) {
 	}
 }
 
-// Close releases the vCPU, the VM, KVM and guest memory.
+// Close releases the vCPU, the VM, KVM and guest memory. Run must have
+// returned (or never been called).
 func (m *Machine) Close() error {
+	m.ctl.finish()
 	var errs []error
 	if m.vcpu != nil {
 		errs = append(errs, m.vcpu.Close())
@@ -238,3 +296,21 @@ func (m *Machine) Memory() []byte { return m.mem.Bytes() }
 
 // StopReason says why Run returned.
 func (m *Machine) StopReason() string { return m.stopReason }
+
+// MemSize is the guest memory size in bytes.
+func (m *Machine) MemSize() uint64 { return m.mem.Size() }
+
+// consoleCounter counts the bytes the guest writes to its console.
+type consoleCounter struct {
+	w io.Writer
+	n *uint64
+}
+
+func (c *consoleCounter) Write(p []byte) (int, error) {
+	*c.n += uint64(len(p))
+	return c.w.Write(p)
+}
+
+// VirtualTime is the environment's virtual time (an environment read: call
+// it on the vCPU thread, inside Do).
+func (m *Machine) VirtualTime() int64 { return m.env.Now() }

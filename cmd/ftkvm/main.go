@@ -20,8 +20,11 @@ const (
 type cli struct {
 	LogLevel string `help:"Log level: debug, info, warn, error." default:"warn" enum:"debug,info,warn,error"`
 
-	Run   runCmd   `cmd:"" help:"Run a guest with its console on the terminal."`
-	Probe probeCmd `cmd:"" help:"Report what this host's KVM can do for ftkvm."`
+	Run     runCmd     `cmd:"" help:"Run a guest with its console on the terminal."`
+	Probe   probeCmd   `cmd:"" help:"Report what this host's KVM can do for ftkvm."`
+	Restore restoreCmd `cmd:"" help:"Continue a guest from a snapshot file, with its console on the terminal."`
+	Receive receiveCmd `cmd:"" help:"Wait for a guest migrating in, then run it with its console on the terminal."`
+	Ctl     ctlCmd     `cmd:"" help:"Control a running ftkvm through its --api socket."`
 }
 
 func main() {
@@ -50,7 +53,7 @@ func main() {
 	logrus.SetOutput(os.Stderr)
 	logrus.SetFormatter(&logrus.TextFormatter{DisableTimestamp: false, FullTimestamp: true})
 
-	status, err := dispatch(ctx)
+	status, err := dispatch(&c, ctx)
 	if err != nil {
 		fail(err)
 	}
@@ -58,12 +61,26 @@ func main() {
 }
 
 // dispatch runs the chosen command; commands return a process exit status.
-func dispatch(ctx *kong.Context) (int, error) {
+func dispatch(c *cli, ctx *kong.Context) (int, error) {
 	switch cmd := ctx.Selected().Target.Addr().Interface().(type) {
 	case *runCmd:
 		return cmd.run()
 	case *probeCmd:
 		return cmd.run()
+	case *restoreCmd:
+		return cmd.run()
+	case *receiveCmd:
+		return cmd.run()
+	case *ctlPauseCmd:
+		return c.Ctl.pause()
+	case *ctlResumeCmd:
+		return c.Ctl.resume()
+	case *ctlStatusCmd:
+		return c.Ctl.status(cmd)
+	case *ctlSnapshotCmd:
+		return c.Ctl.snapshot(cmd)
+	case *ctlMigrateCmd:
+		return c.Ctl.migrate(cmd)
 	}
 	return 0, errors.New("no command")
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/ftkvm/ftkvm/guest"
 	"github.com/ftkvm/ftkvm/vmm"
+	"github.com/ftkvm/ftkvm/vmm/api"
 )
 
 // guestFlags are the flags that describe a guest; later commands (snapshot
@@ -60,6 +61,7 @@ func (g *guestFlags) load() (vmm.Config, error) {
 type runCmd struct {
 	guestFlags
 	Device string `help:"KVM device." default:"/dev/kvm"`
+	API    string `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
 }
 
 func (c *runCmd) run() (int, error) {
@@ -67,12 +69,39 @@ func (c *runCmd) run() (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	env := vmm.NewLiveEnv(nil)
+	cfg.Env = env
+	cfg.Console = os.Stdout
+	cfg.KVMPath = c.Device
+	m, err := vmm.New(cfg)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", c.Kernel, err)
+	}
+	defer m.Close()
+	return runGuest(m, env, c.API)
+}
+
+// runGuest runs a machine with its console on the terminal, and the control
+// API if apiPath is set, and returns ftkvm's exit status: the guest's
+// debug-exit byte, exitQuit, or 0 when the control API stopped the guest
+// because it lives on elsewhere (a migration, a snapshot with --stop).
+func runGuest(m *vmm.Machine, env *vmm.LiveEnv, apiPath string) (int, error) {
+	var srv *api.Server
+	if apiPath != "" {
+		var err error
+		if srv, err = api.Listen(apiPath, m); err != nil {
+			return 0, err
+		}
+	}
 	console, restore, err := openConsole()
 	if err != nil {
+		if srv != nil {
+			srv.Shutdown(time.Second)
+		}
 		return 0, err
 	}
 	defer restore()
-	env := vmm.NewLiveEnv(console.input)
+	env.SetInput(console.input)
 	console.quit = env.Quit
 	// SIGINT and SIGTERM stop the guest at its next point, so ftkvm still
 	// restores the terminal and reports.
@@ -84,16 +113,12 @@ func (c *runCmd) run() (int, error) {
 			env.Quit()
 		}
 	}()
-	cfg.Env = env
-	cfg.Console = os.Stdout
-	cfg.KVMPath = c.Device
-	m, err := vmm.New(cfg)
-	if err != nil {
-		return 0, fmt.Errorf("%s: %w", c.Kernel, err)
-	}
-	defer m.Close()
 	start := time.Now()
 	status, err := m.Run()
+	if srv != nil {
+		// Let a transfer that stopped the guest report its result.
+		srv.Shutdown(30 * time.Second)
+	}
 	s := m.Stats
 	logrus.WithFields(logrus.Fields{
 		"exits": s.Exits, "kicks": s.Kicks, "io": s.IOExits, "hlt": s.HaltExits,
@@ -101,12 +126,20 @@ func (c *runCmd) run() (int, error) {
 		"ticks": s.TimerEvents, "ticks_at_kicks": s.KickTimer, "input": s.InputBytes,
 		"elapsed": time.Since(start).Round(time.Millisecond),
 	}).Info("guest stopped: ", m.StopReason())
-	if errors.Is(err, vmm.ErrQuit) {
+	switch {
+	case errors.Is(err, vmm.ErrQuit):
 		restore()
 		fmt.Fprintln(os.Stderr, "\r\nftkvm: quit")
 		return exitQuit, nil
-	}
-	if err != nil {
+	case errors.Is(err, vmm.ErrStopped):
+		restore()
+		lead := ""
+		if term.IsTerminal(int(os.Stdout.Fd())) {
+			lead = "\r\n"
+		}
+		fmt.Fprintf(os.Stderr, "%sftkvm: %s\n", lead, m.StopReason())
+		return 0, nil
+	case err != nil:
 		return 0, err
 	}
 	return status, nil

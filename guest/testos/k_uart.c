@@ -48,10 +48,20 @@ void uart_init(void)
 	outb(DLL, 1);			/* 115200 baud */
 	outb(DLM, 0);
 	outb(LCR, 0x03);		/* 8N1 */
-	/* Keep a byte that may already sit in RBR: switching the FIFOs on
-	 * clears them on some UARTs. */
-	if (inb(LSR) & LSR_DR)
-		rx_push((char)inb(RBR));
+	/* Keep input that arrived before this point: switching the FIFOs on
+	 * clears them (16550, QEMU). In 16450 mode each RBR read makes room
+	 * for the next byte, which the host may deliver a little later: after
+	 * a byte, poll LSR a while for the next one. Costs one LSR read when
+	 * there is no early input. */
+	for (int idle = 0, n = 0; n < 256 && idle < (n ? 32 : 1); ) {
+		if (inb(LSR) & LSR_DR) {
+			rx_push((char)inb(RBR));
+			n++;
+			idle = 0;
+		} else {
+			idle++;
+		}
+	}
 	outb(FCR, 0x01 | 0x04);		/* FIFOs on, clear TX FIFO, RX trigger 1 byte */
 	outb(MCR, 0x0b);		/* DTR, RTS, OUT2 (IRQ line enable) */
 	(void)inb(LSR);

@@ -1,0 +1,91 @@
+// Package api is ftkvm's control API, in the manner of Firecracker's: HTTP
+// and JSON on a unix socket.
+//
+//	GET   /vm               status (Status)
+//	PATCH /vm               {"state": "Paused"} or {"state": "Resumed"}
+//	PUT   /snapshot/create  {"snapshot_path": "/abs/file", "stop": false}
+//	PUT   /migrate          {"destination": "host:port", "bandwidth": 0}
+//
+// Errors are a status code of 400 (bad request), 409 (conflicts with the
+// guest's state or another operation) or 500, with {"fault_message": "..."}.
+// The two transfers answer 200 with a stream of JSON lines (Event): progress
+// events, then one with the result or the error.
+package api
+
+import (
+	"github.com/ftkvm/ftkvm/vmm"
+	"github.com/ftkvm/ftkvm/vmm/migrate"
+)
+
+// Status is GET /vm's answer.
+type Status struct {
+	// State is "running", "paused", "migrating", "snapshotting" or
+	// "stopped".
+	State string `json:"state"`
+	// VirtualTimeNs is the guest's virtual time.
+	VirtualTimeNs int64     `json:"virtual_time_ns"`
+	Stats         vmm.Stats `json:"stats"`
+	// Pauses counts completed pauses of the guest (by this API, snapshots
+	// and migrations); LastPauseNs is the last one's length.
+	Pauses       uint64 `json:"pauses"`
+	LastPauseNs  int64  `json:"last_pause_ns"`
+	TotalPauseNs int64  `json:"total_pause_ns"`
+	// BytesSent counts snapshot and migration bytes written, the one under
+	// way included.
+	BytesSent int64 `json:"bytes_sent"`
+	// Operation is the snapshot or migration under way, if any.
+	Operation *Operation `json:"operation,omitempty"`
+	// LastOperation is the last one that finished.
+	LastOperation *Result `json:"last_operation,omitempty"`
+}
+
+// Operation is a transfer under way.
+type Operation struct {
+	Kind     string            `json:"kind"`   // "snapshot" or "migration"
+	Target   string            `json:"target"` // file or address
+	Progress *migrate.Progress `json:"progress,omitempty"`
+}
+
+// StateRequest is PATCH /vm's body.
+type StateRequest struct {
+	State string `json:"state"` // "Paused" or "Resumed"
+}
+
+// SnapshotRequest is PUT /snapshot/create's body.
+type SnapshotRequest struct {
+	Path string `json:"snapshot_path"` // absolute
+	Stop bool   `json:"stop"`          // stop the guest once the snapshot is written
+}
+
+// MigrateRequest is PUT /migrate's body.
+type MigrateRequest struct {
+	Destination string `json:"destination"` // host:port of `ftkvm receive`
+	Bandwidth   int64  `json:"bandwidth"`   // bytes/s, 0 = no cap
+}
+
+// Event is one line of a transfer's answer.
+type Event struct {
+	Progress *migrate.Progress `json:"progress,omitempty"`
+	Result   *Result           `json:"result,omitempty"`
+	Error    string            `json:"error,omitempty"`
+}
+
+// Result is a finished transfer.
+type Result struct {
+	Kind        string `json:"kind"`
+	Target      string `json:"target"`
+	Error       string `json:"error,omitempty"`
+	Bytes       int64  `json:"bytes"`
+	Pages       uint64 `json:"pages"`
+	Rounds      int    `json:"rounds"`
+	DirtyAtStop int    `json:"dirty_pages_at_stop"`
+	PauseNs     int64  `json:"pause_ns"`
+	TotalNs     int64  `json:"total_ns"`
+	// Stopped: the guest no longer runs here (snapshot with stop, or a
+	// completed migration); the ftkvm serving the API exits.
+	Stopped bool `json:"stopped"`
+}
+
+type fault struct {
+	Message string `json:"fault_message"`
+}

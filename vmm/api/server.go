@@ -1,0 +1,266 @@
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ftkvm/ftkvm/vmm"
+	"github.com/ftkvm/ftkvm/vmm/migrate"
+)
+
+// Server serves the control API of one machine.
+type Server struct {
+	m    *vmm.Machine
+	path string
+	l    net.Listener
+	hs   *http.Server
+
+	opMu       sync.Mutex // one transfer at a time; also guards userPaused
+	userPaused bool
+	op         atomic.Pointer[Operation]
+	last       atomic.Pointer[Result]
+	bytesSent  atomic.Int64
+}
+
+// Listen creates the socket at path for m's control API. A socket left
+// behind by an ftkvm that is gone is replaced; one in use is an error.
+func Listen(path string, m *vmm.Machine) (*Server, error) {
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("control socket %s is in use by another ftkvm", path)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("control socket %s: exists and is not a socket", path)
+		}
+		os.Remove(path)
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	s := &Server{m: m, path: path, l: l}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /vm", s.status)
+	mux.HandleFunc("PATCH /vm", s.setState)
+	mux.HandleFunc("PUT /snapshot/create", s.snapshot)
+	mux.HandleFunc("PUT /migrate", s.migrate)
+	s.hs = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go s.hs.Serve(l)
+	return s, nil
+}
+
+// Shutdown stops accepting requests, waits (up to timeout) for those under
+// way, such as a migration reporting its result, and removes the socket.
+func (s *Server) Shutdown(timeout time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	_ = s.hs.Shutdown(ctx)
+	os.Remove(s.path)
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeFault(w http.ResponseWriter, code int, format string, args ...any) {
+	writeJSON(w, code, fault{Message: fmt.Sprintf(format, args...)})
+}
+
+// machineFault maps a machine error to an HTTP answer.
+func machineFault(w http.ResponseWriter, err error) {
+	if errors.Is(err, vmm.ErrNotRunning) {
+		writeFault(w, http.StatusConflict, "%v", err)
+		return
+	}
+	writeFault(w, http.StatusInternalServerError, "%v", err)
+}
+
+func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		writeFault(w, http.StatusBadRequest, "bad request body: %v", err)
+		return false
+	}
+	return true
+}
+
+func (s *Server) status(w http.ResponseWriter, r *http.Request) {
+	var st Status
+	err := s.m.Do(func(m *vmm.Machine) error {
+		st.Stats = m.Stats
+		st.VirtualTimeNs = m.VirtualTime()
+		return nil
+	})
+	cs := s.m.ControlStats()
+	switch {
+	case errors.Is(err, vmm.ErrNotRunning):
+		st.State = "stopped"
+	case err != nil:
+		machineFault(w, err)
+		return
+	case cs.Paused:
+		st.State = "paused"
+	default:
+		st.State = "running"
+	}
+	if op := s.op.Load(); op != nil {
+		st.Operation = op
+		if st.State != "stopped" {
+			st.State = map[string]string{"snapshot": "snapshotting", "migration": "migrating"}[op.Kind]
+		}
+	}
+	st.Pauses = cs.Pauses
+	st.LastPauseNs = int64(cs.LastPause)
+	st.TotalPauseNs = int64(cs.TotalPause)
+	st.BytesSent = s.bytesSent.Load()
+	if op := st.Operation; op != nil && op.Progress != nil {
+		st.BytesSent += op.Progress.Sent
+	}
+	st.LastOperation = s.last.Load()
+	writeJSON(w, http.StatusOK, st)
+}
+
+func (s *Server) setState(w http.ResponseWriter, r *http.Request) {
+	var req StateRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if !s.opMu.TryLock() {
+		writeFault(w, http.StatusConflict, "a snapshot or migration is under way")
+		return
+	}
+	defer s.opMu.Unlock()
+	switch req.State {
+	case "Paused":
+		if !s.userPaused {
+			if err := s.m.Pause(); err != nil {
+				machineFault(w, err)
+				return
+			}
+			s.userPaused = true
+		}
+	case "Resumed":
+		if !s.userPaused {
+			writeFault(w, http.StatusConflict, "the guest is not paused")
+			return
+		}
+		if err := s.m.Resume(); err != nil {
+			machineFault(w, err)
+			return
+		}
+		s.userPaused = false
+	default:
+		writeFault(w, http.StatusBadRequest, "state %q: want \"Paused\" or \"Resumed\"", req.State)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// transfer runs a snapshot or migration, streaming its progress as JSON
+// lines. run returns the result and whether the guest stopped here.
+func (s *Server) transfer(w http.ResponseWriter, kind, target string, run func(progress func(migrate.Progress)) (migrate.Result, bool, error)) {
+	if !s.opMu.TryLock() {
+		op := s.op.Load()
+		if op != nil {
+			writeFault(w, http.StatusConflict, "a %s to %s is under way", op.Kind, op.Target)
+		} else {
+			writeFault(w, http.StatusConflict, "another request is under way")
+		}
+		return
+	}
+	defer s.opMu.Unlock()
+	if !s.m.ControlStats().Running {
+		writeFault(w, http.StatusConflict, "%v", vmm.ErrNotRunning)
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	enc := json.NewEncoder(w)
+	emit := func(e Event) {
+		_ = enc.Encode(e)
+		_ = rc.Flush()
+	}
+	s.op.Store(&Operation{Kind: kind, Target: target})
+	res, stopped, err := run(func(p migrate.Progress) {
+		s.op.Store(&Operation{Kind: kind, Target: target, Progress: &p})
+		emit(Event{Progress: &p})
+	})
+	s.op.Store(nil)
+	s.bytesSent.Add(res.Bytes)
+	out := &Result{
+		Kind: kind, Target: target, Bytes: res.Bytes, Pages: res.Pages, Rounds: res.Rounds,
+		DirtyAtStop: res.Dirty, PauseNs: int64(res.Pause), TotalNs: int64(res.Total), Stopped: stopped,
+	}
+	if err != nil {
+		out.Error = err.Error()
+		s.last.Store(out)
+		emit(Event{Error: err.Error()})
+		return
+	}
+	s.last.Store(out)
+	emit(Event{Result: out})
+}
+
+func (s *Server) snapshot(w http.ResponseWriter, r *http.Request) {
+	var req SnapshotRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if !filepath.IsAbs(req.Path) {
+		writeFault(w, http.StatusBadRequest, "snapshot_path %q is not absolute", req.Path)
+		return
+	}
+	s.transfer(w, "snapshot", req.Path, func(progress func(migrate.Progress)) (migrate.Result, bool, error) {
+		res, err := migrate.WriteFile(s.m, req.Path, migrate.Options{Progress: progress})
+		if err != nil {
+			return res, false, err
+		}
+		// The guest is paused; stop it for good if asked, then let it go.
+		if req.Stop {
+			if err := s.m.Do(func(m *vmm.Machine) error { m.Stop("snapshot written to " + req.Path); return nil }); err != nil {
+				return res, false, err
+			}
+		}
+		if err := s.m.Resume(); err != nil && !req.Stop {
+			return res, false, err
+		}
+		return res, req.Stop, nil
+	})
+}
+
+func (s *Server) migrate(w http.ResponseWriter, r *http.Request) {
+	var req MigrateRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if _, _, err := net.SplitHostPort(req.Destination); err != nil {
+		writeFault(w, http.StatusBadRequest, "destination %q: %v", req.Destination, err)
+		return
+	}
+	if req.Bandwidth < 0 {
+		writeFault(w, http.StatusBadRequest, "bandwidth %d", req.Bandwidth)
+		return
+	}
+	s.transfer(w, "migration", req.Destination, func(progress func(migrate.Progress)) (migrate.Result, bool, error) {
+		res, err := migrate.Send(s.m, req.Destination, migrate.Options{Bandwidth: req.Bandwidth, Progress: progress})
+		stopped := err == nil || errors.Is(err, migrate.ErrUncertain)
+		if err != nil {
+			err = fmt.Errorf("migration to %s: %w", req.Destination, err)
+		}
+		return res, stopped, err
+	})
+}

@@ -6,6 +6,7 @@
  */
 #include "u.h"
 #include "workloads.h"
+#include "hash.h"
 
 static volatile uint64_t sink;		/* keeps ring-3 busy work alive */
 
@@ -83,19 +84,7 @@ long w_compute(uint64_t mib, uint64_t every, uint64_t unused)
 	(void)unused;
 	l.n = 0;
 	for (uint64_t k = 1; k <= mib; k++) {
-		for (int w = 0; w < (1 << 20) / 8; w++) {
-			uint64_t v;
-
-			x ^= x << 13;
-			x ^= x >> 7;
-			x ^= x << 17;
-			v = x;
-			for (int b = 0; b < 8; b++) {
-				h ^= v & 0xff;
-				h *= 0x100000001b3ull;
-				v >>= 8;
-			}
-		}
+		hash_mib(&x, &h);
 		if (k % every == 0 || k == mib) {
 			l_str(&l, "compute mib=");
 			l_dec(&l, k);

@@ -35,6 +35,11 @@ type Point struct {
 	// included; with Kind == PointKick it is the count at the last such exit.
 	// It is the position a replica uses to find the point again.
 	Exits uint64
+	// Delivered is set when the environment delivered an event here. At a
+	// kick point the machine injects interrupts only then, so an
+	// environment that never delivers at kicks keeps every injection at a
+	// guest-caused exit.
+	Delivered bool
 }
 
 // Target is what the environment delivers into: the machine's asynchronous

@@ -81,6 +81,7 @@ func (m *Machine) Run() (int, error) {
 func (m *Machine) exit(reason kvm.ExitReason) error {
 	m.quiescent = false
 	m.point.Kind = PointExit
+	m.point.Delivered = false
 	halted := false
 	switch reason {
 	case kvm.ExitIO:
@@ -90,10 +91,14 @@ func (m *Machine) exit(reason kvm.ExitReason) error {
 		m.Stats.MMIOExits++
 		m.handleMMIO()
 	case kvm.ExitHLT:
+		// KVM completed the HLT before exiting: nothing is half-done.
 		m.Stats.HaltExits++
 		halted = true
+		m.quiescent = true
 	case kvm.ExitIRQWindowOpen:
+		// An exit before entering the guest: nothing is half-done.
 		m.Stats.WindowExits++
+		m.quiescent = true
 	case kvm.ExitX86RDMSR, kvm.ExitX86WRMSR:
 		m.Stats.MSRExits++
 		m.handleMSR(reason)
@@ -129,6 +134,13 @@ func (m *Machine) exit(reason kvm.ExitReason) error {
 		return nil
 	}
 	if m.stopped {
+		return nil
+	}
+	if m.point.Kind == PointKick && !m.point.Delivered {
+		// Nothing was delivered at this host-timed point, so nothing new
+		// may be injected or requested here either: a pending interrupt
+		// the guest became ready for would otherwise enter at a place
+		// that depends on host timing. It waits for the next exit.
 		return nil
 	}
 	m.inject()

@@ -159,6 +159,8 @@ type finalState struct {
 	console string
 	status  int
 	exits   uint64
+	windows uint64
+	kicks   uint64
 	memHash [32]byte
 	regs    kvm.Regs
 }
@@ -178,6 +180,7 @@ func runWith(t *testing.T, kernel []byte, cmdline string, env Environment) final
 	}
 	var fs finalState
 	fs.console, fs.status, fs.exits = out.String(), status, m.Stats.Exits
+	fs.windows, fs.kicks = m.Stats.WindowExits, m.Stats.Kicks
 	fs.memHash = sha256.Sum256(m.Memory())
 	if err := m.vcpu.GetRegs(&fs.regs); err != nil {
 		t.Fatal(err)
@@ -210,8 +213,8 @@ func TestRecordReplayIdentical(t *testing.T) {
 				t.Fatalf("console differs:\nrecorded:\n%s\nreplayed:\n%s", a.console, b.console)
 			}
 			if a.exits != b.exits || a.status != b.status || a.memHash != b.memHash || a.regs != b.regs {
-				t.Fatalf("state differs: exits %d/%d status %d/%d mem equal %v regs equal %v",
-					a.exits, b.exits, a.status, b.status, a.memHash == b.memHash, a.regs == b.regs)
+				t.Fatalf("state differs: exits %d/%d (window %d/%d, kicks %d/%d) status %d/%d mem equal %v regs equal %v",
+					a.exits, b.exits, a.windows, b.windows, a.kicks, b.kicks, a.status, b.status, a.memHash == b.memHash, a.regs == b.regs)
 			}
 			if len(rep.clock) != 0 || len(rep.events) != 0 {
 				t.Fatalf("replay left %d clock reads and %d events unused", len(rep.clock), len(rep.events))

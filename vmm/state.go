@@ -73,13 +73,25 @@ func msrOK(n int, err error) (bool, error) {
 	return n == 1, err
 }
 
+// Quiescent reports whether KVM holds no half-done instruction, so that
+// state may be captured or installed now: after a kick (Environment.At at a
+// PointKick), a HLT (Environment.Halt) or an interrupt-window exit, and
+// inside functions given to Do or Post. After a port, MMIO or MSR exit it
+// is false until the next KVM_RUN: use Post. vCPU thread only.
+//
+// (After KVM_RUN the XSAVE area may differ in XSTATE_BV for components in
+// their initial state, which the CPU's init optimisation clears: the same
+// architectural state. Compare or hash it with that in mind.)
+func (m *Machine) Quiescent() bool { return m.quiescent }
+
 // errNotQuiescent is returned when state is read or set while KVM holds a
 // half-done instruction.
 var errNotQuiescent = errors.New("vmm: the vCPU is not at a quiescent point (use Do or Post)")
 
 // CaptureState fills s with the machine's complete state apart from guest
-// memory. Call it on the vCPU thread inside Do or Post, or while Run is not
-// active. s's slices are reused.
+// memory. Call it on the vCPU thread where Quiescent is true (inside Do or
+// Post, at a kick point, in Halt), or while Run is not active. s's slices
+// are reused.
 func (m *Machine) CaptureState(s *snapshot.State) error {
 	if !m.quiescent {
 		return errNotQuiescent
@@ -238,11 +250,14 @@ type Checkpoint struct {
 	Pages []byte   // their contents, in ascending page order
 	N     int      // number of pages
 	Full  bool     // the first checkpoint: every page of guest memory
+
+	sw *snapshot.StreamWriter // reused by Write
 }
 
 // Checkpoint fills cp. Call it on the vCPU thread at a quiescent point:
-// inside a function given to Post (from an Environment's At or Halt, at any
-// exit) or Do. The first call turns the dirty log on and captures every
+// directly from an Environment's At at a kick point or from its Halt, or at
+// any exit through a function given to Post (it runs before the guest
+// does), or inside Do. The first call turns the dirty log on and captures every
 // page; later calls capture the pages written since the previous call. The
 // guest does not run meanwhile, so pages and state agree.
 func (m *Machine) Checkpoint(cp *Checkpoint) error {
@@ -288,7 +303,11 @@ func (m *Machine) Checkpoint(cp *Checkpoint) error {
 func (cp *Checkpoint) Write(w *snapshot.Writer) error {
 	h := cp.State.Header
 	h.Kind = snapshot.KindCheckpoint
-	sw, err := snapshot.NewStreamWriter(w, h)
+	if cp.sw == nil {
+		cp.sw = &snapshot.StreamWriter{}
+	}
+	sw := cp.sw
+	err := sw.Reset(w, h)
 	if err != nil {
 		return err
 	}

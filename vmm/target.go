@@ -9,6 +9,7 @@ func (m *Machine) TimerDeadline() (int64, bool) { return m.pit.Deadline() }
 // FireTimer delivers a PIT tick as of virtual time now.
 func (m *Machine) FireTimer(now int64) {
 	m.pit.Fire(now)
+	m.point.Delivered = true
 	m.Stats.TimerEvents++
 	if m.point.Kind == PointKick {
 		m.Stats.KickTimer++
@@ -29,6 +30,7 @@ func (m *Machine) RxSpace() int {
 // Receive delivers one byte to the UART.
 func (m *Machine) Receive(b byte) {
 	m.uart.Receive(b)
+	m.point.Delivered = true
 	m.Stats.InputBytes++
 }
 

@@ -34,6 +34,7 @@ type ctlStatusCmd struct {
 type ctlSnapshotCmd struct {
 	File string `arg:"" help:"Snapshot file to write." type:"path"`
 	Stop bool   `help:"Stop the guest (and its ftkvm) once the snapshot is written."`
+	Live bool   `help:"Copy memory while the guest runs, pausing it only for the last pages and the state (shorter pause, bigger file)."`
 }
 
 type ctlMigrateCmd struct {
@@ -99,7 +100,7 @@ func describe(r *api.Result) string {
 
 func (c *ctlCmd) snapshot(s *ctlSnapshotCmd) (int, error) {
 	view := newTransferView("snapshot", true)
-	res, err := c.client().Snapshot(context.Background(), api.SnapshotRequest{Path: s.File, Stop: s.Stop}, view.progress)
+	res, err := c.client().Snapshot(context.Background(), api.SnapshotRequest{Path: s.File, Stop: s.Stop, Live: s.Live}, view.progress)
 	view.finish()
 	if err != nil {
 		return 0, err

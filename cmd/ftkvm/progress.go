@@ -44,6 +44,7 @@ func (v *transferView) bytes(n int64) {
 				progressbar.OptionSetWriter(os.Stderr),
 				progressbar.OptionSetDescription(v.label),
 				progressbar.OptionShowBytes(true),
+				progressbar.OptionShowCount(),
 				progressbar.OptionSpinnerType(14),
 				progressbar.OptionThrottle(100*time.Millisecond),
 				progressbar.OptionClearOnFinish())
@@ -57,38 +58,35 @@ func (v *transferView) bytes(n int64) {
 	}
 }
 
-// progress reports a snapshot or migration under way.
+// progress reports a snapshot or migration under way: the round, and the
+// bytes that have left (the total is not known in advance: pre-copy rounds
+// last as long as the guest keeps writing).
 func (v *transferView) progress(p migrate.Progress) {
-	if !v.due() && p.Phase != "done" {
+	if !v.due() || p.Phase == "done" {
 		return
 	}
-	desc := fmt.Sprintf("%s: round %d (%s), %s sent", v.label, p.Round, p.Phase, size(p.Sent))
+	desc := fmt.Sprintf("%s: round %d (%s)", v.label, p.Round, p.Phase)
+	if p.Round > 1 {
+		desc += fmt.Sprintf(", %d dirty pages", p.Dirty)
+	}
 	if v.tty {
-		if p.Phase == "done" {
-			return
-		}
 		if v.bar == nil {
-			v.bar = progressbar.NewOptions64(int64(max(p.ToScan, 1)),
+			v.bar = progressbar.NewOptions64(-1,
 				progressbar.OptionSetWriter(os.Stderr),
 				progressbar.OptionSetDescription(desc),
-				progressbar.OptionSetItsString("pages"),
-				progressbar.OptionShowIts(),
+				progressbar.OptionShowBytes(true),
 				progressbar.OptionShowCount(),
+				progressbar.OptionSpinnerType(14),
 				progressbar.OptionThrottle(100*time.Millisecond),
 				progressbar.OptionClearOnFinish())
-			v.round = p.Round
-		}
-		if p.Round != v.round {
-			v.round = p.Round
-			v.bar.ChangeMax64(int64(max(p.ToScan, 1)))
 		}
 		v.bar.Describe(desc)
-		_ = v.bar.Set64(int64(p.Scanned))
+		_ = v.bar.Set64(p.Sent)
 		return
 	}
-	if v.lines && p.Phase != "done" && (p.Round != v.round || time.Since(v.last) >= time.Second) {
+	if v.lines && (p.Round != v.round || time.Since(v.last) >= time.Second) {
 		v.round, v.last = p.Round, time.Now()
-		fmt.Fprintf(os.Stderr, "ftkvm: %s, %d of %d pages\n", desc, p.Scanned, p.ToScan)
+		fmt.Fprintf(os.Stderr, "ftkvm: %s, %s sent\n", desc, size(p.Sent))
 	}
 }
 

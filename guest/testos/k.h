@@ -20,18 +20,9 @@ static inline uint8_t inb(uint16_t port)
 
 /* Wait for an interrupt with interrupts enabled, then disable them again.
  * sti's one-instruction shadow makes "sti; hlt" free of lost wake-ups. */
-#ifndef IDLE_VARIANT
-#define IDLE_VARIANT 0
-#endif
 static inline void idle_wait(void)
 {
-#if IDLE_VARIANT == 0
 	__asm__ volatile("sti; hlt; cli" : : : "memory");
-#elif IDLE_VARIANT == 1
-	__asm__ volatile("sti; nop; hlt; cli" : : : "memory");
-#elif IDLE_VARIANT == 2
-	__asm__ volatile("sti; nop; cli" : : : "memory");
-#endif
 }
 
 /* Interrupt frame built by isr_common (k_entry.S). */

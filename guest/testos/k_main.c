@@ -299,7 +299,7 @@ static void fatal(struct frame *f)
 
 	__asm__ volatile("mov %%cr2, %0" : "=r"(cr2));
 	poll_drain();
-	poll_puts("\ntestos: EXCEPTION vector=");
+	poll_puts("testos: EXCEPTION vector=");
 	poll_putu(f->vec);
 	poll_puts(" error=0x");
 	poll_putx(f->err);
@@ -597,9 +597,11 @@ void kmain(uint32_t start_info)
 		task_create(w_clock, num_opt("samples", 5, 1, 100000000), hz, pit_divisor(hz));
 	} else if (name_is(name, nlen, "echo")) {
 		task_create(w_echo, 0, 0, 0);
+	} else if (name_is(name, nlen, "fault")) {
+		task_create(w_fault, 0, 0, 0);
 	} else {
 		if (nlen == 0)
-			kputs("testos: error: no workload given (workload=counter|interleave|compute|clock|echo)\n");
+			kputs("testos: error: no workload given (workload=counter|interleave|compute|clock|echo|fault)\n");
 		else {
 			kputs("testos: error: unknown workload \"");
 			kputsn(name, nlen);

@@ -34,6 +34,7 @@ static char rxbuf[RX_RING];
 static uint32_t tx_head, tx_tail;	/* free-running: head written, tail sent */
 static uint32_t rx_head, rx_tail;
 static uint8_t ier;
+static char last_out = '\n';	/* last byte written to THR */
 
 static void rx_push(char c)
 {
@@ -104,8 +105,10 @@ static void tx_fill(void)
 {
 	int n = FIFO_SIZE;
 
-	while (n-- > 0 && tx_tail != tx_head)
-		outb(THR, txbuf[tx_tail++ & (TX_RING - 1)]);
+	while (n-- > 0 && tx_tail != tx_head) {
+		last_out = txbuf[tx_tail++ & (TX_RING - 1)];
+		outb(THR, last_out);
+	}
 	if (tx_tail == tx_head) {
 		ier &= ~IER_ETBEI;
 		outb(IER, ier);
@@ -122,8 +125,11 @@ static void rx_drain(void)
 	wake_rx();
 }
 
-/* IRQ4: serve every pending cause until IIR says none is left, so that the
- * (edge-triggered) IRQ line drops before the EOI. */
+/* IRQ4: serve pending causes until IIR says none is left, so that the
+ * (edge-triggered) IRQ line drops before the EOI. The loop is bounded (a
+ * fast host refills the RX FIFO and empties the TX FIFO while we run); if a
+ * cause is still pending at the end, pulse IER so that the line goes low and
+ * high again: the PIC sees a new edge and interrupts again after the EOI. */
 void uart_isr(void)
 {
 	for (int i = 0; i < 16; i++) {
@@ -147,6 +153,8 @@ void uart_isr(void)
 			break;
 		}
 	}
+	outb(IER, 0);
+	outb(IER, ier);
 }
 
 /* Kernel console output through the TX ring. Only used when no task is
@@ -204,6 +212,7 @@ static void poll_putc(char c)
 	for (uint32_t i = 0; i < 1000000 && !(inb(LSR) & LSR_THRE); i++)
 		;
 	outb(THR, c);
+	last_out = c;
 }
 
 void poll_drain(void)
@@ -212,6 +221,8 @@ void poll_drain(void)
 	outb(IER, 0);
 	while (tx_tail != tx_head)
 		poll_putc(txbuf[tx_tail++ & (TX_RING - 1)]);
+	if (last_out != '\n')		/* end a partial line */
+		poll_putc('\n');
 }
 
 void poll_puts(const char *s)

@@ -322,3 +322,14 @@ long w_echo(uint64_t unused0, uint64_t unused1, uint64_t unused2)
 		}
 	}
 }
+
+/* fault: a ring-3 read of kernel memory (not U/S): the kernel reports
+ * "testos: EXCEPTION vector=14 ..." and exits with status 3. */
+long w_fault(uint64_t unused0, uint64_t unused1, uint64_t unused2)
+{
+	(void)unused0;
+	(void)unused1;
+	(void)unused2;
+	u_puts("fault: reading kernel memory from ring 3\n");
+	return (long)*(volatile uint64_t *)0x100000;
+}

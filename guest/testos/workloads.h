@@ -13,5 +13,6 @@ long w_compute(uint64_t mib, uint64_t every, uint64_t unused);
 long w_compute_ticker(uint64_t hz, uint64_t unused1, uint64_t unused2);
 long w_clock(uint64_t samples, uint64_t hz, uint64_t divisor);
 long w_echo(uint64_t unused0, uint64_t unused1, uint64_t unused2);
+long w_fault(uint64_t unused0, uint64_t unused1, uint64_t unused2);
 
 #endif

@@ -3,7 +3,7 @@
 //
 //	GET   /vm               status (Status)
 //	PATCH /vm               {"state": "Paused"} or {"state": "Resumed"}
-//	PUT   /snapshot/create  {"snapshot_path": "/abs/file", "stop": false}
+//	PUT   /snapshot/create  {"snapshot_path": "/abs/file", "stop": false, "live": false}
 //	PUT   /migrate          {"destination": "host:port", "bandwidth": 0}
 //
 // Errors are a status code of 400 (bad request), 409 (conflicts with the
@@ -55,6 +55,10 @@ type StateRequest struct {
 type SnapshotRequest struct {
 	Path string `json:"snapshot_path"` // absolute
 	Stop bool   `json:"stop"`          // stop the guest once the snapshot is written
+	// Live copies memory while the guest runs (pre-copy over the dirty
+	// log) and pauses it only for the last pages and the state: a shorter
+	// pause, a bigger file.
+	Live bool `json:"live"`
 }
 
 // MigrateRequest is PUT /migrate's body.

@@ -24,7 +24,7 @@ type Server struct {
 	l    net.Listener
 	hs   *http.Server
 
-	opMu       sync.Mutex // one transfer at a time; also guards userPaused
+	opMu       sync.Mutex // one transfer or state change at a time; guards userPaused
 	userPaused bool
 	op         atomic.Pointer[Operation]
 	last       atomic.Pointer[Result]
@@ -200,6 +200,12 @@ func (s *Server) transfer(w http.ResponseWriter, kind, target string, run func(p
 		emit(Event{Progress: &p})
 	})
 	s.op.Store(nil)
+	if stopped && s.userPaused {
+		// The guest stopped for good: a pause from this API must not
+		// keep its ftkvm waiting.
+		_ = s.m.Resume()
+		s.userPaused = false
+	}
 	s.bytesSent.Add(res.Bytes)
 	out := &Result{
 		Kind: kind, Target: target, Bytes: res.Bytes, Pages: res.Pages, Rounds: res.Rounds,
@@ -225,7 +231,7 @@ func (s *Server) snapshot(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.transfer(w, "snapshot", req.Path, func(progress func(migrate.Progress)) (migrate.Result, bool, error) {
-		res, err := migrate.WriteFile(s.m, req.Path, migrate.Options{Progress: progress})
+		res, err := migrate.WriteFile(s.m, req.Path, migrate.Options{Live: req.Live, Progress: progress})
 		if err != nil {
 			return res, false, err
 		}

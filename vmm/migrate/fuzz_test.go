@@ -57,7 +57,7 @@ func TestServeValid(t *testing.T) {
 // stream that verified, returns a target only after a commit, and closes
 // every target it does not return.
 //
-//	go test ./vmm/migrate -run '^$' -fuzz FuzzServe -fuzztime 1m
+//	go test ./vmm/migrate -run '^$' -fuzz FuzzServe -fuzztime 1m -fuzzminimizetime 5s
 func FuzzServe(f *testing.F) {
 	valid := validMigration(f)
 	f.Add(valid)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -330,3 +331,62 @@ func (f *fakeTarget) Install(*snapshot.State) error {
 	return nil
 }
 func (f *fakeTarget) Close() error { f.closed = true; return nil }
+
+// TestRestoredStateMatchesSnapshotFile: a snapshot file taken at a random
+// moment, restored into a fresh machine, whose complete state, captured at
+// once, must equal the state in the file field by field (but the TSC MSR,
+// which follows the host's TSC), and whose memory must equal the file's.
+func TestRestoredStateMatchesSnapshotFile(t *testing.T) {
+	for _, live := range []bool{false, true} {
+		t.Run(fmt.Sprintf("live=%v", live), func(t *testing.T) {
+			src := bootTestOS(t, "workload=interleave lines=40 hz=250")
+			time.Sleep(time.Duration(20+time.Now().UnixNano()%150) * time.Millisecond)
+			path := filepath.Join(t.TempDir(), "snap")
+			if _, err := WriteFile(src.m, path, Options{Live: live}); err != nil {
+				t.Fatal(err)
+			}
+			src.m.Resume()
+			src.wait(t)
+
+			f, err := os.Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var fileMem []byte
+			want, err := snapshot.ReadFile(f, func(h snapshot.Header) ([]byte, error) {
+				fileMem = make([]byte, h.MemSize)
+				return fileMem, nil
+			})
+			f.Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			build, _ := emptyBuilder(io.Discard)
+			tgt, _, err := ReadFile(path, build, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := tgt.(*vmm.Machine)
+			defer m.Close()
+			var got snapshot.State
+			if err := m.CaptureState(&got); err != nil {
+				t.Fatal(err)
+			}
+			for i := range want.VCPU.MSRs {
+				if want.VCPU.MSRs[i].Index == 0x10 && got.VCPU.MSRs[i].Index == 0x10 {
+					want.VCPU.MSRs[i].Data = got.VCPU.MSRs[i].Data
+				}
+			}
+			got.Header.Created, want.Header.Created = 0, 0
+			got.Header.Kind = want.Header.Kind
+			if !reflect.DeepEqual(*want, got) {
+				t.Fatalf("restored state differs from the file's:\nfile:     %+v\nrestored: %+v", *want, got)
+			}
+			if !bytes.Equal(fileMem, m.Memory()) {
+				t.Fatal("restored memory differs from the file's")
+			}
+			t.Logf("state equal: rip %#x, %d exits, %d MSRs, halted %v, virtual time %v",
+				got.VCPU.Regs.RIP, got.Machine.Stats.Exits, len(got.VCPU.MSRs), got.Machine.Halted, time.Duration(got.Env.Now))
+		})
+	}
+}

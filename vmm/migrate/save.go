@@ -36,9 +36,9 @@ type Options struct {
 
 // Progress describes a transfer under way.
 type Progress struct {
-	Phase   string `json:"phase"` // "precopy", "stop-and-copy", "done"
-	Round   int    `json:"round"` // 1 = the full pass
-	Sent    int64  `json:"bytes_sent"`
+	Phase   string `json:"phase"`      // "precopy", "stop-and-copy", "done"
+	Round   int    `json:"round"`      // 1 = the full pass
+	Sent    int64  `json:"bytes_sent"` // bytes that left for the destination or file
 	Pages   uint64 `json:"pages_sent"`
 	Dirty   int    `json:"dirty_pages"`   // pages this round started with
 	Scanned uint64 `json:"pages_scanned"` // of this round's pages
@@ -77,7 +77,8 @@ func Save(m *vmm.Machine, w io.Writer, opts Options) (res Result, err error) {
 	pw := &pacedWriter{w: w, rate: opts.Bandwidth, start: start}
 	bw := bufio.NewWriterSize(pw, 1<<20)
 	fw := snapshot.NewWriter(bw)
-	s := &saver{m: m, fw: fw, bw: bw, opts: opts, mem: m.Memory(), pages: m.Pages()}
+	s := &saver{m: m, fw: fw, bw: bw, pw: pw, opts: opts, mem: m.Memory(), pages: m.Pages()}
+	pw.onWrite = func() { s.progress(false) }
 	paused := false
 	logOn := false
 	defer func() {
@@ -185,7 +186,8 @@ func Save(m *vmm.Machine, w io.Writer, opts Options) (res Result, err error) {
 	res.Pages = s.sw.PageRecords()
 	res.Pause = time.Since(res.PausedAt)
 	res.Total = time.Since(start)
-	s.progress(Progress{Phase: "done", Round: res.Rounds}, true)
+	s.cur = Progress{Phase: "done", Round: res.Rounds}
+	s.progress(true)
 	return res, nil
 }
 
@@ -193,10 +195,12 @@ type saver struct {
 	m     *vmm.Machine
 	fw    *snapshot.Writer
 	bw    *bufio.Writer
+	pw    *pacedWriter
 	sw    *snapshot.StreamWriter
 	opts  Options
 	mem   []byte
 	pages uint64
+	cur   Progress // the round under way
 	last  time.Time
 }
 
@@ -211,46 +215,40 @@ func (s *saver) stop(res *Result) error {
 
 // full sends every non-zero page.
 func (s *saver) full(phase string, round int) error {
-	p := Progress{Phase: phase, Round: round, ToScan: s.pages, Dirty: int(s.pages)}
+	s.cur = Progress{Phase: phase, Round: round, ToScan: s.pages, Dirty: int(s.pages)}
+	s.progress(true)
 	for pfn := uint64(0); pfn < s.pages; pfn++ {
 		if err := s.sw.Page(pfn, s.mem[pfn*snapshot.PageSize:][:snapshot.PageSize], true); err != nil {
 			return err
 		}
 		if pfn%1024 == 1023 {
-			p.Scanned = pfn + 1
-			s.progress(p, false)
+			s.cur.Scanned = pfn + 1
+			s.progress(false)
 		}
 	}
-	p.Scanned = s.pages
-	if err := s.flush(); err != nil {
-		return err
-	}
-	s.progress(p, true)
-	return nil
+	s.cur.Scanned = s.pages
+	return s.flush()
 }
 
 // dirty sends the pages of bitmap, zero pages included.
 func (s *saver) dirty(bitmap []uint64, phase string, round, n int) error {
-	p := Progress{Phase: phase, Round: round, Dirty: n, ToScan: uint64(n)}
+	s.cur = Progress{Phase: phase, Round: round, Dirty: n, ToScan: uint64(n)}
+	s.progress(true)
 	var err error
 	vmm.ForEachPage(bitmap, func(pfn uint64) {
 		if err != nil {
 			return
 		}
 		err = s.sw.Page(pfn, s.mem[pfn*snapshot.PageSize:][:snapshot.PageSize], false)
-		p.Scanned++
-		if p.Scanned%1024 == 0 {
-			s.progress(p, false)
+		s.cur.Scanned++
+		if s.cur.Scanned%1024 == 0 {
+			s.progress(false)
 		}
 	})
 	if err != nil {
 		return err
 	}
-	if err := s.flush(); err != nil {
-		return err
-	}
-	s.progress(p, true)
-	return nil
+	return s.flush()
 }
 
 func (s *saver) flush() error {
@@ -260,29 +258,39 @@ func (s *saver) flush() error {
 	return s.bw.Flush()
 }
 
-func (s *saver) progress(p Progress, force bool) {
+// progress reports the round under way, at most every progressEvery
+// unless forced; the paced writer calls it too, as bytes leave.
+func (s *saver) progress(force bool) {
 	if s.opts.Progress == nil || (!force && time.Since(s.last) < progressEvery) {
 		return
 	}
 	s.last = time.Now()
-	p.Sent = s.fw.Written()
-	p.Pages = s.sw.PageRecords()
+	p := s.cur
+	p.Sent = s.pw.n
+	if s.sw != nil {
+		p.Pages = s.sw.PageRecords()
+	}
 	s.opts.Progress(p)
 }
 
 // pacedWriter holds a transfer to a byte rate: it writes in chunks of
 // about a tenth of a second's worth, each when it is due.
+// It counts the bytes written, and calls onWrite after each write.
 type pacedWriter struct {
-	w     io.Writer
-	rate  int64
-	start time.Time
-	n     int64
+	w       io.Writer
+	rate    int64
+	start   time.Time
+	n       int64
+	onWrite func()
 }
 
 func (p *pacedWriter) Write(b []byte) (int, error) {
 	if p.rate <= 0 {
 		n, err := p.w.Write(b)
 		p.n += int64(n)
+		if p.onWrite != nil {
+			p.onWrite()
+		}
 		return n, err
 	}
 	chunk := int(min(max(p.rate/10, 4096), 1<<20))
@@ -295,6 +303,9 @@ func (p *pacedWriter) Write(b []byte) (int, error) {
 		n, err := p.w.Write(b[done:min(done+chunk, len(b))])
 		p.n += int64(n)
 		done += n
+		if p.onWrite != nil {
+			p.onWrite()
+		}
 		if err != nil {
 			return done, err
 		}

@@ -115,24 +115,34 @@ func NewWriter(w io.Writer) *Writer { return &Writer{w: w} }
 
 // WriteFrame writes one frame. The payload may be reused after it returns.
 func (w *Writer) WriteFrame(t FrameType, payload []byte) error {
-	if len(payload) > MaxPayload {
-		return fmt.Errorf("snapshot: %v frame of %d bytes exceeds %d", t, len(payload), MaxPayload)
+	return w.WriteFrameParts(t, payload, nil)
+}
+
+// WriteFrameParts writes one frame whose payload is a followed by b,
+// without joining them.
+func (w *Writer) WriteFrameParts(t FrameType, a, b []byte) error {
+	size := len(a) + len(b)
+	if size > MaxPayload {
+		return fmt.Errorf("snapshot: %v frame of %d bytes exceeds %d", t, size, MaxPayload)
 	}
 	h := w.hdr[:]
-	binary.LittleEndian.PutUint32(h[0:], uint32(len(payload)))
+	binary.LittleEndian.PutUint32(h[0:], uint32(size))
 	binary.LittleEndian.PutUint16(h[4:], uint16(t))
 	h[6] = Version
 	h[7] = 0
 	crc := crc32.Update(0, castagnoli, h[:8])
-	crc = crc32.Update(crc, castagnoli, payload)
+	crc = crc32.Update(crc, castagnoli, a)
+	crc = crc32.Update(crc, castagnoli, b)
 	binary.LittleEndian.PutUint32(h[8:], crc)
-	if _, err := w.w.Write(h); err != nil {
-		return err
+	for _, p := range [][]byte{h, a, b} {
+		if len(p) == 0 {
+			continue
+		}
+		if _, err := w.w.Write(p); err != nil {
+			return err
+		}
 	}
-	if _, err := w.w.Write(payload); err != nil {
-		return err
-	}
-	w.written += int64(HeaderSize + len(payload))
+	w.written += int64(HeaderSize + size)
 	w.frames++
 	return nil
 }

@@ -10,7 +10,7 @@ import (
 // FuzzReadFile feeds arbitrary bytes to the snapshot file reader: it must
 // return an error or a state, never panic, hang or allocate without bound.
 //
-//	go test ./vmm/snapshot -run '^$' -fuzz FuzzReadFile -fuzztime 1m
+//	go test ./vmm/snapshot -run '^$' -fuzz FuzzReadFile -fuzztime 1m -fuzzminimizetime 5s
 func FuzzReadFile(f *testing.F) {
 	file, _ := writeSample(f, sampleState())
 	f.Add(file)
@@ -36,7 +36,7 @@ func FuzzReadFile(f *testing.F) {
 // FuzzSections feeds arbitrary payloads to each section decoder. What
 // decodes must encode and decode again to the same value.
 //
-//	go test ./vmm/snapshot -run '^$' -fuzz FuzzSections -fuzztime 1m
+//	go test ./vmm/snapshot -run '^$' -fuzz FuzzSections -fuzztime 1m -fuzzminimizetime 5s
 func FuzzSections(f *testing.F) {
 	s := sampleState()
 	f.Add(uint8(FrameHeader), EncodeHeader(nil, &s.Header))
@@ -124,7 +124,7 @@ func FuzzSections(f *testing.F) {
 
 // FuzzFrames feeds arbitrary bytes to the frame reader.
 //
-//	go test ./vmm/snapshot -run '^$' -fuzz FuzzFrames -fuzztime 1m
+//	go test ./vmm/snapshot -run '^$' -fuzz FuzzFrames -fuzztime 1m -fuzzminimizetime 5s
 func FuzzFrames(f *testing.F) {
 	file, _ := writeSample(f, sampleState())
 	f.Add(file[len(Magic):])

@@ -90,18 +90,18 @@ type Devices struct {
 // kept apart by kind: guest-caused exits can be found again by a replica,
 // kicks cannot.
 type Stats struct {
-	Exits        uint64 // guest-caused exits: replayable points
-	Kicks        uint64 // forced returns from KVM_RUN: non-replayable points
-	IOExits      uint64
-	MMIOExits    uint64
-	HaltExits    uint64
-	WindowExits  uint64
-	MSRExits     uint64
-	Injected     uint64 // interrupts injected with KVM_INTERRUPT
-	TimerEvents  uint64 // PIT ticks delivered
-	InputBytes   uint64 // UART bytes delivered
-	KickTimer    uint64 // timer events delivered at a kick point
-	ConsoleBytes uint64 // bytes the guest wrote to its console
+	Exits        uint64 `json:"exits"` // guest-caused exits: replayable points
+	Kicks        uint64 `json:"kicks"` // forced returns from KVM_RUN: non-replayable points
+	IOExits      uint64 `json:"io_exits"`
+	MMIOExits    uint64 `json:"mmio_exits"`
+	HaltExits    uint64 `json:"halt_exits"`
+	WindowExits  uint64 `json:"window_exits"`
+	MSRExits     uint64 `json:"msr_exits"`
+	Injected     uint64 `json:"injected"`      // interrupts injected with KVM_INTERRUPT
+	TimerEvents  uint64 `json:"timer_events"`  // PIT ticks delivered
+	InputBytes   uint64 `json:"input_bytes"`   // UART bytes delivered
+	KickTimer    uint64 `json:"kick_timer"`    // timer events delivered at a kick point
+	ConsoleBytes uint64 `json:"console_bytes"` // bytes the guest wrote to its console
 }
 
 // Machine is the VMM's own state around the vCPU.
@@ -182,7 +182,7 @@ func EncodeVCPU(dst []byte, v *VCPU) []byte {
 	dst = mustAppend(dst, &v.Regs)
 	dst = mustAppend(dst, &v.Sregs)
 	dst = mustAppend(dst, &v.FPU)
-	dst = mustAppend(dst, &v.XSave)
+	dst = mustAppend(dst, v.XSave.Region[:]) // a slice: encoding/binary's fast path
 	dst = mustAppend(dst, &v.XCRs)
 	dst = mustAppend(dst, &v.Events)
 	dst = mustAppend(dst, &v.DebugRegs)
@@ -201,7 +201,7 @@ func DecodeVCPU(p []byte, v *VCPU) error {
 	d.value(&v.Regs)
 	d.value(&v.Sregs)
 	d.value(&v.FPU)
-	d.value(&v.XSave)
+	d.value(v.XSave.Region[:])
 	d.value(&v.XCRs)
 	d.value(&v.Events)
 	d.value(&v.DebugRegs)

@@ -29,22 +29,23 @@ type StreamWriter struct {
 // NewStreamWriter writes h (its Version is set) and returns the writer for
 // the rest of the stream.
 func NewStreamWriter(w *Writer, h Header) (*StreamWriter, error) {
-	if err := CheckMemSize(h.MemSize); err != nil {
-		return nil, err
-	}
-	h.Version = Version
-	s := &StreamWriter{
-		w:     w,
-		start: w.Frames(),
-		pfns:  make([]uint64, 0, MaxPagesPerFrame),
-		data:  make([]byte, 0, MaxPagesPerFrame*PageSize),
-		zeros: make([]uint64, 0, MaxZeroPerFrame),
-		frame: make([]byte, 0, MaxPayload),
-	}
-	if err := w.WriteFrame(FrameHeader, EncodeHeader(s.frame[:0], &h)); err != nil {
+	s := &StreamWriter{}
+	if err := s.Reset(w, h); err != nil {
 		return nil, err
 	}
 	return s, nil
+}
+
+// Reset starts a new stream on w with header h, reusing s's buffers.
+func (s *StreamWriter) Reset(w *Writer, h Header) error {
+	if err := CheckMemSize(h.MemSize); err != nil {
+		return err
+	}
+	h.Version = Version
+	s.w, s.start, s.pages, s.closed = w, w.Frames(), 0, false
+	s.pfns, s.data, s.zeros = s.pfns[:0], s.data[:0], s.zeros[:0]
+	s.frame = EncodeHeader(s.frame[:0], &h)
+	return w.WriteFrame(FrameHeader, s.frame)
 }
 
 // Page adds guest page pfn with its current contents. A page of zeros is
@@ -79,9 +80,9 @@ func (s *StreamWriter) flushPages() error {
 	for _, pfn := range s.pfns {
 		p = le.AppendUint64(p, pfn)
 	}
-	p = append(p, s.data...)
+	err := s.w.WriteFrameParts(FramePages, p, s.data)
 	s.pfns, s.data = s.pfns[:0], s.data[:0]
-	return s.w.WriteFrame(FramePages, p)
+	return err
 }
 
 func (s *StreamWriter) flushZeros() error {

@@ -165,7 +165,9 @@ func (m *Machine) inject() {
 		run.RequestInterruptWindow = 0
 		return
 	}
-	run.RequestInterruptWindow = 1
+	if !m.noWindows {
+		run.RequestInterruptWindow = 1
+	}
 }
 
 func (m *Machine) handleIO() {

@@ -61,6 +61,10 @@ type Machine struct {
 	cpuid      []kvm.CPUIDEntry // what the vCPU was given
 	msrIndices []uint32         // the MSRs a capture saves (probed)
 
+	// noWindows: never request interrupt windows, because this KVM
+	// emulates ring 0 and its window exits are host-timed (quirks.go).
+	noWindows bool
+
 	// installed is false for a machine from NewEmpty until Install.
 	installed bool
 	// halted: the guest waits in HLT for an interrupt (see Run).
@@ -166,6 +170,7 @@ func newMachine(cfg *Config) (_ *Machine, err error) {
 			return nil, fmt.Errorf("%s lacks %v, which ftkvm needs", cfg.KVMPath, c)
 		}
 	}
+	m.noWindows = ring0Emulated(m.sys)
 	if m.mem, err = NewMemory(cfg.MemSize); err != nil {
 		return nil, err
 	}

@@ -322,7 +322,7 @@ static void fatal(struct frame *f)
 		poll_putx(cr2);
 	}
 	poll_puts("\n");
-	for (uint32_t i = 0; i < 10000000 && !(inb(0x3fd) & 0x40); i++)
+	for (uint32_t i = 0; i < 1000000 && !(inb(0x3fd) & 0x40); i++)
 		;
 	outb(DEBUG_EXIT, 3);
 	for (;;)

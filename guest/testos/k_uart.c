@@ -202,7 +202,7 @@ void uart_wait_idle(void)
 		tx_kick();
 		idle_wait();
 	}
-	for (uint32_t i = 0; i < 10000000 && !(inb(LSR) & LSR_TEMT); i++)
+	for (uint32_t i = 0; i < 1000000 && !(inb(LSR) & LSR_TEMT); i++)
 		;
 }
 

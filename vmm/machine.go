@@ -170,7 +170,9 @@ func newMachine(cfg *Config) (_ *Machine, err error) {
 			return nil, fmt.Errorf("%s lacks %v, which ftkvm needs", cfg.KVMPath, c)
 		}
 	}
-	m.noWindows = ring0Emulated(m.sys)
+	if ep, ok := cfg.Env.(ExactPoints); ok && ep.ExactPoints() {
+		m.noWindows = ring0Emulated(m.sys)
+	}
 	if m.mem, err = NewMemory(cfg.MemSize); err != nil {
 		return nil, err
 	}

@@ -16,9 +16,11 @@ import (
 // differed by one window exit and two port exits. A position that counts
 // such exits would not be found again by a replica.
 //
-// On such a KVM ftkvm therefore never requests a window: an interrupt the
-// guest cannot take at an exit waits for its next exit (port access, HLT,
-// MSR), which is a point the guest chose. Ring 3 runs natively there and
+// On such a KVM, an environment that needs every point to be replayable
+// (ExactPoints: record/replay, replication) gets no windows: an interrupt
+// the guest cannot take at an exit waits for its next exit (port access,
+// HLT, MSR), which is a point the guest chose. The live environment keeps
+// windows, for latency. Ring 3 runs natively there and
 // always has interrupts enabled, so only ring-0 code that disables
 // interrupts and then runs long without exiting waits longer. On a KVM
 // with native ring 0 (bare metal, the nested tier) windows are exact and
@@ -39,4 +41,10 @@ func ring0Emulated(sys *kvm.System) bool {
 		ring0Probe.emulated = err == nil && ips < 100e6
 	})
 	return ring0Probe.emulated
+}
+
+// ExactPoints is implemented by environments that must find every delivery
+// point again on another run (record/replay, replication).
+type ExactPoints interface {
+	ExactPoints() bool
 }

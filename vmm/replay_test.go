@@ -69,6 +69,7 @@ func (e *recordEnv) Now() int64 {
 	return n
 }
 func (e *recordEnv) Start(func()) error { e.start = time.Now(); return nil }
+func (e *recordEnv) ExactPoints() bool  { return true }
 func (e *recordEnv) Stop()              {}
 func (e *recordEnv) At(p Point, t Target) error {
 	if p.Kind != PointExit {
@@ -122,6 +123,7 @@ func (e *replayEnv) Now() int64 {
 	return n
 }
 func (e *replayEnv) Start(func()) error { return nil }
+func (e *replayEnv) ExactPoints() bool  { return true }
 func (e *replayEnv) Stop()              {}
 func (e *replayEnv) At(p Point, t Target) error {
 	if e.err != nil {

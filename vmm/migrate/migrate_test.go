@@ -178,7 +178,9 @@ func TestSnapshotFileRoundTrip(t *testing.T) {
 }
 
 func TestMigrateLive(t *testing.T) {
-	const cmd = "workload=compute mib=128 every=8 hz=100"
+	// Long enough (seconds) that the guest is still computing when the
+	// migration ends, even on a fast, quiet machine.
+	const cmd = "workload=compute mib=2048 every=128 hz=100"
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -196,7 +198,7 @@ func TestMigrateLive(t *testing.T) {
 		rc <- recv{tgt, err}
 	}()
 	src := bootTestOS(t, cmd)
-	waitFor(t, src, "compute mib=16 ")
+	waitFor(t, src, "compute mib=128 ")
 	var rounds []Progress
 	res, err := Send(src.m, l.Addr().String(), Options{Progress: func(p Progress) { rounds = append(rounds, p) }})
 	if err != nil {
@@ -215,7 +217,7 @@ func TestMigrateLive(t *testing.T) {
 	if err := dst.wait(t); err != nil || dst.st != 0 {
 		t.Fatalf("destination: %d %v\n%s", dst.st, err, out.String())
 	}
-	checkCompute(t, src.out.String()+out.String(), 128, 8)
+	checkCompute(t, src.out.String()+out.String(), 2048, 128)
 	t.Logf("migrated: %d bytes in %d rounds, %d pages at stop, pause %v, total %v",
 		res.Bytes, res.Rounds, res.Dirty, res.Pause, res.Total)
 }

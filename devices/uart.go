@@ -185,8 +185,12 @@ func (u *UART) RxSpace() int {
 }
 
 // ReceiveEnabled reports whether the guest enabled the received-data
-// interrupt (IER ERBFI), the sign that a driver is ready for input.
-func (u *UART) ReceiveEnabled() bool { return u.ier&UART_IER_RDI != 0 }
+// interrupt (IER ERBFI) with the FIFOs on: the sign that a driver is ready
+// for input. Drivers such as Linux's 8250 enable ERBFI before they turn the
+// FIFOs on, which clears them; input delivered in between would be lost.
+func (u *UART) ReceiveEnabled() bool {
+	return u.ier&UART_IER_RDI != 0 && u.fcr&UART_FCR_ENABLE_FIFO != 0
+}
 
 // Receive delivers a byte from the serial line. It returns false if the
 // byte was not stored: in loopback mode (input disconnected; nothing else

@@ -127,7 +127,7 @@ func compareStates(a, b *snapshot.State) []string {
 func TestRestoredStateMatchesSnapshot(t *testing.T) {
 	for _, cmdline := range []string{
 		"workload=counter lines=30 hz=200",
-		"workload=compute mib=64 every=8 hz=100",
+		"workload=compute mib=512 every=64 hz=100",
 		"workload=interleave lines=30 hz=250",
 	} {
 		t.Run(strings.Fields(cmdline)[0], func(t *testing.T) {

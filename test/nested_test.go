@@ -84,7 +84,7 @@ func TestNestedFTKVM(t *testing.T) {
 		}
 		t.Logf("%s: ok in %v", name, c.Duration.Round(time.Millisecond))
 	}
-	check("probe", "ring 0                          native", "single-step ring 0              yes", "single-step ring 3              yes")
+	check("probe")
 	for _, k := range []string{"linux-bzimage", "linux-pvh"} {
 		check(k, "FTKVM-GUEST-READY", "line 1\n", "line 10\n", "FTKVM-GUEST-DONE status=0")
 	}
@@ -95,7 +95,12 @@ func TestNestedFTKVM(t *testing.T) {
 	check("testos-compute", "compute mib=4 sum="+computeSums(4, 2)[4], "testos: PASS")
 	check("testos-clock", "testos: PASS")
 	check("testos-echo", "echo: NESTED", "testos: PASS")
-	if c := res.Command("probe"); c != nil && !regexp.MustCompile(`ring 0\s+native`).MatchString(c.Output) {
-		t.Errorf("probe does not report native ring 0:\n%s", c.Output)
+	// In L1, kvm_amd runs ring 0 natively and single-steps at every ring.
+	if c := res.Command("probe"); c != nil {
+		for _, re := range []string{`ring 0\s+native`, `single-step ring 0\s+yes`, `single-step ring 3\s+yes`} {
+			if !regexp.MustCompile(re).MatchString(c.Output) {
+				t.Errorf("probe output does not match %q:\n%s", re, c.Output)
+			}
+		}
 	}
 }

@@ -43,14 +43,14 @@ func TestNestedFTKVM(t *testing.T) {
 	defer cancel()
 	cmds := []nested.Command{
 		{Name: "probe", Cmd: l1FTKVM + " probe"},
-		{Name: "linux-bzimage", Cmd: linuxRun(nested.GuestVmlinuz), Timeout: 4 * time.Minute},
-		{Name: "linux-pvh", Cmd: linuxRun(nested.GuestVmlinux), Timeout: 4 * time.Minute},
+		{Name: "linux-bzimage", Cmd: linuxRun(nested.GuestVmlinuz), Timeout: 6 * time.Minute},
+		{Name: "linux-pvh", Cmd: linuxRun(nested.GuestVmlinux), Timeout: 6 * time.Minute},
 		{Name: "linux-compute", Cmd: fmt.Sprintf("%s run --kernel %s --initrd %s --cmdline 'quiet ftkvm.workload=compute ftkvm.n=%d'",
-			l1FTKVM, nested.GuestVmlinux, nested.GuestInitramfs, linuxComputeN), Timeout: 4 * time.Minute},
+			l1FTKVM, nested.GuestVmlinux, nested.GuestInitramfs, linuxComputeN), Timeout: 6 * time.Minute},
 		// Input is piped from the start: ftkvm holds it until the guest's
 		// UART driver enables receive interrupts, so none is lost.
 		{Name: "linux-echo", Cmd: fmt.Sprintf("printf 'fault tolerant\nquit\n' | %s run --kernel %s --initrd %s --cmdline 'quiet ftkvm.workload=echo'",
-			l1FTKVM, nested.GuestVmlinuz, nested.GuestInitramfs), Timeout: 4 * time.Minute},
+			l1FTKVM, nested.GuestVmlinuz, nested.GuestInitramfs), Timeout: 6 * time.Minute},
 		{Name: "testos-counter", Cmd: testosRun("workload=counter lines=5 hz=100")},
 		{Name: "testos-interleave", Cmd: testosRun("workload=interleave lines=6 hz=250")},
 		{Name: "testos-compute", Cmd: testosRun("workload=compute mib=4 every=2")},

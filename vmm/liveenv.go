@@ -56,10 +56,7 @@ func NewLiveEnvAt(now int64, in io.Reader) *LiveEnv {
 		done:    make(chan struct{}),
 		input:   in,
 	}
-	// Unknown until the first point reports it: deadline 0 makes the
-	// kicker kick once at start, so a guest that computes for long before
-	// its first exit still reaches a point and gets its timer ticks.
-	e.deadline.Store(0)
+	e.deadline.Store(noDeadline)
 	e.frozen.Store(max(now, 0)) // until Start
 	return e
 }

@@ -37,6 +37,11 @@ func (m *Machine) Run() (int, error) {
 		return 0, fmt.Errorf("start environment: %w", err)
 	}
 	defer m.env.Stop()
+	// The first KVM_RUN returns at once: a kick point before any guest
+	// code runs, where the environment learns the timer deadline (of a
+	// fresh boot or an installed snapshot). Without it, a guest computing
+	// for long before its first exit would get no ticks until then.
+	m.kvcpu.Kick()
 
 	for {
 		if m.ctl.pending.Load() != 0 {

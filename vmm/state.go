@@ -233,10 +233,8 @@ func (m *Machine) Install(s *snapshot.State) error {
 	if es, ok := m.env.(StateSaver); ok {
 		es.RestoreState(&s.Env)
 	}
-	// Start with a kick point, so that the environment sees the installed
-	// devices (the timer deadline) before the guest runs: a guest spinning
-	// at ring 3 without exits would otherwise wait for ticks forever.
-	m.kvcpu.Kick()
+	// Run starts with a kick point, so the environment sees the installed
+	// timer deadline before the guest runs.
 	m.installed = true
 	return nil
 }

@@ -259,12 +259,32 @@ type Checkpoint struct {
 // page; later calls capture the pages written since the previous call. The
 // guest does not run meanwhile, so pages and state agree.
 func (m *Machine) Checkpoint(cp *Checkpoint) error {
+	return m.CheckpointWith(cp, CheckpointOptions{})
+}
+
+// CheckpointOptions vary what CheckpointWith captures.
+type CheckpointOptions struct {
+	// Full captures every page even when the dirty log is on (a replica
+	// joining a running primary needs the whole memory).
+	Full bool
+	// Extra adds pages (a bitmap of BitmapWords words) to those the dirty
+	// log reports: pages a caller already drained from the log since the
+	// previous checkpoint, as a replica hashing each epoch's dirty pages
+	// does.
+	Extra []uint64
+}
+
+// CheckpointWith is Checkpoint with options.
+func (m *Machine) CheckpointWith(cp *Checkpoint, o CheckpointOptions) error {
 	if !m.quiescent {
 		return errNotQuiescent
 	}
 	words := m.BitmapWords()
+	if o.Extra != nil && len(o.Extra) < words {
+		return fmt.Errorf("checkpoint: extra bitmap of %d words, %d needed", len(o.Extra), words)
+	}
 	cp.Dirty = slices.Grow(cp.Dirty[:0], words)[:words]
-	cp.Full = !m.dl.on.Load()
+	cp.Full = o.Full || !m.dl.on.Load()
 	if cp.Full {
 		if err := m.EnableDirtyLog(); err != nil {
 			return err
@@ -281,6 +301,13 @@ func (m *Machine) Checkpoint(cp *Checkpoint) error {
 		n, err := m.DirtyLog(cp.Dirty)
 		if err != nil {
 			return err
+		}
+		if o.Extra != nil {
+			n = 0
+			for i := range cp.Dirty {
+				cp.Dirty[i] |= o.Extra[i]
+				n += bits.OnesCount64(cp.Dirty[i])
+			}
 		}
 		cp.N = n
 	}

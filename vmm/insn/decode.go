@@ -1,0 +1,347 @@
+// Package insn is the instruction-level part of the step clock (vmm's
+// EpochStep): it recognises, in the bytes at the guest's RIP, the few x86
+// instructions that ftkvm must not let KVM execute under single-step
+// (instructions whose result depends on the host, HLT, and the returns that
+// can leave ring 0), computes what executing them does, and walks the
+// guest's page tables to find those bytes. It is pure: no KVM, no guest,
+// so every rule is table-tested and fuzzed.
+package insn
+
+import "golang.org/x/arch/x86/x86asm"
+
+// Mode is the code size of the instruction stream: 16, 32 or 64.
+type Mode int
+
+const (
+	Mode16 Mode = 16
+	Mode32 Mode = 32
+	Mode64 Mode = 64
+)
+
+// Kind is what Decode found.
+type Kind uint8
+
+const (
+	// None: an instruction KVM may execute itself (or bytes Decode could
+	// not read); the step clock lets it run.
+	None Kind = iota
+	// RDTSC (0F 31) and RDTSCP (0F 01 F9) read the time-stamp counter.
+	RDTSC
+	RDTSCP
+	// RDRAND (0F C7 /6, register form), RDSEED (0F C7 /7) and RDPID
+	// (F3 0F C7 /7) read host randomness or the host's TSC_AUX.
+	RDRAND
+	RDSEED
+	RDPID
+	// Undefined: the 0F 31 / 0F 01 F9 / 0F C7 register forms with a prefix
+	// that makes them #UD on every CPU (LOCK; F2 or F3 where no such
+	// instruction exists). The step clock raises #UD itself rather than
+	// trust KVM's emulator to refuse them.
+	Undefined
+	// HLT (F4).
+	HLT
+	// IRET (CF, any operand size), RETF (CB, CA iw), SYSRET (0F 07) and
+	// SYSEXIT (0F 35): the instructions that can move ring 0 code to an
+	// outer ring.
+	IRET
+	RETF
+	SYSRET
+	SYSEXIT
+)
+
+var kindNames = [...]string{None: "none", RDTSC: "RDTSC", RDTSCP: "RDTSCP", RDRAND: "RDRAND",
+	RDSEED: "RDSEED", RDPID: "RDPID", Undefined: "undefined opcode", HLT: "HLT", IRET: "IRET",
+	RETF: "RETF", SYSRET: "SYSRET", SYSEXIT: "SYSEXIT"}
+
+func (k Kind) String() string {
+	if int(k) < len(kindNames) {
+		return kindNames[k]
+	}
+	return "kind?"
+}
+
+// Environment reports whether k reads the host (RDTSC, RDTSCP, RDRAND,
+// RDSEED, RDPID): the instructions the step clock emulates or refuses.
+func (k Kind) Environment() bool { return k >= RDTSC && k <= RDPID }
+
+// LeavesRing0 reports whether k may switch the CPU to an outer ring.
+func (k Kind) LeavesRing0() bool { return k >= IRET && k <= SYSEXIT }
+
+// MaxLen is the architectural limit on an instruction's length.
+const MaxLen = 15
+
+// Insn is a decoded instruction of one of the kinds above.
+type Insn struct {
+	Kind Kind
+	Len  uint8 // bytes, prefixes included
+	// OpSize is the operand size in bytes (2, 4 or 8): for IRET and RETF
+	// the size of each stack slot, for RDRAND/RDSEED/RDPID the
+	// destination's.
+	OpSize uint8
+	// Reg is the destination register of RDRAND/RDSEED/RDPID (0 = rAX ...
+	// 15 = r15, REX.B included).
+	Reg uint8
+	// Imm is RETF's immediate (bytes released from the stack).
+	Imm uint16
+}
+
+// Prefix bytes and their effect on the instructions Decode knows.
+const (
+	pfxOpSize = 0x66
+	pfxAddr   = 0x67
+	pfxLock   = 0xf0
+	pfxRepne  = 0xf2
+	pfxRep    = 0xf3
+)
+
+func isLegacyPrefix(c byte) bool {
+	switch c {
+	case pfxOpSize, pfxAddr, pfxLock, pfxRepne, pfxRep, 0x26, 0x2e, 0x36, 0x3e, 0x64, 0x65:
+		return true
+	}
+	return false
+}
+
+// Decode looks at the instruction at the start of b (up to MaxLen bytes are
+// used) in the given mode. It never allocates: it runs before every
+// single-stepped instruction. Anything it does not know, or cannot see
+// completely in b, is None: the step clock then lets KVM execute it, and an
+// instruction that cannot be fetched faults in the guest as it would
+// anyway.
+//
+// The byte-level scan decides; for the opcodes x86asm knows (RDTSC,
+// RDTSCP, RDRAND, HLT, IRET, RETF, SYSRET, SYSEXIT) the fuzz target checks
+// that it agrees with x86asm on the kind and the length (FuzzDecode).
+func Decode(b []byte, mode Mode) Insn {
+	if len(b) > MaxLen {
+		b = b[:MaxLen]
+	}
+	var (
+		i                             int
+		opsize, lock, rep, repne, rex bool
+		rexW, rexB                    bool
+		lastMandatory                 byte // the last of F2/F3: it selects the instruction
+	)
+	for i < len(b) {
+		c := b[i]
+		if isLegacyPrefix(c) {
+			switch c {
+			case pfxOpSize:
+				opsize = true
+			case pfxLock:
+				lock = true
+			case pfxRep:
+				rep, lastMandatory = true, c
+			case pfxRepne:
+				repne, lastMandatory = true, c
+			}
+			rex, rexW, rexB = false, false, false // a REX before a legacy prefix is ignored
+			i++
+			continue
+		}
+		if mode == Mode64 && c&0xf0 == 0x40 {
+			rex, rexW, rexB = true, c&8 != 0, c&1 != 0
+			i++
+			continue
+		}
+		break
+	}
+	_ = rex
+	if i >= len(b) {
+		return Insn{}
+	}
+	op := b[i]
+	i++
+	stackSize := func() uint8 {
+		switch {
+		case mode == Mode64 && rexW:
+			return 8
+		case mode == Mode16 && !opsize, mode != Mode16 && opsize:
+			return 2
+		}
+		return 4
+	}
+	switch op {
+	case 0xf4:
+		if lock {
+			return Insn{}
+		}
+		return Insn{Kind: HLT, Len: uint8(i)}
+	case 0xcf:
+		if lock {
+			return Insn{}
+		}
+		return Insn{Kind: IRET, Len: uint8(i), OpSize: stackSize()}
+	case 0xcb:
+		if lock {
+			return Insn{}
+		}
+		return Insn{Kind: RETF, Len: uint8(i), OpSize: stackSize()}
+	case 0xca:
+		if lock || i+2 > len(b) {
+			return Insn{}
+		}
+		return Insn{Kind: RETF, Len: uint8(i + 2), OpSize: stackSize(), Imm: uint16(b[i]) | uint16(b[i+1])<<8}
+	case 0x0f:
+	default:
+		return Insn{}
+	}
+	if i >= len(b) {
+		return Insn{}
+	}
+	op2 := b[i]
+	i++
+	switch op2 {
+	case 0x31:
+		if lock {
+			return Insn{Kind: Undefined, Len: uint8(i)}
+		}
+		return Insn{Kind: RDTSC, Len: uint8(i)}
+	case 0x07:
+		// SYSRET exists in 64-bit mode (and on AMD in legacy mode, where
+		// ftkvm's guests never use it); elsewhere it is #UD, which KVM
+		// raises by itself.
+		if lock || mode != Mode64 {
+			return Insn{}
+		}
+		return Insn{Kind: SYSRET, Len: uint8(i)}
+	case 0x35:
+		if lock {
+			return Insn{}
+		}
+		return Insn{Kind: SYSEXIT, Len: uint8(i)}
+	case 0x01:
+		if i >= len(b) || b[i] != 0xf9 {
+			return Insn{}
+		}
+		i++
+		if lock {
+			return Insn{Kind: Undefined, Len: uint8(i)}
+		}
+		return Insn{Kind: RDTSCP, Len: uint8(i)}
+	case 0xc7:
+		if i >= len(b) {
+			return Insn{}
+		}
+		modrm := b[i]
+		i++
+		if modrm>>6 != 3 {
+			return Insn{} // memory forms: CMPXCHG8B/16B, VMPTRLD, VMPTRST, ...
+		}
+		reg := (modrm >> 3) & 7
+		if reg != 6 && reg != 7 {
+			return Insn{}
+		}
+		dst := modrm & 7
+		if rexB {
+			dst += 8
+		}
+		size := uint8(4)
+		switch {
+		case mode == Mode64 && rexW:
+			size = 8
+		case mode == Mode16 && !opsize, mode != Mode16 && opsize:
+			size = 2
+		}
+		switch {
+		case lock:
+			return Insn{Kind: Undefined, Len: uint8(i)}
+		case reg == 7 && lastMandatory == pfxRep:
+			// RDPID: always the full register width (64-bit in 64-bit
+			// mode, 32-bit elsewhere), whatever the operand size.
+			size = 4
+			if mode == Mode64 {
+				size = 8
+			}
+			return Insn{Kind: RDPID, Len: uint8(i), OpSize: size, Reg: dst}
+		case rep || repne:
+			// F2 0F C7 /6 and /7, F3 0F C7 /6 (SENDUIPI in 64-bit mode,
+			// part of a feature ftkvm never exposes): #UD here.
+			return Insn{Kind: Undefined, Len: uint8(i)}
+		case reg == 6:
+			return Insn{Kind: RDRAND, Len: uint8(i), OpSize: size, Reg: dst}
+		default:
+			return Insn{Kind: RDSEED, Len: uint8(i), OpSize: size, Reg: dst}
+		}
+	}
+	return Insn{}
+}
+
+// x86asmOp is the x86asm opcode a kind corresponds to, for the kinds
+// x86asm knows (it has no RDSEED or RDPID, and it accepts prefixes the CPU
+// refuses, so Undefined has no counterpart).
+func x86asmOp(in Insn) (x86asm.Op, bool) {
+	switch in.Kind {
+	case RDTSC:
+		return x86asm.RDTSC, true
+	case RDTSCP:
+		return x86asm.RDTSCP, true
+	case RDRAND:
+		return x86asm.RDRAND, true
+	case HLT:
+		return x86asm.HLT, true
+	case IRET:
+		switch in.OpSize {
+		case 8:
+			return x86asm.IRETQ, true
+		case 4:
+			return x86asm.IRETD, true
+		}
+		return x86asm.IRET, true
+	case RETF:
+		return x86asm.LRET, true
+	case SYSRET:
+		return x86asm.SYSRET, true
+	case SYSEXIT:
+		return x86asm.SYSEXIT, true
+	}
+	return 0, false
+}
+
+// Confirm re-decodes an instruction Decode found with x86asm, the
+// reference decoder, and reports whether x86asm agrees on the opcode and
+// the length. The step clock calls it before it acts on anything but HLT:
+// a disagreement means the byte scan has a bug, and the step clock then
+// stops rather than guess. (x86asm allocates for some operands; Confirm
+// runs only for the rare instructions Decode flags.)
+func Confirm(b []byte, mode Mode, in Insn) bool {
+	want, ok := x86asmOp(in)
+	if !ok {
+		// RDSEED, RDPID and Undefined: x86asm does not know them (or
+		// accepts prefixes the CPU refuses); the byte scan is the only
+		// decoder, and the table tests pin it.
+		return in.Kind != None
+	}
+	var buf [MaxLen]byte
+	nb, dropped := normalize(b, mode, &buf)
+	got, err := x86asm.Decode(nb, int(mode))
+	return err == nil && got.Op == want && got.Len+dropped == int(in.Len)
+}
+
+// normalize copies b into buf without the REX bytes the CPU ignores (a REX
+// not immediately before the opcode: followed by a legacy prefix or another
+// REX): x86asm refuses such sequences, although the CPU runs them.
+func normalize(b []byte, mode Mode, buf *[MaxLen]byte) ([]byte, int) {
+	if len(b) > MaxLen {
+		b = b[:MaxLen]
+	}
+	n, dropped := 0, 0
+	for i, c := range b {
+		if mode == Mode64 && c&0xf0 == 0x40 && i+1 < len(b) && (isLegacyPrefix(b[i+1]) || b[i+1]&0xf0 == 0x40) && allPrefixes(b[:i], mode) {
+			dropped++
+			continue
+		}
+		buf[n] = c
+		n++
+	}
+	return buf[:n], dropped
+}
+
+func allPrefixes(b []byte, mode Mode) bool {
+	for _, c := range b {
+		if !isLegacyPrefix(c) && !(mode == Mode64 && c&0xf0 == 0x40) {
+			return false
+		}
+	}
+	return true
+}

@@ -39,7 +39,10 @@ import (
 // Version is the format version this package writes and the only one it
 // reads. Any change to a frame's layout (including the device and register
 // structs it embeds, see layout_test.go) needs a new version.
-const Version = 1
+//
+// Version 2: the machine frame's Stats carry the step clock's counters
+// (Steps, Instrs, Emulated), and its PointKind may be a step point.
+const Version = 2
 
 // Magic starts every snapshot file.
 const Magic = "FTKVMSNP"

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"reflect"
@@ -41,9 +42,10 @@ func sampleState() *State {
 	s.Devices.RTC.RAM[0x0b] = 2
 	s.Devices.RTC.RefSec = 1_795_000_000
 	s.Devices.I8042.CTR = 0x47
-	s.Machine = Machine{TSCOffset: 99, Halted: true, RequestInterruptWindow: true, PointKind: 1, PointExits: 1234}
+	s.Machine = Machine{TSCOffset: 99, Halted: true, RequestInterruptWindow: true, PointKind: 2, PointExits: 1234}
 	s.Machine.Stats.Exits = 1234
 	s.Machine.Stats.ConsoleBytes = 77
+	s.Machine.Stats.Steps, s.Machine.Stats.Instrs, s.Machine.Stats.Emulated = 5000, 17, 3
 	s.Env = Env{Now: 5_000_000_000, Input: []byte("quit\n")}
 	return s
 }
@@ -161,23 +163,25 @@ func TestCorrupt(t *testing.T) {
 func TestOtherVersion(t *testing.T) {
 	file, _ := writeSample(t, sampleState())
 	b := bytes.Clone(file)
-	// Rewrite the first frame as version 2 with a valid checksum: a
+	// Rewrite the first frame as the next version with a valid checksum: a
 	// future ftkvm's file, not a corrupt one.
+	const other = Version + 1
 	h := b[len(Magic):]
 	size := binary.LittleEndian.Uint32(h)
-	h[6] = 2
+	h[6] = other
 	payload := h[HeaderSize : HeaderSize+int(size)]
-	binary.LittleEndian.PutUint32(payload, 2)
+	binary.LittleEndian.PutUint32(payload, other)
 	var fw bytes.Buffer
 	w := NewWriter(&fw)
 	if err := w.WriteFrame(FrameHeader, payload); err != nil {
 		t.Fatal(err)
 	}
 	copy(h, fw.Bytes())
-	h[6] = 2
+	h[6] = other
 	_, _, err := readSample(b)
 	var ve *VersionError
-	if !errors.As(err, &ve) || ve.Got != 2 || !strings.Contains(err.Error(), "version 2; this ftkvm reads version 1") {
+	want := fmt.Sprintf("version %d; this ftkvm reads version %d", other, Version)
+	if !errors.As(err, &ve) || ve.Got != other || !strings.Contains(err.Error(), want) {
 		t.Fatalf("got %v", err)
 	}
 }
@@ -322,8 +326,8 @@ func TestFrameReaderEOF(t *testing.T) {
 	}
 }
 
-// Encoded sizes of the device and machine sections in format version 1.
+// Encoded sizes of the device and machine sections in format version 2.
 const (
 	devicesSize = 409
-	machineSize = 115
+	machineSize = 139
 )

@@ -102,6 +102,13 @@ type Stats struct {
 	InputBytes   uint64 `json:"input_bytes"`   // UART bytes delivered
 	KickTimer    uint64 `json:"kick_timer"`    // timer events delivered at a kick point
 	ConsoleBytes uint64 `json:"console_bytes"` // bytes the guest wrote to its console
+	// The step clock (vmm.EpochStep); all three stay 0 with the exit clock.
+	Steps uint64 `json:"steps"` // guest instructions retired: single-stepped by KVM or emulated
+	// Instrs is the second component of the position: instructions retired
+	// since the last guest-caused exit (vmm.Point.Instrs). It is kept here
+	// so that a snapshot or checkpoint resumes counting where it stopped.
+	Instrs   uint64 `json:"instrs"`
+	Emulated uint64 `json:"emulated"` // RDTSC/RDTSCP/RDPID the step clock emulated, and the #UD/#GP it raised instead
 }
 
 // Machine is the VMM's own state around the vCPU.
@@ -113,7 +120,7 @@ type Machine struct {
 	// RequestInterruptWindow is kvm_run's flag as the loop left it.
 	RequestInterruptWindow bool
 	PointKind              uint8  // vmm.PointKind of the last delivery point
-	PointExits             uint64 // its position (guest-caused exits)
+	PointExits             uint64 // its position (guest-caused exits); Stats.Instrs is the rest of it
 	Stats                  Stats
 }
 
@@ -242,7 +249,7 @@ func DecodeMachine(p []byte, s *Machine) error {
 	if err := d.finish(); err != nil {
 		return err
 	}
-	if s.PointKind > 1 {
+	if s.PointKind > 2 {
 		return fmt.Errorf("machine: point kind %d: %w", s.PointKind, ErrCorrupt)
 	}
 	return nil

@@ -499,3 +499,7 @@ func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
 	}
 	return 0, nil
 }
+
+// Role is the node's role now: a backup that promoted itself is the
+// primary (its asynchronous events count from then on).
+func (n *Node) Role() Role { return n.role }

@@ -143,6 +143,26 @@ func (v *VCPU) Kick() {
 	}
 }
 
+// Refresh makes KVM rewrite kvm_run's status fields (if_flag,
+// ready_for_interrupt_injection, cr8, apic_base) from the vCPU's current
+// state without entering the guest: one KVM_RUN with ImmediateExit set,
+// which returns EINTR at once. After state was set (KVM_SET_REGS and the
+// rest) these fields still describe the state replaced until the next
+// KVM_RUN. Call it on the bound thread; it leaves ImmediateExit clear, so a
+// Kick that arrives during the call is absorbed by it.
+func (v *VCPU) Refresh() error {
+	setImmediateExit(v.run, 1)
+	reason, err := v.Run()
+	setImmediateExit(v.run, 0)
+	if err != nil {
+		return fmt.Errorf("KVM_RUN (refresh): %w", err)
+	}
+	if reason != ExitIntr {
+		return fmt.Errorf("KVM_RUN (refresh): with immediate_exit set it returned %v, not EINTR", reason)
+	}
+	return nil
+}
+
 // ClearImmediateExit resets ImmediateExit so the next Run enters the guest
 // again. It is atomic with respect to a concurrent Kick.
 func (v *VCPU) ClearImmediateExit() { setImmediateExit(v.run, 0) }

@@ -69,6 +69,13 @@ func DeterministicCPUID(in []kvm.CPUIDEntry) []kvm.CPUIDEntry {
 		case e.Function == 0x80000001:
 			e.Edx &^= cpuidExt1EdxRDTSCP
 			e.Ecx &^= cpuidExt1EcxMWAITX
+		case e.Function == 0xb || e.Function == 0x1f:
+			// Extended topology: EDX is the x2APIC ID of the host CPU the
+			// asking thread ran on, so two processes (two replicas) see
+			// different values. One CPU, ID 0.
+			e.Edx = 0
+		case e.Function == 0x8000001e:
+			e.Eax = 0 // AMD extended APIC ID, of the host CPU likewise
 		case e.Function == 0x80000007:
 			e.Edx &^= cpuidExt7EdxInvariantTSC
 		}

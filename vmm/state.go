@@ -233,6 +233,17 @@ func (m *Machine) Install(s *snapshot.State) error {
 	if es, ok := m.env.(StateSaver); ok {
 		es.RestoreState(&s.Env)
 	}
+	if m.ctl.started.Load() {
+		// Installed mid-run, on the vCPU thread (a replica's checkpoint):
+		// kvm_run's if_flag and ready_for_interrupt_injection still
+		// describe the replaced state, and inject() reads them at this
+		// very point. Have KVM refresh them from the installed state, as
+		// the captured machine's KVM had them; otherwise the two machines
+		// may disagree about taking an interrupt here.
+		if err := m.vcpu.Refresh(); err != nil {
+			return fmt.Errorf("install: %w", err)
+		}
+	}
 	// Run starts with a kick point, so the environment sees the installed
 	// timer deadline before the guest runs.
 	m.installed = true

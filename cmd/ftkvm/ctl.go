@@ -22,6 +22,7 @@ type ctlCmd struct {
 	Status   ctlStatusCmd   `cmd:"" help:"Show the guest's state, pause times and bytes sent."`
 	Snapshot ctlSnapshotCmd `cmd:"" help:"Write a snapshot of the guest to FILE; the guest keeps running unless --stop."`
 	Migrate  ctlMigrateCmd  `cmd:"" help:"Migrate the guest live to an ftkvm receive at HOST:PORT; the source exits once the destination runs it."`
+	Protect  ctlProtectCmd  `cmd:"" help:"Bring a new backup (ftkvm backup --listen HOST:PORT --join) in beside a running primary."`
 }
 
 type ctlPauseCmd struct{}
@@ -64,6 +65,10 @@ func (c *ctlCmd) status(s *ctlStatusCmd) (int, error) {
 	}
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(w, "state\t%s\n", st.State)
+	if rs := st.Replica; rs != nil {
+		fmt.Fprintf(w, "replica\t%s\n", rs.Summary)
+		fmt.Fprintf(w, "log\t%d records sent, %d acknowledged, %d bytes on the link\n", rs.LogSent, rs.LogAcked, rs.LinkBytes)
+	}
 	fmt.Fprintf(w, "virtual time\t%v\n", time.Duration(st.VirtualTimeNs).Round(time.Microsecond))
 	fmt.Fprintf(w, "exits\t%d (kicks %d, interrupts injected %d, timer ticks %d)\n",
 		st.Stats.Exits, st.Stats.Kicks, st.Stats.Injected, st.Stats.TimerEvents)

@@ -24,6 +24,8 @@ type cli struct {
 	Probe   probeCmd   `cmd:"" help:"Report what this host's KVM can do for ftkvm."`
 	Restore restoreCmd `cmd:"" help:"Continue a guest from a snapshot file, with its console on the terminal."`
 	Receive receiveCmd `cmd:"" help:"Wait for a guest migrating in, then run it with its console on the terminal."`
+	Primary primaryCmd `cmd:"" help:"Run a guest as the primary of a fault-tolerant pair, replicating to a backup."`
+	Backup  backupCmd  `cmd:"" help:"Wait for a primary and replicate its guest; take over when the primary dies."`
 	Ctl     ctlCmd     `cmd:"" help:"Control a running ftkvm through its --api socket."`
 }
 
@@ -71,6 +73,12 @@ func dispatch(c *cli, ctx *kong.Context) (int, error) {
 		return cmd.run()
 	case *receiveCmd:
 		return cmd.run()
+	case *primaryCmd:
+		return cmd.run()
+	case *backupCmd:
+		return cmd.run()
+	case *ctlProtectCmd:
+		return c.Ctl.protect(cmd)
 	case *ctlPauseCmd:
 		return c.Ctl.pause()
 	case *ctlResumeCmd:

@@ -37,6 +37,41 @@ type Status struct {
 	Operation *Operation `json:"operation,omitempty"`
 	// LastOperation is the last one that finished.
 	LastOperation *Result `json:"last_operation,omitempty"`
+	// Replica is set for a primary or backup (ftkvm primary, backup).
+	Replica *ReplicaStatus `json:"replica,omitempty"`
+}
+
+// ReplicaStatus is a fault-tolerant replica's state (package ft's Status).
+type ReplicaStatus struct {
+	Role      string `json:"role"` // "primary" or "backup"
+	Link      bool   `json:"link"`
+	Protected bool   `json:"protected"` // primary: a backup holds the state and gets the log
+	Joining   bool   `json:"joining"`
+	Replaying bool   `json:"replaying"` // promoted backup still replaying the log
+	Diverged  bool   `json:"diverged"`
+	Epoch     uint64 `json:"epoch"`
+	Position  string `json:"position"`
+	Outputs   uint64 `json:"outputs"`
+	Performed uint64 `json:"performed"`
+	Held      int    `json:"held"`
+	LogSent   uint64 `json:"log_sent"`
+	LogAcked  uint64 `json:"log_acked"`
+	Backlog   int    `json:"backlog"`
+	LinkBytes int64  `json:"link_bytes_sent"`
+
+	Epochs           uint64 `json:"epochs"`
+	CheckpointEpochs uint64 `json:"checkpoint_epochs"`
+	CheckpointBytes  uint64 `json:"checkpoint_bytes"`
+	Divergences      uint64 `json:"divergences"`
+	Repairs          uint64 `json:"repairs"`
+	Promotions       uint64 `json:"promotions"`
+	Summary          string `json:"summary"`
+}
+
+// ProtectRequest asks a primary to bring in a backup waiting at
+// Destination (ftkvm backup --listen ... --join).
+type ProtectRequest struct {
+	Destination string `json:"destination"`
 }
 
 // Operation is a transfer under way.

@@ -131,3 +131,13 @@ func (c *Client) transfer(ctx context.Context, path string, body any, progress f
 	}
 	return nil, fmt.Errorf("the ftkvm serving %s went away before the operation finished: %v", c.socket, err)
 }
+
+// Protect asks a primary to bring in the backup waiting at addr.
+func (c *Client) Protect(ctx context.Context, addr string) error {
+	resp, err := c.do(ctx, http.MethodPut, "/protect", ProtectRequest{Destination: addr})
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	return nil
+}

@@ -29,7 +29,22 @@ type Server struct {
 	op         atomic.Pointer[Operation]
 	last       atomic.Pointer[Result]
 	bytesSent  atomic.Int64
+	replica    atomic.Pointer[replicaBox]
 }
+
+// Replica is a fault-tolerant replica serving its status and protect
+// requests through the API.
+type Replica interface {
+	ReplicaStatus() ReplicaStatus
+	Protect(addr string) error
+}
+
+type replicaBox struct{ r Replica }
+
+// SetReplica makes the server a replica's: status includes the replica's
+// state, protect is served, and migration is refused (a replica moves by
+// failover and re-protection).
+func (s *Server) SetReplica(r Replica) { s.replica.Store(&replicaBox{r}) }
 
 // Listen creates the socket at path for m's control API. A socket left
 // behind by an ftkvm that is gone is replaced; one in use is an error.
@@ -54,6 +69,7 @@ func Listen(path string, m *vmm.Machine) (*Server, error) {
 	mux.HandleFunc("PATCH /vm", s.setState)
 	mux.HandleFunc("PUT /snapshot/create", s.snapshot)
 	mux.HandleFunc("PUT /migrate", s.migrate)
+	mux.HandleFunc("PUT /protect", s.protect)
 	s.hs = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go s.hs.Serve(l)
 	return s, nil
@@ -130,7 +146,32 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 		st.BytesSent += op.Progress.Sent
 	}
 	st.LastOperation = s.last.Load()
+	if rb := s.replica.Load(); rb != nil {
+		rs := rb.r.ReplicaStatus()
+		st.Replica = &rs
+	}
 	writeJSON(w, http.StatusOK, st)
+}
+
+func (s *Server) protect(w http.ResponseWriter, r *http.Request) {
+	var req ProtectRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	rb := s.replica.Load()
+	if rb == nil {
+		writeFault(w, http.StatusConflict, "this ftkvm is not a replica (start it with ftkvm primary)")
+		return
+	}
+	if _, _, err := net.SplitHostPort(req.Destination); err != nil {
+		writeFault(w, http.StatusBadRequest, "destination %q: %v", req.Destination, err)
+		return
+	}
+	if err := rb.r.Protect(req.Destination); err != nil {
+		writeFault(w, http.StatusConflict, "protect: %v", err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
 }
 
 func (s *Server) setState(w http.ResponseWriter, r *http.Request) {
@@ -251,6 +292,10 @@ func (s *Server) snapshot(w http.ResponseWriter, r *http.Request) {
 func (s *Server) migrate(w http.ResponseWriter, r *http.Request) {
 	var req MigrateRequest
 	if !decode(w, r, &req) {
+		return
+	}
+	if s.replica.Load() != nil {
+		writeFault(w, http.StatusConflict, "a replica does not migrate: protect it with a new backup, then stop this one")
 		return
 	}
 	if _, _, err := net.SplitHostPort(req.Destination); err != nil {

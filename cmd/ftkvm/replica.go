@@ -1,0 +1,235 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+
+	"github.com/ftkvm/ftkvm/ft"
+	"github.com/ftkvm/ftkvm/ft/driver"
+	"github.com/ftkvm/ftkvm/ft/wire"
+	"github.com/ftkvm/ftkvm/vmm"
+	"github.com/ftkvm/ftkvm/vmm/api"
+)
+
+// replicaFlags are shared by primary and backup.
+type replicaFlags struct {
+	guestFlags
+	Device  string        `help:"KVM device." default:"/dev/kvm"`
+	Timeout time.Duration `help:"Declare the peer dead after this long without a message (heartbeats keep a quiet link alive)." default:"100ms"`
+	API     string        `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
+}
+
+type primaryCmd struct {
+	replicaFlags
+	Backup      string        `required:"" help:"Address of the backup (ftkvm backup --listen)." placeholder:"HOST:PORT"`
+	Policy      string        `help:"Output policy: strict (wait for the backup's ack of every log record) or output-commit (stream the log; hold only outputs until acknowledged)." enum:"strict,output-commit" default:"output-commit"`
+	Verify      bool          `help:"Send a hash of the vCPU registers and dirtied pages at every epoch end; the backup compares and repairs a divergence from the primary's state."`
+	EpochLength time.Duration `help:"Epoch length (virtual time); an epoch ends at the first guest-caused exit after it." default:"1ms" name:"epoch-length"`
+	Connect     time.Duration `help:"How long to keep trying to reach the backup at start." default:"10s"`
+}
+
+type backupCmd struct {
+	replicaFlags
+	Listen           string `required:"" help:"Address to wait on for the primary." placeholder:"HOST:PORT"`
+	Join             bool   `help:"Join a primary whose guest already runs: receive its whole state first (ftkvm ctl protect on the primary starts it)."`
+	InjectDivergence uint64 `hidden:"" help:"Test only: corrupt a dirtied page at the first verified epoch end from this epoch on."`
+}
+
+// identity is what the handshake compares: the files and command line
+// by SHA-256, and the memory size.
+func identity(cfg vmm.Config) ft.Identity {
+	return ft.Identity{
+		Kernel:    sha256.Sum256(cfg.Kernel),
+		Initrd:    sha256.Sum256(cfg.Initrd),
+		Cmdline:   sha256.Sum256([]byte(cfg.Cmdline)),
+		MemSize:   cfg.MemSize,
+		Clock:     wire.ClockExits,
+		WallClock: cfg.WallClock.UnixNano(),
+	}
+}
+
+func (c *primaryCmd) run() (int, error) {
+	cfg, err := c.load()
+	if err != nil {
+		return 0, err
+	}
+	policy := ft.OutputCommit
+	if c.Policy == "strict" {
+		policy = ft.Strict
+	}
+	r := driver.New(driver.Options{
+		Node: ft.Config{Role: ft.RolePrimary, Policy: policy, Verify: c.Verify, Guest: identity(cfg),
+			EpochLength: c.EpochLength, Timeout: c.Timeout},
+		Console: os.Stdout,
+		Log:     logrus.StandardLogger(),
+	})
+	defer r.Close()
+	cfg.Env = r
+	cfg.Console = r.Console()
+	cfg.KVMPath = c.Device
+	m, err := vmm.New(cfg)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", c.Kernel, err)
+	}
+	defer m.Close()
+	if err := r.Attach(m); err != nil {
+		return 0, err
+	}
+	// The guest starts only once the backup holds the same guest.
+	if err := r.Dial(c.Backup, c.Connect); err != nil {
+		return 0, err
+	}
+	if _, err := r.WaitLink(c.Connect); err != nil {
+		return 0, fmt.Errorf("backup %s: %w", c.Backup, err)
+	}
+	logrus.Infof("primary: replicating to %s (policy %s)", c.Backup, c.Policy)
+	return runReplica(m, r, c.API)
+}
+
+func (c *backupCmd) run() (int, error) {
+	cfg, err := c.load()
+	if err != nil {
+		return 0, err
+	}
+	l, err := net.Listen("tcp", c.Listen)
+	if err != nil {
+		return 0, fmt.Errorf("backup: %w", err)
+	}
+	defer l.Close()
+	r := driver.New(driver.Options{
+		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg), Timeout: c.Timeout},
+		Console:          os.Stdout,
+		Log:              logrus.StandardLogger(),
+		InjectDivergence: c.InjectDivergence,
+	})
+	defer r.Close()
+	fmt.Fprintf(os.Stderr, "ftkvm: backup waiting for its primary on %s\n", l.Addr())
+	go r.Serve(l)
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
+	go func() {
+		if _, ok := <-sigs; ok {
+			fmt.Fprintln(os.Stderr, "ftkvm: backup: interrupted")
+			os.Exit(exitQuit)
+		}
+	}()
+	peer, err := r.WaitLink(0)
+	signal.Stop(sigs)
+	close(sigs)
+	if err != nil {
+		return 0, fmt.Errorf("backup: %w", err)
+	}
+	if peer.Started && !c.Join {
+		logrus.Infof("backup: the primary's guest runs already: receiving its state")
+	}
+	// The RTC's base is the primary's, so both guests read the same
+	// wall-clock time.
+	cfg.WallClock = time.Unix(0, peer.WallClock)
+	cfg.Env = r
+	cfg.Console = r.Console()
+	cfg.KVMPath = c.Device
+	m, err := vmm.New(cfg)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", c.Kernel, err)
+	}
+	defer m.Close()
+	if err := r.Attach(m); err != nil {
+		return 0, err
+	}
+	return runReplica(m, r, c.API)
+}
+
+// runReplica runs a replica's machine with its console on the terminal,
+// like runGuest, and the control API if apiPath is set.
+func runReplica(m *vmm.Machine, r *driver.Replica, apiPath string) (int, error) {
+	var srv *api.Server
+	if apiPath != "" {
+		var err error
+		if srv, err = api.Listen(apiPath, m); err != nil {
+			return 0, err
+		}
+		srv.SetReplica(replicaAPI{r})
+		defer srv.Shutdown(time.Second)
+	}
+	console, restore, err := openConsole()
+	if err != nil {
+		return 0, err
+	}
+	defer restore()
+	console.quit = r.Quit
+	go func() {
+		buf := make([]byte, 256)
+		for {
+			n, err := console.input.Read(buf)
+			if n > 0 {
+				r.Input(buf[:n])
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
+	defer signal.Stop(sigs)
+	go func() {
+		if _, ok := <-sigs; ok {
+			r.Quit()
+		}
+	}()
+	start := time.Now()
+	status, err := r.Run()
+	st := r.Status()
+	logrus.WithFields(logrus.Fields{
+		"elapsed": time.Since(start).Round(time.Millisecond), "exits": m.Stats.Exits, "kicks": m.Stats.Kicks,
+		"epochs": st.Epochs, "checkpoint_epochs": st.CheckpointEpochs, "checkpoint_bytes": st.CheckpointBytes,
+		"divergences": st.Divergences, "repairs": st.Repairs, "log_records": st.LogSent, "link_bytes": r.LinkBytes(),
+	}).Info("replica stopped: ", st)
+	switch {
+	case errors.Is(err, vmm.ErrQuit):
+		restore()
+		fmt.Fprintln(os.Stderr, "\r\nftkvm: quit")
+		return exitQuit, nil
+	case err != nil:
+		return 0, err
+	}
+	return status, nil
+}
+
+// replicaAPI serves a replica's status and protect requests.
+type replicaAPI struct{ r *driver.Replica }
+
+func (a replicaAPI) ReplicaStatus() api.ReplicaStatus {
+	s := a.r.Status()
+	return api.ReplicaStatus{
+		Role: s.Role.String(), Link: s.Link, Protected: s.Protected, Joining: s.Joining,
+		Replaying: s.Replaying, Diverged: s.Diverged, Epoch: s.Epoch, Position: s.Pos.String(),
+		Outputs: s.Outputs, Performed: s.Performed, Held: s.Held, LogSent: s.LogSent, LogAcked: s.LogAcked,
+		Backlog: s.Backlog, LinkBytes: a.r.LinkBytes(), Epochs: s.Epochs, CheckpointEpochs: s.CheckpointEpochs,
+		CheckpointBytes: s.CheckpointBytes, Divergences: s.Divergences, Repairs: s.Repairs,
+		Promotions: s.Promotions, Summary: s.String(),
+	}
+}
+
+func (a replicaAPI) Protect(addr string) error { return a.r.Protect(addr) }
+
+type ctlProtectCmd struct {
+	Destination string `arg:"" help:"Address of the new backup (ftkvm backup --listen ADDR --join)." placeholder:"HOST:PORT"`
+}
+
+func (c *ctlCmd) protect(p *ctlProtectCmd) (int, error) {
+	if err := c.client().Protect(context.Background(), p.Destination); err != nil {
+		return 0, err
+	}
+	fmt.Fprintf(os.Stderr, "ftkvm: %s is joining as the backup\n", p.Destination)
+	return 0, nil
+}

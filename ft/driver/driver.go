@@ -1,0 +1,824 @@
+// Package driver is the thin layer between the replica protocol (package
+// ft, a pure state machine) and the world: it is the machine's
+// vmm.Environment on the vCPU thread, it carries the node's messages over
+// a TCP link framed by ft/wire, it ticks the node's clock, and it performs
+// the outputs the node releases. ft/doc.go ("The driver's contract") is
+// its specification; this package follows it line by line.
+//
+// The same code serves the primary and the backup: the node decides what
+// each call means by its role, and a backup that promotes itself becomes
+// the primary without the driver changing anything.
+package driver
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/ftkvm/ftkvm/ft"
+	"github.com/ftkvm/ftkvm/ft/wire"
+	"github.com/ftkvm/ftkvm/vmm"
+	"github.com/ftkvm/ftkvm/vmm/snapshot"
+)
+
+// Options configure a replica.
+type Options struct {
+	Node ft.Config
+	// Console receives the outputs the node performs: the guest's console
+	// on the primary, and on a backup once it is promoted.
+	Console io.Writer
+	// Log receives the node's notes (link up, backup lost, failover...).
+	Log logrus.FieldLogger
+	// InjectDivergence, if > 0, corrupts one byte of a page the guest
+	// dirtied, on a backup, at the first verified epoch end at or after
+	// this epoch: a test's way to see a divergence caught and repaired.
+	InjectDivergence uint64
+}
+
+// Replica is one ftkvm replica: a node, its machine and its link.
+type Replica struct {
+	opts Options
+	log  logrus.FieldLogger
+
+	mu   sync.Mutex // guards everything below that is not atomic
+	cond *sync.Cond // broadcast after every call into the node
+	node *ft.Node
+
+	m     *vmm.Machine
+	kick  func()
+	start time.Time // the driver's clock: ns since New
+
+	// Virtual time, seen by the guest only through Now: vbase + clock().
+	// A backup raises vbase to the primary's values it replays, so that
+	// after a failover its time goes on from the primary's.
+	vbase    atomic.Int64
+	lastRead int64 // the last virtual time the guest read (monotonic)
+
+	last     vmm.Point // the last delivery point offered
+	deadline int64     // the PIT deadline as of the last point (noDeadline: none)
+	posted   int64     // the deadline a timer event was already posted for
+	started  bool      // the vCPU runs (Start was called)
+
+	link    *link
+	linkUp  chan struct{} // closed at the first NoteLinkUp
+	upOnce  sync.Once
+	peer    wire.Hello
+	refused error // the handshake failed
+	served  bool  // a backup accepted its one primary
+
+	// Outputs to perform, by the performer goroutine.
+	perfQ    []ft.Out
+	perfCond *sync.Cond
+	perfBusy bool
+
+	wakeReq  bool        // the machine's Target.Wake fired while halted
+	quit     atomic.Bool // the user quit
+	fatal    error       // the driver cannot go on (a failed install...)
+	finished bool        // the node said ActStop
+	final    ft.Action
+	done     chan struct{}
+	stopOnce sync.Once
+
+	// Dirty tracking: hashing an epoch drains the dirty log, so the pages
+	// it drained are kept for the next incremental checkpoint.
+	scratch, accum []uint64
+	cp             vmm.Checkpoint
+	injected       bool
+
+	linkBytes atomic.Int64 // bytes written to links
+}
+
+// LinkBytes is the number of bytes sent to peers so far.
+func (r *Replica) LinkBytes() int64 { return r.linkBytes.Load() }
+
+const noDeadline = int64(^uint64(0) >> 1)
+
+var (
+	errFinished = errors.New("replica finished")
+	errWoken    = errors.New("woken for a control request")
+)
+
+// New returns a replica in opts.Node.Role with no machine and no link. Its
+// clock and heartbeats run from now on; call Close when done.
+func New(opts Options) *Replica {
+	if opts.Log == nil {
+		opts.Log = logrus.StandardLogger()
+	}
+	if opts.Console == nil {
+		opts.Console = io.Discard
+	}
+	r := &Replica{
+		opts:     opts,
+		log:      opts.Log,
+		node:     ft.NewNode(opts.Node),
+		start:    time.Now(),
+		deadline: noDeadline,
+		posted:   noDeadline,
+		linkUp:   make(chan struct{}),
+		done:     make(chan struct{}),
+	}
+	r.cond = sync.NewCond(&r.mu)
+	r.perfCond = sync.NewCond(&r.mu)
+	go r.ticker()
+	go r.performer()
+	return r
+}
+
+// clock is the driver's own time (ns): it times the node's decisions and
+// never reaches the guest.
+func (r *Replica) clock() int64 { return int64(time.Since(r.start)) }
+
+// vnow is virtual time, without logging it.
+func (r *Replica) vnow() int64 { return r.vbase.Load() + r.clock() }
+
+// Attach gives the replica its machine: it turns the dirty log on, so that
+// checkpoints and state hashes see every page the guest writes from now
+// on. Call it before Run and before the machine runs.
+func (r *Replica) Attach(m *vmm.Machine) error {
+	if err := m.EnableDirtyLog(); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.m = m
+	r.scratch = make([]uint64, m.BitmapWords())
+	r.accum = make([]uint64, m.BitmapWords())
+	return nil
+}
+
+// Console is the writer to give the machine as its UART output: every
+// byte becomes an output of the node, performed when the policy allows.
+func (r *Replica) Console() io.Writer { return consoleOut{r} }
+
+type consoleOut struct{ r *Replica }
+
+func (c consoleOut) Write(p []byte) (int, error) {
+	r := c.r
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.finished || r.fatal != nil {
+		return len(p), nil
+	}
+	a := r.node.Output(ft.Position{Exits: r.last.Exits + 1}, wire.KindConsole, p)
+	if _, err := r.carry(a, false); err != nil && !errors.Is(err, errFinished) {
+		r.setFatal(err)
+	}
+	return len(p), nil
+}
+
+// Input gives bytes typed for the guest (the terminal): the primary
+// buffers them for the next epoch end, a backup ignores them.
+func (r *Replica) Input(b []byte) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, c := range b {
+		r.node.Async(ft.Event{Kind: wire.KindUART, Value: uint64(c)})
+	}
+	r.drain()
+}
+
+// Quit makes the machine stop at its next point (Ctrl-A x, a signal).
+func (r *Replica) Quit() {
+	if r.quit.CompareAndSwap(false, true) {
+		r.mu.Lock()
+		if r.kick != nil {
+			r.kick()
+		}
+		r.cond.Broadcast()
+		r.mu.Unlock()
+	}
+}
+
+// Status is the node's status.
+func (r *Replica) Status() ft.Status {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.node.Status()
+}
+
+// ---- vmm.Environment, on the vCPU thread ----
+
+// Now is an environment read (P0/P3): the primary logs its virtual time,
+// a backup takes the logged value.
+func (r *Replica) Now() int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.started {
+		// Firmware set-up (vmm.New programs the PIT) before the guest
+		// runs: virtual time has not started, on either replica.
+		return 0
+	}
+	live := max(r.vnow(), r.lastRead)
+	if r.finished || r.fatal != nil {
+		return live
+	}
+	a := r.node.Read(ft.Position{Exits: r.last.Exits + 1}, wire.KindClock, uint64(live))
+	a, err := r.carry(a, false)
+	if err != nil {
+		if !errors.Is(err, errFinished) && !errors.Is(err, vmm.ErrQuit) {
+			r.setFatal(err)
+		}
+		return live
+	}
+	v := int64(a.Value)
+	r.adopt(v)
+	return v
+}
+
+// adopt makes the local virtual time no earlier than v, a time the guest
+// has seen: a promoted backup then goes on from the primary's time.
+func (r *Replica) adopt(v int64) {
+	r.lastRead = max(r.lastRead, v)
+	if d := v - r.clock(); d > r.vbase.Load() {
+		r.vbase.Store(d)
+	}
+}
+
+// ExactPoints: every delivery point must be found again by the other
+// replica, so the machine must not use interrupt windows where they are
+// host-timed (vmm.ExactPoints).
+func (r *Replica) ExactPoints() bool { return true }
+
+// VirtualNow is virtual time for status displays (vmm.VirtualClock): not a
+// read the guest makes, so it is not logged.
+func (r *Replica) VirtualNow() int64 { return r.vnow() }
+
+// Start is called on the vCPU thread before the guest first runs.
+func (r *Replica) Start(kick func()) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.m == nil {
+		return errors.New("replica: Attach the machine before running it")
+	}
+	r.kick = kick
+	if !r.started {
+		// Virtual time starts with the guest, unless a state installed
+		// before Run set it (RestoreState).
+		if r.vbase.Load() == 0 {
+			r.vbase.Store(-r.clock())
+		}
+		r.started = true
+	}
+	go r.watchWake(r.m.Wake())
+	return nil
+}
+
+// At offers a delivery point to the node.
+func (r *Replica) At(p vmm.Point, t vmm.Target) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := r.check(); err != nil {
+		return err
+	}
+	r.last = p
+	r.noteDeadline(t)
+	a := r.node.Point(r.point(p, t))
+	_, err := r.carry(a, false)
+	return err
+}
+
+// Halt: the guest waits in HLT with nothing pending.
+func (r *Replica) Halt(p vmm.Point, t vmm.Target) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for {
+		if err := r.check(); err != nil {
+			return err
+		}
+		r.last = p
+		r.noteDeadline(t)
+		a := r.node.Halt(r.point(p, t))
+		a, err := r.carry(a, true)
+		switch {
+		case errors.Is(err, errWoken):
+			return nil
+		case err != nil:
+			return err
+		case a.Kind == ft.ActYield || t.Pending():
+			return nil
+		}
+	}
+}
+
+// Stop is called once when the machine stops.
+func (r *Replica) Stop() {}
+
+// SaveState and RestoreState carry virtual time in checkpoints
+// (vmm.StateSaver). They run inside carry, with mu held: atomics only.
+func (r *Replica) SaveState(s *snapshot.Env) {
+	s.Now = max(r.vnow(), r.lastRead)
+	s.Input = s.Input[:0]
+}
+
+func (r *Replica) RestoreState(s *snapshot.Env) {
+	// Called by Install with mu held (from carry), or before Run.
+	if d := s.Now - r.clock(); d > r.vbase.Load() {
+		r.vbase.Store(d)
+	}
+	r.lastRead = max(r.lastRead, s.Now)
+}
+
+func (r *Replica) point(p vmm.Point, t vmm.Target) ft.Point {
+	return ft.Point{Pos: ft.Position{Exits: p.Exits}, Kick: p.Kind == vmm.PointKick, Now: r.clock(), RxSpace: t.RxSpace()}
+}
+
+// check reports why the vCPU must not go on, if it must not.
+func (r *Replica) check() error {
+	switch {
+	case r.fatal != nil:
+		return r.fatal
+	case r.finished:
+		return errFinished
+	case r.quit.Load():
+		return vmm.ErrQuit
+	}
+	return nil
+}
+
+func (r *Replica) setFatal(err error) {
+	if r.fatal == nil {
+		r.fatal = err
+		if r.kick != nil {
+			r.kick()
+		}
+	}
+}
+
+// noteDeadline records the PIT's deadline and posts the timer event if it
+// passed (P1: the node buffers it).
+func (r *Replica) noteDeadline(t vmm.Target) {
+	dl, ok := t.TimerDeadline()
+	if !ok {
+		dl = noDeadline
+	}
+	r.deadline = dl
+	r.postTimer()
+}
+
+func (r *Replica) postTimer() {
+	if !r.started || r.deadline == noDeadline || r.posted == r.deadline {
+		return
+	}
+	if r.node.Role() != ft.RolePrimary {
+		// A backup's own events are ignored (P4): post nothing, so that
+		// after a promotion this deadline is still posted.
+		return
+	}
+	if now := r.vnow(); now >= r.deadline {
+		r.node.Async(ft.Event{Kind: wire.KindTimer, Value: uint64(now)})
+		r.posted = r.deadline
+	}
+}
+
+// carry does what the node asks until it lets the vCPU go on (ActGo,
+// ActYield) or stops it. mu is held; ActWait releases it while waiting.
+func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
+	for {
+		r.drain()
+		switch a.Kind {
+		case ft.ActGo:
+			return a, nil
+		case ft.ActYield:
+			if r.kick != nil {
+				r.kick()
+			}
+			return a, nil
+		case ft.ActStop:
+			r.finished, r.final = true, a
+			r.cond.Broadcast()
+			return a, errFinished
+		case ft.ActWait:
+			if r.quit.Load() {
+				return a, vmm.ErrQuit
+			}
+			if r.fatal != nil {
+				return a, r.fatal
+			}
+			// A control request needs the thread: leave a Halt that
+			// has done nothing yet (the node allows offering it again).
+			if inHalt && r.wakeReq && (a.Wait == ft.WaitEvent || a.Wait == ft.WaitLog) {
+				r.wakeReq = false
+				return a, errWoken
+			}
+			r.cond.Wait()
+			a = r.node.Continue()
+		case ft.ActDeliver:
+			for _, ev := range a.Events {
+				switch ev.Kind {
+				case wire.KindTimer:
+					r.m.FireTimer(int64(ev.Value))
+				case wire.KindUART:
+					r.m.Receive(byte(ev.Value))
+				}
+			}
+			// A tick moves the deadline: learn the next one now, since
+			// a guest computing without exits offers no point to see it.
+			r.noteDeadline(r.m)
+			a = r.node.Continue()
+		case ft.ActHash:
+			h, err := r.hash()
+			if err != nil {
+				return a, err
+			}
+			a = r.node.Hashed(h)
+		case ft.ActCheckpoint:
+			blob, err := r.capture(a.Full)
+			if err != nil {
+				return a, err
+			}
+			a = r.node.Checkpointed(blob)
+		case ft.ActInstall:
+			if err := r.install(a.State); err != nil {
+				return a, err
+			}
+			r.noteDeadline(r.m)
+			a = r.node.Continue()
+		default:
+			return a, fmt.Errorf("replica: unknown action %v", a)
+		}
+	}
+}
+
+// hash is the state hash of an epoch end: registers and the pages dirtied
+// since the last hash, which the next checkpoint must still carry.
+func (r *Replica) hash() (ft.Digest, error) {
+	var d ft.Digest
+	if _, err := r.m.DirtyLog(r.scratch); err != nil {
+		return d, fmt.Errorf("state hash: %w", err)
+	}
+	for i, w := range r.scratch {
+		r.accum[i] |= w
+	}
+	if r.opts.InjectDivergence > 0 && !r.injected && r.node.Status().Role == ft.RoleBackup &&
+		r.node.Status().Epoch >= r.opts.InjectDivergence {
+		r.injectDivergence()
+	}
+	h := sha256.New()
+	if err := r.m.WriteStateHash(h, r.scratch); err != nil {
+		return d, fmt.Errorf("state hash: %w", err)
+	}
+	copy(d[:], h.Sum(nil))
+	return d, nil
+}
+
+// injectDivergence flips a byte of the first page the guest dirtied in
+// this epoch: a real difference of state that the hash must catch.
+func (r *Replica) injectDivergence() {
+	mem := r.m.Memory()
+	vmm.ForEachPage(r.scratch, func(pfn uint64) {
+		if r.injected {
+			return
+		}
+		mem[pfn*snapshot.PageSize+snapshot.PageSize-1] ^= 0x5a
+		r.injected = true
+		r.log.Warnf("replica: test divergence injected into guest page %#x", pfn)
+	})
+}
+
+// capture is a checkpoint at a quiescent point, as one stream.
+func (r *Replica) capture(full bool) ([]byte, error) {
+	if err := r.m.CheckpointWith(&r.cp, vmm.CheckpointOptions{Full: full, Extra: r.accum}); err != nil {
+		return nil, fmt.Errorf("checkpoint: %w", err)
+	}
+	clear(r.accum)
+	var buf bytes.Buffer
+	if err := r.cp.Write(snapshot.NewWriter(&buf)); err != nil {
+		return nil, fmt.Errorf("checkpoint: %w", err)
+	}
+	return buf.Bytes(), nil
+}
+
+// install replaces the machine's state with the primary's.
+func (r *Replica) install(blob []byte) error {
+	sr := snapshot.NewStreamReader(snapshot.NewReader(bytes.NewReader(blob)), func(h snapshot.Header) ([]byte, error) {
+		if h.MemSize != r.m.MemSize() {
+			return nil, fmt.Errorf("state for %d MiB of guest memory, this replica has %d MiB", h.MemSize>>20, r.m.MemSize()>>20)
+		}
+		return r.m.Memory(), nil
+	})
+	st, err := sr.Read()
+	if err != nil {
+		return fmt.Errorf("install the primary's state: %w", err)
+	}
+	if err := r.m.Install(st); err != nil {
+		return fmt.Errorf("install the primary's state: %w", err)
+	}
+	r.last = vmm.Point{Kind: vmm.PointKind(st.Machine.PointKind), Exits: st.Machine.PointExits}
+	// What this replica's guest dirtied is replaced, and the install's
+	// own writes are not the guest's.
+	if _, err := r.m.DirtyLog(r.scratch); err != nil {
+		return fmt.Errorf("install: %w", err)
+	}
+	clear(r.accum)
+	return nil
+}
+
+// drain carries out the node's Ready: messages to the link, outputs to
+// the performer, kicks, notes. mu is held.
+func (r *Replica) drain() {
+	rd := r.node.Ready()
+	if l := r.link; l != nil {
+		for _, m := range rd.Messages {
+			l.send(wire.Marshal(m))
+		}
+		if rd.Close {
+			l.closeAfterSend()
+			r.link = nil
+		}
+	}
+	if len(rd.Perform) > 0 {
+		r.perfQ = append(r.perfQ, rd.Perform...)
+		r.perfCond.Broadcast()
+	}
+	if rd.Kick && r.kick != nil {
+		r.kick()
+	}
+	for _, n := range rd.Notes {
+		r.noted(n)
+	}
+	r.cond.Broadcast()
+}
+
+func (r *Replica) noted(n ft.Note) {
+	f := r.log.WithFields(logrus.Fields{"epoch": n.Epoch, "position": n.Pos.String()})
+	switch n.Kind {
+	case ft.NoteLinkUp:
+		r.peer = n.Peer
+		r.upOnce.Do(func() { close(r.linkUp) })
+		f.Infof("replica: %v with a %v", n.Kind, n.Peer.Role)
+	case ft.NoteRefused:
+		if r.refused == nil {
+			r.refused = n.Err
+		}
+		f.Warnf("replica: %v", n.Err)
+	case ft.NoteProtected:
+		f.Infof("replica: protected: the backup holds the guest's state")
+	case ft.NoteBackupLost:
+		f.Warnf("replica: backup lost (%v); running unprotected", n.Err)
+	case ft.NotePrimaryLost:
+		f.Warnf("replica: primary lost (%v); taking over", n.Err)
+	case ft.NoteLive:
+		f.Warnf("replica: log replayed; this replica is the primary now, unprotected")
+	case ft.NoteDivergence:
+		f.Errorf("replica: DIVERGENCE: %v", n.Err)
+	case ft.NoteRepaired:
+		f.Warnf("replica: repaired: installed the primary's state")
+	case ft.NoteGoodbye:
+		f.Infof("replica: the guest ended on the primary with status %d", n.Status)
+	case ft.NoteProtocol:
+		f.Errorf("replica: %v", n.Err)
+	default:
+		f.Infof("replica: %v", n)
+	}
+}
+
+// performer writes released outputs in order, then confirms them.
+func (r *Replica) performer() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for {
+		for len(r.perfQ) == 0 {
+			select {
+			case <-r.done:
+				return
+			default:
+			}
+			r.perfCond.Wait()
+		}
+		batch := r.perfQ
+		r.perfQ = nil
+		r.perfBusy = true
+		r.mu.Unlock()
+		for _, o := range batch {
+			_, _ = r.opts.Console.Write(o.Data)
+		}
+		r.mu.Lock()
+		r.perfBusy = false
+		r.node.Performed(batch[len(batch)-1].Seq)
+		r.drain()
+		r.perfCond.Broadcast()
+	}
+}
+
+// flushOutputs waits until every released output was written.
+func (r *Replica) flushOutputs() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for len(r.perfQ) > 0 || r.perfBusy {
+		r.perfCond.Wait()
+	}
+}
+
+// ticker gives the node its clock every millisecond, and the timer event
+// of a guest that computes without exits.
+
+func (r *Replica) ticker() {
+	t := time.NewTicker(time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-r.done:
+			return
+		}
+		r.mu.Lock()
+		r.postTimer()
+		r.node.Tick(r.clock())
+		if r.started && r.kick != nil && r.node.Status().Replaying {
+			// A promoted backup goes live at its next point; a guest
+			// computing without exits would not reach one.
+			r.kick()
+		}
+		r.drain()
+		r.mu.Unlock()
+	}
+}
+
+// watchWake turns the machine's wake-ups (control requests while the
+// guest is halted) into a broadcast that Halt sees.
+func (r *Replica) watchWake(wake <-chan struct{}) {
+	for {
+		select {
+		case <-wake:
+			r.mu.Lock()
+			r.wakeReq = true
+			r.cond.Broadcast()
+			r.mu.Unlock()
+		case <-r.done:
+			return
+		}
+	}
+}
+
+// Run runs the attached machine as a replica until the guest ends (on
+// this replica or, for a backup, on its primary), the user quits, or the
+// replica fails. It returns the guest's exit status.
+func (r *Replica) Run() (int, error) {
+	status, err := r.m.Run()
+	r.mu.Lock()
+	switch {
+	case errors.Is(err, errFinished):
+	case err != nil:
+		r.mu.Unlock()
+		return 0, err
+	default:
+		// The guest ended by itself: the primary makes sure the backup
+		// knows; a backup waits for its primary's word (or fails over).
+		a := r.node.Finish(status)
+		if _, cerr := r.carry(a, false); cerr != nil && !errors.Is(cerr, errFinished) {
+			r.mu.Unlock()
+			return 0, cerr
+		}
+	}
+	final := r.final
+	r.mu.Unlock()
+	r.flushOutputs()
+	if final.Err != nil {
+		return 0, final.Err
+	}
+	return final.Status, nil
+}
+
+// Close stops the replica's goroutines and its link.
+func (r *Replica) Close() {
+	r.stopOnce.Do(func() {
+		close(r.done)
+		r.mu.Lock()
+		if r.link != nil {
+			r.link.closeAfterSend()
+			r.link = nil
+		}
+		r.perfCond.Broadcast()
+		r.cond.Broadcast()
+		r.mu.Unlock()
+	})
+}
+
+// ---- Links ----
+
+// Connect makes conn the replica's link: the node says hello. It fails if
+// a link is up.
+func (r *Replica) Connect(conn net.Conn) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.link != nil {
+		return errors.New("replica: a link is up already")
+	}
+	l := newLink(r, conn)
+	r.link = l
+	r.node.Connected()
+	r.drain()
+	go l.writer()
+	go l.reader()
+	return nil
+}
+
+// Dial connects to a backup at addr (the primary's side), retrying for up
+// to wait while nothing listens there yet.
+func (r *Replica) Dial(addr string, wait time.Duration) error {
+	deadline := time.Now().Add(wait)
+	for {
+		conn, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			setupTCP(conn)
+			return r.Connect(conn)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("connect to the backup at %s: %w", addr, err)
+		}
+		select {
+		case <-time.After(100 * time.Millisecond):
+		case <-r.done:
+			return fmt.Errorf("connect to the backup at %s: %w", addr, err)
+		}
+	}
+}
+
+// Serve accepts the primary's connection on l (the backup's side). A
+// backup has one primary in its life: later connections are refused.
+func (r *Replica) Serve(l net.Listener) {
+	for {
+		conn, err := l.Accept()
+		if err != nil {
+			return
+		}
+		setupTCP(conn)
+		r.mu.Lock()
+		busy := r.served
+		r.served = true
+		r.mu.Unlock()
+		if busy {
+			refuse(conn, wire.RefuseBusy, "this backup already serves a primary")
+			continue
+		}
+		if err := r.Connect(conn); err != nil {
+			refuse(conn, wire.RefuseBusy, err.Error())
+		}
+	}
+}
+
+func refuse(conn net.Conn, reason wire.RefuseReason, text string) {
+	_ = conn.SetWriteDeadline(time.Now().Add(time.Second))
+	_, _ = conn.Write(wire.Marshal(wire.Refuse{Reason: reason, Text: text}))
+	conn.Close()
+}
+
+// WaitLink waits until the handshake with a peer succeeded and returns
+// the peer's hello, or the refusal.
+func (r *Replica) WaitLink(timeout time.Duration) (wire.Hello, error) {
+	var tc <-chan time.Time
+	if timeout > 0 {
+		t := time.NewTimer(timeout)
+		defer t.Stop()
+		tc = t.C
+	}
+	for {
+		r.mu.Lock()
+		refused, peer := r.refused, r.peer
+		r.mu.Unlock()
+		if refused != nil {
+			return peer, refused
+		}
+		select {
+		case <-r.linkUp:
+			r.mu.Lock()
+			defer r.mu.Unlock()
+			return r.peer, nil
+		case <-tc:
+			return peer, errors.New("no handshake with the peer in time")
+		case <-r.done:
+			return peer, errors.New("replica closed")
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// Protect connects a running primary to a new backup at addr, which
+// receives the guest's state and then replicates (ftkvm ctl protect).
+func (r *Replica) Protect(addr string) error {
+	r.mu.Lock()
+	st := r.node.Status()
+	busy := r.link != nil
+	r.mu.Unlock()
+	switch {
+	case st.Role != ft.RolePrimary:
+		return errors.New("this replica is a backup: only the primary can be protected")
+	case busy:
+		return errors.New("this primary has a backup already")
+	}
+	return r.Dial(addr, 5*time.Second)
+}
+
+func setupTCP(conn net.Conn) {
+	if tc, ok := conn.(*net.TCPConn); ok {
+		_ = tc.SetNoDelay(true)
+	}
+}

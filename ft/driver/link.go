@@ -1,0 +1,118 @@
+package driver
+
+import (
+	"net"
+	"sync"
+	"time"
+
+	"github.com/ftkvm/ftkvm/ft/wire"
+)
+
+// link is one TCP connection to the peer. Frames queue without bound
+// under the replica's lock and a writer goroutine sends them, so the
+// vCPU never blocks on the network; the node's acknowledgements and
+// timeouts are what bound the log.
+type link struct {
+	r    *Replica
+	conn net.Conn
+
+	mu      sync.Mutex
+	cond    *sync.Cond
+	q       [][]byte
+	closing bool // close after the queue is sent
+}
+
+func newLink(r *Replica, conn net.Conn) *link {
+	l := &link{r: r, conn: conn}
+	l.cond = sync.NewCond(&l.mu)
+	return l
+}
+
+func (l *link) send(frame []byte) {
+	l.mu.Lock()
+	if !l.closing {
+		l.q = append(l.q, frame)
+		l.cond.Signal()
+	}
+	l.mu.Unlock()
+}
+
+// closeAfterSend closes the connection once what is queued is sent (a
+// refusal, say), or after a second if the peer does not take it.
+func (l *link) closeAfterSend() {
+	l.mu.Lock()
+	if !l.closing {
+		l.closing = true
+		_ = l.conn.SetWriteDeadline(time.Now().Add(time.Second))
+		l.cond.Signal()
+	}
+	l.mu.Unlock()
+}
+
+func (l *link) writer() {
+	defer l.conn.Close()
+	for {
+		l.mu.Lock()
+		for len(l.q) == 0 && !l.closing {
+			l.cond.Wait()
+		}
+		batch, closing := l.q, l.closing
+		l.q = nil
+		l.mu.Unlock()
+		if len(batch) > 0 {
+			bufs := net.Buffers(batch)
+			n, err := bufs.WriteTo(l.conn)
+			l.r.linkBytes.Add(n)
+			if err != nil {
+				l.broken()
+				return
+			}
+			continue
+		}
+		if closing {
+			return
+		}
+	}
+}
+
+func (l *link) reader() {
+	rd := wire.NewReader(l.conn, 0)
+	for {
+		m, err := rd.Read()
+		r := l.r
+		r.mu.Lock()
+		if r.link != l {
+			r.mu.Unlock()
+			l.conn.Close()
+			return
+		}
+		if err != nil {
+			r.log.Debugf("replica: link: %v", err)
+			r.link = nil
+			r.node.Disconnected()
+			r.drain()
+			r.mu.Unlock()
+			l.closeAfterSend()
+			return
+		}
+		r.node.Step(m)
+		r.drain()
+		r.mu.Unlock()
+	}
+}
+
+// broken: a write failed; the peer is gone.
+func (l *link) broken() {
+	r := l.r
+	r.mu.Lock()
+	if r.link == l {
+		r.link = nil
+		r.node.Disconnected()
+		r.drain()
+	}
+	r.mu.Unlock()
+	l.mu.Lock()
+	l.closing = true
+	l.q = nil
+	l.mu.Unlock()
+}

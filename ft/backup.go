@@ -58,8 +58,16 @@ func (n *Node) backupPoint() Action {
 				}
 				ahead := n.hasState && n.hbEpoch == n.epoch && pt.Pos.Less(n.hbPos)
 				switch {
-				case pt.Kick:
+				case pt.Kick && ahead:
+					// A kick point is not a place the primary can be
+					// found at: from here the guest runs to its next
+					// exit, which is safe only if the primary passed
+					// it; before it, the primary may still end the
+					// epoch with a checkpoint of a state this replica
+					// would have run past.
 					return goAction
+				case pt.Kick:
+					return wait(WaitLog)
 				case ahead && o.kind == opHalt:
 					return n.diverge(errorf("%w: the guest halted at %v; the primary's went on to %v in epoch %d",
 						ErrDivergence, pt.Pos, n.hbPos, n.epoch))
@@ -123,6 +131,13 @@ func (n *Node) backupPoint() Action {
 		case stCkptDelivered:
 			n.installed(n.log[0].(wire.Checkpoint))
 			n.pop()
+			if o.kind == opPoint && pt.Kick {
+				// Still at a kick point, now the primary's: decide
+				// again, as the next record may be a checkpoint too.
+				pt.Pos = n.pos
+				o.stage = stStart
+				continue
+			}
 			return goAction
 
 		default:

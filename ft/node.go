@@ -503,3 +503,20 @@ func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
 // Role is the node's role now: a backup that promoted itself is the
 // primary (its asynchronous events count from then on).
 func (n *Node) Role() Role { return n.role }
+
+// Describe summarizes the node's internals (the call in progress, the head
+// of a backup's log, its view of the primary's progress) for trace logs.
+func (n *Node) Describe() string {
+	head := "none"
+	if len(n.log) > 0 {
+		head = describe(n.log[0])
+		switch m := n.log[0].(type) {
+		case wire.EpochEnd:
+			head = fmt.Sprintf("epoch end %d at %v (halt %v, events %v)", m.Epoch, m.Pos, m.Halt, m.Events)
+		case wire.Checkpoint:
+			head = fmt.Sprintf("checkpoint of epoch %d at %v (full %v)", m.Epoch, m.Pos, m.Full)
+		}
+	}
+	return fmt.Sprintf("%v epoch %d at %v; op %s after %v (stage %d); log %d, head %s; heartbeat %d/%v; events %v",
+		n.role, n.epoch, n.pos, opNames[n.op.kind], n.op.last, n.op.stage, len(n.log), head, n.hbEpoch, n.hbPos, n.events)
+}

@@ -532,7 +532,15 @@ func TestBackupInstallsCheckpointThenDelivers(t *testing.T) {
 			if !equalEvents(a.Events, cp.Events) {
 				t.Fatalf("delivered %v", a.Events)
 			}
-			wantGo(t, "", b.n.Continue())
+			a = b.n.Continue()
+			if where == "kick" {
+				// Still at a kick point: the guest may run on only once
+				// the primary is known to have passed its next exit.
+				wantAction(t, "after the install", a, ActWait)
+				b.step(wire.Heartbeat{Epoch: 2, Pos: at(9)})
+				a = b.n.Continue()
+			}
+			wantGo(t, "", a)
 			if s := b.n.Status(); s.Epoch != 2 || s.Pos != at(8) || s.CheckpointEpochs != 1 {
 				t.Fatalf("status %v", s)
 			}
@@ -861,6 +869,8 @@ func TestVerifyDivergenceDetectedAndRepaired(t *testing.T) {
 	if !a.Full || string(a.State) != "FULL" {
 		t.Fatalf("install %v", a)
 	}
+	wantAction(t, "at the primary's kick point", b.n.Continue(), ActWait)
+	b.step(wire.Heartbeat{Epoch: 3, Pos: at(8)})
 	wantGo(t, "", b.n.Continue())
 	b.drain()
 	if _, ok := b.hasNote(NoteRepaired); !ok {
@@ -1107,3 +1117,21 @@ func equalEvents(a, b []Event) bool {
 }
 
 func contains(s, sub string) bool { return strings.Contains(s, sub) }
+
+// Reference: ft/doc.go: "the backup never executes guest code the primary
+// has not". A kick point is host-timed: from one, the guest runs to its
+// next exit, so the backup goes on only once the primary is known to have
+// passed that exit (a later record, epoch end or progress heartbeat).
+// Otherwise the primary could still end the epoch with a checkpoint of a
+// state between the two exits, which the backup would have run past.
+func TestBackupWaitsAtKickUntilPrimaryPassedNextExit(t *testing.T) {
+	_, b := pair(t, OutputCommit, false)
+	wantAction(t, "kick, nothing known", b.n.Point(kick(0, 0)), ActWait)
+	b.step(wire.Heartbeat{Epoch: 1, Pos: at(0)})
+	wantAction(t, "primary still at the same exit", b.n.Continue(), ActWait)
+	b.step(wire.Heartbeat{Epoch: 1, Pos: at(1)})
+	wantGo(t, "primary passed exit 1", b.n.Continue())
+	wantGo(t, "exit 0 < 1", b.n.Point(pt(0, 0)))
+	b.step(wire.Record{Seq: 1, Epoch: 1, Pos: at(3), Kind: wire.KindClock, Value: 9})
+	wantGo(t, "a record at 3 proves exit 2 passed", b.n.Point(kick(2, 0)))
+}

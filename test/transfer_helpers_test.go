@@ -52,8 +52,15 @@ func (w lockedWriter) Write(p []byte) (int, error) {
 // ends.
 func start(t *testing.T, args ...string) *proc {
 	t.Helper()
+	return startCmd(t, append([]string{ftkvmBin}, args...)...)
+}
+
+// startCmd runs a command line in the background (ftkvm under a wrapper
+// such as ip netns exec).
+func startCmd(t *testing.T, argv ...string) *proc {
+	t.Helper()
 	p := &proc{t: t, done: make(chan struct{})}
-	p.cmd = exec.Command(ftkvmBin, args...)
+	p.cmd = exec.Command(argv[0], argv[1:]...)
 	p.cmd.Stdout = lockedWriter{&p.mu, &p.out}
 	p.cmd.Stderr = lockedWriter{&p.mu, &p.errb}
 	var err error

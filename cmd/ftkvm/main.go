@@ -18,7 +18,7 @@ const (
 )
 
 type cli struct {
-	LogLevel string `help:"Log level: debug, info, warn, error." default:"warn" enum:"debug,info,warn,error"`
+	LogLevel string `help:"Log level: trace (every replica action), debug, info, warn, error." default:"warn" enum:"trace,debug,info,warn,error"`
 
 	Run     runCmd     `cmd:"" help:"Run a guest with its console on the terminal."`
 	Probe   probeCmd   `cmd:"" help:"Report what this host's KVM can do for ftkvm."`

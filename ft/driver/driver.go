@@ -36,7 +36,7 @@ type Options struct {
 	// on the primary, and on a backup once it is promoted.
 	Console io.Writer
 	// Log receives the node's notes (link up, backup lost, failover...).
-	Log logrus.FieldLogger
+	Log logrus.Ext1FieldLogger
 	// InjectDivergence, if > 0, corrupts one byte of a page the guest
 	// dirtied, on a backup, at the first verified epoch end at or after
 	// this epoch: a test's way to see a divergence caught and repaired.
@@ -46,7 +46,7 @@ type Options struct {
 // Replica is one ftkvm replica: a node, its machine and its link.
 type Replica struct {
 	opts Options
-	log  logrus.FieldLogger
+	log  logrus.Ext1FieldLogger
 
 	mu   sync.Mutex // guards everything below that is not atomic
 	cond *sync.Cond // broadcast after every call into the node
@@ -94,6 +94,7 @@ type Replica struct {
 	injected       bool
 
 	linkBytes atomic.Int64 // bytes written to links
+	trace     bool         // log every action (log level trace)
 }
 
 // LinkBytes is the number of bytes sent to peers so far.
@@ -124,6 +125,9 @@ func New(opts Options) *Replica {
 		posted:   noDeadline,
 		linkUp:   make(chan struct{}),
 		done:     make(chan struct{}),
+	}
+	if l, ok := opts.Log.(*logrus.Logger); ok && l.IsLevelEnabled(logrus.TraceLevel) {
+		r.trace = true
 	}
 	r.cond = sync.NewCond(&r.mu)
 	r.perfCond = sync.NewCond(&r.mu)
@@ -382,6 +386,9 @@ func (r *Replica) postTimer() {
 // ActYield) or stops it. mu is held; ActWait releases it while waiting.
 func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 	for {
+		if r.trace {
+			r.log.Tracef("replica: at %v/%d (%v): %v", r.last.Kind, r.last.Exits, r.node.Describe(), a)
+		}
 		r.drain()
 		switch a.Kind {
 		case ft.ActGo:
@@ -534,6 +541,11 @@ func (r *Replica) drain() {
 			r.link = nil
 		}
 	}
+	if r.trace {
+		for _, m := range rd.Messages {
+			r.log.Tracef("replica: send %v %+v", m.Type(), m)
+		}
+	}
 	if len(rd.Perform) > 0 {
 		r.perfQ = append(r.perfQ, rd.Perform...)
 		r.perfCond.Broadcast()
@@ -558,7 +570,13 @@ func (r *Replica) noted(n ft.Note) {
 		if r.refused == nil {
 			r.refused = n.Err
 		}
-		f.Warnf("replica: %v", n.Err)
+		// Before a link is up the command fails with this error; later
+		// (a new backup refused) it matters to the running primary.
+		if r.m != nil && r.started {
+			f.Warnf("replica: %v", n.Err)
+		} else {
+			f.Infof("replica: %v", n.Err)
+		}
 	case ft.NoteProtected:
 		f.Infof("replica: protected: the backup holds the guest's state")
 	case ft.NoteBackupLost:

@@ -95,6 +95,9 @@ func (l *link) reader() {
 			l.closeAfterSend()
 			return
 		}
+		if r.trace {
+			r.log.Tracef("replica: received %v %+v", m.Type(), m)
+		}
 		r.node.Step(m)
 		r.drain()
 		r.mu.Unlock()

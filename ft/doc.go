@@ -60,7 +60,11 @@
 // the primary passed every point before q without ending the epoch), and
 // a progress heartbeat says the same for its position. So the backup never
 // executes guest code the primary has not, which keeps the pages it dirtied
-// a subset of those a checkpoint carries.
+// a subset of those a checkpoint carries. This holds at kick points too:
+// from a kick point at position q the guest runs to exit q+1, so the backup
+// goes on only once the primary is known to have passed q+1; before that
+// the primary may still end the epoch with a checkpoint taken between the
+// two exits.
 //
 // # Output policies
 //

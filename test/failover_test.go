@@ -48,7 +48,7 @@ func (p *proc) backupAddr() string {
 }
 
 // startPair starts a backup on a free loopback port, then its primary.
-func startPair(t *testing.T, w workload, primaryFlags ...string) pair {
+func startPair(t testing.TB, w workload, primaryFlags ...string) pair {
 	t.Helper()
 	b := start(t, append([]string{"--log-level", "info", "backup", "--listen", "127.0.0.1:0"}, replicaArgs(w)...)...)
 	addr := b.backupAddr()

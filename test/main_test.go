@@ -86,7 +86,7 @@ func ftkvm(t *testing.T, timeout time.Duration, stdin string, args ...string) re
 	return result{out.String(), errb.String(), status}
 }
 
-func requireKVM(t *testing.T) {
+func requireKVM(t testing.TB) {
 	t.Helper()
 	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
 	if err != nil {

@@ -17,7 +17,7 @@ import (
 // policy, refusals at the handshake, and a link cut between two network
 // namespaces.
 
-func workloadNamed(t *testing.T, name string) workload {
+func workloadNamed(t testing.TB, name string) workload {
 	for _, w := range transferWorkloads {
 		if w.name == name {
 			return w
@@ -179,7 +179,7 @@ func TestReplicaRefusals(t *testing.T) {
 }
 
 // startIn runs ftkvm inside network namespace ns.
-func startIn(t *testing.T, ns string, args ...string) *proc {
+func startIn(t testing.TB, ns string, args ...string) *proc {
 	return startCmd(t, append([]string{"ip", "netns", "exec", ns, ftkvmBin}, args...)...)
 }
 

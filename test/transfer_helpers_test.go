@@ -27,7 +27,7 @@ import (
 
 // proc is an ftkvm process running in the background.
 type proc struct {
-	t      *testing.T
+	t      testing.TB
 	cmd    *exec.Cmd
 	stdin  io.WriteCloser
 	mu     sync.Mutex
@@ -50,14 +50,14 @@ func (w lockedWriter) Write(p []byte) (int, error) {
 
 // start runs ftkvm with args in the background. It is killed when the test
 // ends.
-func start(t *testing.T, args ...string) *proc {
+func start(t testing.TB, args ...string) *proc {
 	t.Helper()
 	return startCmd(t, append([]string{ftkvmBin}, args...)...)
 }
 
 // startCmd runs a command line in the background (ftkvm under a wrapper
 // such as ip netns exec).
-func startCmd(t *testing.T, argv ...string) *proc {
+func startCmd(t testing.TB, argv ...string) *proc {
 	t.Helper()
 	p := &proc{t: t, done: make(chan struct{})}
 	p.cmd = exec.Command(argv[0], argv[1:]...)

@@ -115,13 +115,36 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 
 func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 	var st Status
-	err := s.m.Do(func(m *vmm.Machine) error {
-		st.Stats = m.Stats
-		st.VirtualTimeNs = m.VirtualTime()
-		return nil
-	})
+	type snap struct {
+		stats vmm.Stats
+		now   int64
+	}
+	got := make(chan snap, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- s.m.Do(func(m *vmm.Machine) error {
+			got <- snap{m.Stats, m.VirtualTime()}
+			return nil
+		})
+	}()
+	var err error
+	busy := false
+	select {
+	case err = <-done:
+	case <-time.After(2 * time.Second):
+		// The vCPU thread is held elsewhere: a backup waiting for its
+		// primary's log, say. Answer without the machine's counters.
+		busy = true
+	}
+	select {
+	case sn := <-got:
+		st.Stats, st.VirtualTimeNs = sn.stats, sn.now
+	default:
+	}
 	cs := s.m.ControlStats()
 	switch {
+	case busy:
+		st.State = "running (vCPU busy; counters not read)"
 	case errors.Is(err, vmm.ErrNotRunning):
 		st.State = "stopped"
 	case err != nil:

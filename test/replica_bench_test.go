@@ -1,0 +1,108 @@
+package test
+
+import (
+	"regexp"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// Replication benchmarks (issue 5), ratios within one run:
+//
+//	go test -run '^$' -bench Replica -benchtime 3x ./test/
+//
+// BenchmarkReplicaOverhead: per workload, the guest's wall time under each
+// output policy against a plain `ftkvm run` of the same guest, and the log
+// bytes the primary sent per second of guest time. BenchmarkReplicaFailover:
+// from the SIGKILL of the primary to the first output the backup adds.
+
+// replicaStats reads the primary's "replica stopped" log line.
+var replicaStopped = regexp.MustCompile(`elapsed=([0-9.]+[a-zµ]+) .*link_bytes=(\d+)`)
+
+func runPlain(b *testing.B, w workload) time.Duration {
+	b.Helper()
+	begin := time.Now()
+	p := start(b, append([]string{"run"}, "--kernel", testosELF, "--mem", "32", "--cmdline", w.cmdline)...)
+	if w.input != nil {
+		w.feed(p, 0, len(w.input))
+	}
+	if res := p.wait(); res.status != 0 {
+		b.Fatalf("run: status %d\n%s", res.status, res.stderr)
+	}
+	return time.Since(begin)
+}
+
+// runReplicated runs a pair and returns the primary's wall time from the
+// start of the guest, and the bytes it sent on the link per second.
+func runReplicated(b *testing.B, w workload, flags ...string) (time.Duration, float64) {
+	b.Helper()
+	pr := startPair(b, w, flags...)
+	begin := time.Now()
+	if w.input != nil {
+		w.feed(pr.primary, 0, len(w.input))
+	}
+	res := pr.primary.wait()
+	elapsed := time.Since(begin)
+	if res.status != 0 {
+		b.Fatalf("primary: status %d\n%s", res.status, res.stderr)
+	}
+	pr.backup.wait()
+	m := replicaStopped.FindStringSubmatch(res.stderr)
+	if m == nil {
+		b.Fatalf("no summary line:\n%s", res.stderr)
+	}
+	d, err := time.ParseDuration(m[1])
+	if err != nil {
+		b.Fatal(err)
+	}
+	bytes, _ := strconv.ParseFloat(m[2], 64)
+	return elapsed, bytes / d.Seconds()
+}
+
+func BenchmarkReplicaOverhead(b *testing.B) {
+	requireKVM(b)
+	for _, w := range transferWorkloads {
+		b.Run(w.name, func(b *testing.B) {
+			var plain, oc, strict time.Duration
+			var ocRate, strictRate float64
+			for range b.N {
+				plain += runPlain(b, w)
+				d, r := runReplicated(b, w)
+				oc, ocRate = oc+d, ocRate+r
+				d, r = runReplicated(b, w, "--policy", "strict")
+				strict, strictRate = strict+d, strictRate+r
+			}
+			n := float64(b.N)
+			b.ReportMetric(plain.Seconds()/n, "run-s")
+			b.ReportMetric(oc.Seconds()/plain.Seconds(), "output-commit/run")
+			b.ReportMetric(strict.Seconds()/plain.Seconds(), "strict/run")
+			b.ReportMetric(ocRate/n/1024, "output-commit-log-KiB/s")
+			b.ReportMetric(strictRate/n/1024, "strict-log-KiB/s")
+		})
+	}
+}
+
+func BenchmarkReplicaFailover(b *testing.B) {
+	requireKVM(b)
+	w := workloadNamed(b, "interleave")
+	var total time.Duration
+	for range b.N {
+		pr := startPair(b, w)
+		pr.primary.waitLines(10)
+		before := pr.primary.stdout()
+		kill := time.Now()
+		pr.primary.kill()
+		// The first byte the backup adds to what the dead primary showed.
+		pr.backup.waitUntil("new output from the backup", func() bool {
+			out, _ := merge(before, pr.backup.stdout())
+			return len(out) > len(before)
+		})
+		total += time.Since(kill)
+		if res := pr.backup.wait(); res.status != 0 {
+			b.Fatalf("backup status %d", res.status)
+		}
+	}
+	b.ReportMetric(float64(total.Microseconds())/1000/float64(b.N), "ms/failover")
+	b.ReportMetric(0, "ns/op")
+}
+

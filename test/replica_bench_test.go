@@ -105,4 +105,3 @@ func BenchmarkReplicaFailover(b *testing.B) {
 	b.ReportMetric(float64(total.Microseconds())/1000/float64(b.N), "ms/failover")
 	b.ReportMetric(0, "ns/op")
 }
-

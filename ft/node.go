@@ -520,3 +520,12 @@ func (n *Node) Describe() string {
 	return fmt.Sprintf("%v epoch %d at %v; op %s after %v (stage %d); log %d, head %s; heartbeat %d/%v; events %v",
 		n.role, n.epoch, n.pos, opNames[n.op.kind], n.op.last, n.op.stage, len(n.log), head, n.hbEpoch, n.hbPos, n.events)
 }
+
+// Heard: bytes of a message arrived from the peer (a long frame, such as
+// a full checkpoint, still being received). The peer is alive: its
+// timeout runs from here.
+func (n *Node) Heard() {
+	if n.link != linkDown {
+		n.heard = true
+	}
+}

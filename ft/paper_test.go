@@ -1135,3 +1135,25 @@ func TestBackupWaitsAtKickUntilPrimaryPassedNextExit(t *testing.T) {
 	b.step(wire.Record{Seq: 1, Epoch: 1, Pos: at(3), Kind: wire.KindClock, Value: 9})
 	wantGo(t, "a record at 3 proves exit 2 passed", b.n.Point(kick(2, 0)))
 }
+
+// "Nothing arrives": bytes of a long frame (a full checkpoint) that is
+// still arriving are something. The driver reports them with Heard.
+func TestBackupHearsAFrameStillArriving(t *testing.T) {
+	_, b := pair(t, OutputCommit, false)
+	b.n.Tick(0)
+	b.step(wire.Heartbeat{Epoch: 1})
+	b.n.Tick(50 * ms)
+	for now := 60 * ms; now <= 400*ms; now += 10 * ms {
+		b.n.Heard()
+		b.n.Tick(now)
+	}
+	b.drain()
+	if _, ok := b.hasNote(NotePrimaryLost); ok {
+		t.Fatal("declared dead while its frame was arriving")
+	}
+	b.n.Tick(510 * ms)
+	b.drain()
+	if _, ok := b.hasNote(NotePrimaryLost); !ok {
+		t.Fatal("not declared dead once nothing arrived for the timeout")
+	}
+}

@@ -649,6 +649,12 @@ func (r *Replica) ticker() {
 		}
 		r.mu.Lock()
 		r.postTimer()
+		if l := r.link; l != nil {
+			if rx := l.rx.Load(); rx != l.rxSeen {
+				l.rxSeen = rx
+				r.node.Heard()
+			}
+		}
 		r.node.Tick(r.clock())
 		if r.started && r.kick != nil && r.node.Status().Replaying {
 			// A promoted backup goes live at its next point; a guest

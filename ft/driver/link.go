@@ -1,8 +1,10 @@
 package driver
 
 import (
+	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ftkvm/ftkvm/ft/wire"
@@ -20,6 +22,22 @@ type link struct {
 	cond    *sync.Cond
 	q       [][]byte
 	closing bool // close after the queue is sent
+
+	rx     atomic.Int64 // bytes received
+	rxSeen int64        // rx at the last tick (replica's mu)
+}
+
+// countingReader counts the bytes a link receives, so that a frame still
+// arriving (a full checkpoint of a big guest) counts as a sign of life.
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
 }
 
 func newLink(r *Replica, conn net.Conn) *link {
@@ -76,7 +94,7 @@ func (l *link) writer() {
 }
 
 func (l *link) reader() {
-	rd := wire.NewReader(l.conn, 0)
+	rd := wire.NewReader(countingReader{l.conn, &l.rx}, 0)
 	for {
 		m, err := rd.Read()
 		r := l.r

@@ -138,3 +138,47 @@ func TestExitPathAllocs(t *testing.T) {
 	}
 	t.Logf("allocations: %.0f for 10 exits, %.0f for 20000", small, large)
 }
+
+// stepLoop is 32-bit code that does n rounds of rdtsc and a port write,
+// then writes 0 to the debug-exit port.
+func stepLoop(n uint32) []byte {
+	return []byte{
+		0xb9, byte(n), byte(n >> 8), byte(n >> 16), byte(n >> 24), // mov ecx, n
+		0x0f, 0x31, // 1: rdtsc
+		0xe6, 0x80, // out 0x80, al
+		0x49,       // dec ecx
+		0x75, 0xf9, // jnz 1b
+		0x66, 0xba, 0x01, 0x05, // mov dx, 0x501
+		0x30, 0xc0, // xor al, al
+		0xee, // out dx, al
+		0xf4, // hlt
+	}
+}
+
+// TestStepPathAllocs is TestExitPathAllocs for the step clock: single
+// steps, the look at every instruction and RDTSC's emulation allocate
+// nothing either.
+func TestStepPathAllocs(t *testing.T) {
+	allocs := func(n uint32) (float64, uint64) {
+		kernel := pvhtest.Build(false, 0x200000, stepLoop(n), 0x200000, true)
+		var steps uint64
+		a := testing.AllocsPerRun(1, func() {
+			m, err := New(Config{Kernel: kernel, MemSize: 16 << 20, Console: io.Discard, Epoch: EpochStep})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer m.Close()
+			if _, err := m.Run(); err != nil {
+				t.Fatal(err)
+			}
+			steps = m.Stats.Steps
+		})
+		return a, steps
+	}
+	small, _ := allocs(10)
+	large, steps := allocs(2_000)
+	if large > small+10 {
+		t.Fatalf("%d steps allocate %.0f times, a few dozen %.0f: the step path allocates", steps, large, small)
+	}
+	t.Logf("allocations: %.0f for 10 rounds, %.0f for 2000 (%d steps)", small, large, steps)
+}

@@ -6,7 +6,7 @@ import (
 	"github.com/ftkvm/ftkvm/vmm/snapshot"
 )
 
-// PointKind tells apart the two kinds of delivery point.
+// PointKind tells apart the kinds of delivery point.
 type PointKind uint8
 
 const (
@@ -18,11 +18,19 @@ const (
 	// and a signal) because the guest ran long without exiting. Its place in
 	// the instruction stream depends on host timing: it is never replayable.
 	PointKick
+	// PointStep is the boundary after one guest instruction under the step
+	// clock (Config.Epoch == EpochStep): KVM single-stepped it, or ftkvm
+	// emulated it (RDTSC). Its position (Exits, Instrs) is exact, so
+	// events delivered here are replayable.
+	PointStep
 )
 
 func (k PointKind) String() string {
-	if k == PointKick {
+	switch k {
+	case PointKick:
 		return "kick"
+	case PointStep:
+		return "step"
 	}
 	return "exit"
 }
@@ -35,6 +43,11 @@ type Point struct {
 	// included; with Kind == PointKick it is the count at the last such exit.
 	// It is the position a replica uses to find the point again.
 	Exits uint64
+	// Instrs counts guest instructions retired since that exit, under the
+	// step clock: (Exits, Instrs) is the position. It is 0 at every
+	// guest-caused exit and always 0 with the exit clock; at a kick it is
+	// the count at the last step (a kick is still not a position).
+	Instrs uint64
 	// Delivered is set when the environment delivered an event here. At a
 	// kick point the machine injects interrupts only then, so an
 	// environment that never delivers at kicks keeps every injection at a

@@ -51,6 +51,9 @@ func (m *Machine) Run() (int, error) {
 			if m.stopped {
 				return m.exitStatus, m.stopErr
 			}
+			if m.step != nil {
+				m.stepInvalidate()
+			}
 		}
 		if m.halted {
 			// The guest waits in HLT. Halt returns when an interrupt is
@@ -67,9 +70,27 @@ func (m *Machine) Run() (int, error) {
 			m.halted = false
 			m.inject()
 		}
+		if m.step != nil {
+			// The step clock looks at the next instruction first, and
+			// may retire it itself (a point like an exit's).
+			retired, err := m.stepBefore()
+			if err != nil {
+				return 0, err
+			}
+			if m.stopped {
+				return m.exitStatus, m.stopErr
+			}
+			if retired {
+				continue
+			}
+			m.stepEnter()
+		}
 		reason, err := m.vcpu.Run()
 		if err != nil {
 			return 0, err
+		}
+		if m.step != nil {
+			m.stepRan()
 		}
 		if err := m.exit(reason); err != nil {
 			return 0, err
@@ -84,6 +105,11 @@ func (m *Machine) Run() (int, error) {
 // delivery point, and interrupt injection. A HLT with nothing pending sets
 // m.halted; Run then waits in the environment's Halt.
 func (m *Machine) exit(reason kvm.ExitReason) error {
+	if m.step != nil {
+		if err := m.stepCheckExit(); err != nil {
+			return err
+		}
+	}
 	m.quiescent = false
 	m.point.Kind = PointExit
 	m.point.Delivered = false
@@ -112,8 +138,32 @@ func (m *Machine) exit(reason kvm.ExitReason) error {
 		// finishes any half-done instruction before it returns EINTR.
 		m.vcpu.ClearImmediateExit()
 		m.quiescent = true
+		if m.step != nil {
+			// Under the step clock it may end an instruction's step.
+			if retired, err := m.stepKick(); err != nil {
+				return err
+			} else if retired {
+				m.point.Kind = PointStep
+				m.Stats.Steps++
+				m.Stats.Instrs++
+				break
+			}
+		}
 		m.point.Kind = PointKick
 		m.Stats.Kicks++
+	case kvm.ExitDebug, exitEmulated:
+		// The step clock: one instruction retired, single-stepped by KVM
+		// or carried out by ftkvm (step.go). Nothing is half-done.
+		if reason == kvm.ExitDebug {
+			if step, err := m.stepTrap(); !step {
+				m.quiescent = true
+				return err // a guard breakpoint: nothing retired, no point
+			}
+		}
+		m.quiescent = true
+		m.point.Kind = PointStep
+		m.Stats.Steps++
+		m.Stats.Instrs++
 	default:
 		return m.exitError(reason)
 	}
@@ -123,7 +173,9 @@ func (m *Machine) exit(reason kvm.ExitReason) error {
 	if m.point.Kind == PointExit {
 		m.Stats.Exits++
 		m.point.Exits = m.Stats.Exits
+		m.Stats.Instrs = 0
 	}
+	m.point.Instrs = m.Stats.Instrs
 	if err := m.env.At(m.point, m); err != nil {
 		return err
 	}
@@ -166,6 +218,9 @@ func (m *Machine) inject() {
 		vec := m.pic.Acknowledge()
 		if err := m.vcpu.Interrupt(vec); err == nil {
 			m.Stats.Injected++
+			if m.step != nil {
+				m.step.injected, m.step.vector = true, vec
+			}
 		}
 		run.RequestInterruptWindow = 0
 		return

@@ -30,6 +30,10 @@ type Config struct {
 	WallClock time.Time
 	// KVMPath is the KVM device, "/dev/kvm" if empty.
 	KVMPath string
+	// Epoch is how positions in the guest's execution are measured
+	// (epoch.go): EpochExit (the zero value) counts guest-caused exits,
+	// EpochStep single-steps every instruction.
+	Epoch EpochClock
 }
 
 // Stats counts what the vCPU loop did; it is part of a snapshot's machine
@@ -84,6 +88,8 @@ type Machine struct {
 
 	point Point // the current delivery point
 	Stats Stats
+
+	step *stepper // the step clock's state; nil with the exit clock
 }
 
 // Exit statuses that are not the guest's own debug-exit byte.
@@ -195,6 +201,9 @@ func newMachine(cfg *Config) (_ *Machine, err error) {
 	m.run = m.vcpu.RunData()
 	if err = m.wireDevices(*cfg); err != nil {
 		return nil, err
+	}
+	if err = m.initEpoch(cfg); err != nil {
+		return nil, fmt.Errorf("epoch clock %v: %w", cfg.Epoch, err)
 	}
 	return m, nil
 }

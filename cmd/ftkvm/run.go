@@ -24,6 +24,7 @@ type guestFlags struct {
 	Initrd  string `help:"Initial ramdisk." type:"path"`
 	Cmdline string `help:"Kernel command line. For Linux kernels it adds to or overrides ftkvm's defaults (console=ttyS0 and lpj)."`
 	Mem     uint64 `help:"Guest memory in MiB (a multiple of 2)." default:"256"`
+	Epoch   string `help:"How positions in the guest's execution are counted: exit (guest-caused exits; full speed), step (single-step every instruction: exact instruction counts, RDTSC and friends served by ftkvm; ring-0 guests only on a KVM that emulates ring 0, see ftkvm probe), perf (hardware instruction counters; refused where there are none)." enum:"exit,step,perf" default:"exit"`
 }
 
 // load reads the files and builds the machine configuration.
@@ -49,12 +50,17 @@ func (g *guestFlags) load() (vmm.Config, error) {
 	if guest.IsLinux(kernel) {
 		cmdline = guest.LinuxCmdline(g.Cmdline)
 	}
+	epoch, err := vmm.ParseEpochClock(g.Epoch)
+	if err != nil {
+		return cfg, fmt.Errorf("--epoch: %w", err)
+	}
 	return vmm.Config{
 		Kernel:    kernel,
 		Initrd:    initrd,
 		Cmdline:   cmdline,
 		MemSize:   g.Mem << 20,
 		WallClock: time.Now(),
+		Epoch:     epoch,
 	}, nil
 }
 
@@ -75,6 +81,9 @@ func (c *runCmd) run() (int, error) {
 	cfg.KVMPath = c.Device
 	m, err := vmm.New(cfg)
 	if err != nil {
+		if errors.Is(err, vmm.ErrNoPerfCounters) {
+			return 0, fmt.Errorf("--epoch perf: %w", err)
+		}
 		return 0, fmt.Errorf("%s: %w", c.Kernel, err)
 	}
 	defer m.Close()
@@ -124,6 +133,7 @@ func runGuest(m *vmm.Machine, env *vmm.LiveEnv, apiPath string) (int, error) {
 		"exits": s.Exits, "kicks": s.Kicks, "io": s.IOExits, "hlt": s.HaltExits,
 		"window": s.WindowExits, "msr": s.MSRExits, "injected": s.Injected,
 		"ticks": s.TimerEvents, "ticks_at_kicks": s.KickTimer, "input": s.InputBytes,
+		"steps": s.Steps, "emulated": s.Emulated,
 		"elapsed": time.Since(start).Round(time.Millisecond),
 	}).Info("guest stopped: ", m.StopReason())
 	switch {

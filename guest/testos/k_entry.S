@@ -85,30 +85,33 @@ isr_table:
  * the user %rip in %rcx and %rflags in %r11 and cleared IF (SFMASK), so
  * nothing can interrupt us before we are on the kernel stack. We build an
  * iretq frame on the task's kernel stack; the return is by sysretq, or by
- * iretq when built with USE_SYSRET=0.
+ * iretq when built with USE_SYSRET=0 or when the tasks run at ring 0
+ * (ring=0: syscall from ring 0 works like from ring 3, but sysretq always
+ * returns to ring 3).
  */
 	.globl syscall_entry
 syscall_entry:
 	mov %rsp, syscall_user_rsp(%rip)
 	mov syscall_kstack(%rip), %rsp
-	push $SEL_UDATA_RPL3		/* ss */
+	push task_ss(%rip)		/* ss: the task's (ring 3, or 0 with ring=0) */
 	push syscall_user_rsp(%rip)	/* rsp */
 	push %r11			/* rflags */
-	push $SEL_UCODE_RPL3		/* cs */
+	push task_cs(%rip)		/* cs */
 	push %rcx			/* rip */
 	sub $8, %rsp			/* keep the C ABI's 16-byte alignment */
 	mov %rax, %rcx			/* syscall_dispatch(a0, a1, a2, nr) */
 	call syscall_dispatch
 	add $8, %rsp
+	cmpl $0, tasks_ring0(%rip)	/* ring-0 tasks: sysretq would go to ring 3 */
+	jne 1f
 #if USE_SYSRET
 	pop %rcx
 	add $8, %rsp
 	pop %r11
 	pop %rsp
 	sysretq
-#else
-	iretq
 #endif
+1:	iretq
 
 /*
  * Fallback syscall entry, reached from syscall_stub when the syscall

@@ -76,6 +76,12 @@ extern void switch_to(uint64_t *save_ksp, uint64_t next_ksp);
 uint64_t syscall_kstack;
 uint64_t syscall_user_rsp;
 
+/* The ring tasks run at (cmdline ring=0|3) and their selectors, which
+ * task_create and syscall_entry put in iretq frames. ring=0 is for the
+ * project's step clock, which can count ring-0 instructions only. */
+int tasks_ring0;
+uint64_t task_cs = SEL_UCODE_RPL3, task_ss = SEL_UDATA_RPL3;
+
 static struct tss64 tss __attribute__((aligned(16)));
 static struct idt_gate idt[NVEC] __attribute__((aligned(16)));
 
@@ -197,10 +203,10 @@ static void task_create(task_fn fn, uint64_t a0, uint64_t a1, uint64_t a2)
 	uint64_t *k = (uint64_t *)ktop;
 
 	*usp = (uint64_t)user_task_exit;	/* the task function returns here */
-	*--k = SEL_UDATA_RPL3;			/* iretq frame: ss */
+	*--k = task_ss;				/* iretq frame: ss */
 	*--k = (uint64_t)usp;			/* rsp */
 	*--k = 0x202;				/* rflags: IF */
-	*--k = SEL_UCODE_RPL3;			/* cs */
+	*--k = task_cs;				/* cs */
 	*--k = (uint64_t)fn;			/* rip */
 	*--k = (uint64_t)task_trampoline;	/* switch_to's ret */
 	*--k = 0;				/* rbx */
@@ -292,6 +298,19 @@ static void all_exited(void)
 
 /* ---- interrupts and exceptions ---- */
 
+static int in_user_region(uint64_t p)
+{
+	return p >= (uint64_t)__user_start && p < (uint64_t)__user_image_end;
+}
+
+/* A timer tick preempts task code: ring 3, or with ring=0 the user region
+ * (task code lives there; the kernel only calls memset/memcpy there, with
+ * interrupts off). */
+static int preemptible(const struct frame *f)
+{
+	return (f->cs & 3) || (tasks_ring0 && in_user_region(f->rip));
+}
+
 static void fatal(struct frame *f) __attribute__((noreturn));
 static void fatal(struct frame *f)
 {
@@ -336,7 +355,7 @@ void isr_dispatch(struct frame *f)
 	if (v == 0x20) {			/* IRQ0: PIT */
 		outb(PIC1_CMD, PIC_EOI);
 		ticks++;
-		if (f->cs & 3)			/* preempt ring 3 only */
+		if (preemptible(f))		/* task code only, never the kernel */
 			schedule();
 		return;
 	}
@@ -573,11 +592,25 @@ void kmain(uint32_t start_info)
 
 	hz = num_opt("hz", 100, 19, 10000);
 	pit_init(hz);
+	switch (num_opt("ring", 3, 0, 3)) {
+	case 0:
+		tasks_ring0 = 1;
+		task_cs = SEL_KCODE;
+		task_ss = SEL_KDATA;
+		break;
+	case 3:
+		break;
+	default:
+		kputs("testos: bad option ring (want 0 or 3)\n");
+		finish(2);
+	}
 	opt("workload", &name, &nlen);
 	kputs("testos: workload=");
 	kputsn(name, nlen);
 	kputs(" hz=");
 	kputu(hz);
+	if (tasks_ring0)
+		kputs(" ring=0");
 	kputs("\n");
 
 	if (name_is(name, nlen, "counter")) {
@@ -599,9 +632,14 @@ void kmain(uint32_t start_info)
 		task_create(w_echo, 0, 0, 0);
 	} else if (name_is(name, nlen, "fault")) {
 		task_create(w_fault, 0, 0, 0);
+	} else if (name_is(name, nlen, "tsc")) {
+		task_create(w_tsc, num_opt("samples", 5, 1, 100000000),
+			    num_opt("work", 1000, 0, 1000000000), 0);
+	} else if (name_is(name, nlen, "rdrand")) {
+		task_create(w_rdrand, 0, 0, 0);
 	} else {
 		if (nlen == 0)
-			kputs("testos: error: no workload given (workload=counter|interleave|compute|clock|echo|fault)\n");
+			kputs("testos: error: no workload given (workload=counter|interleave|compute|clock|echo|fault|tsc|rdrand)\n");
 		else {
 			kputs("testos: error: unknown workload \"");
 			kputsn(name, nlen);

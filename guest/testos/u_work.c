@@ -333,3 +333,72 @@ long w_fault(uint64_t unused0, uint64_t unused1, uint64_t unused2)
 	u_puts("fault: reading kernel memory from ring 3\n");
 	return (long)*(volatile uint64_t *)0x100000;
 }
+
+/* tsc: "tsc <i> value=<v> delta=<d>" for i = 1..samples, with work
+ * xorshift rounds before each RDTSC, then "tsc hash=<h>": FNV-1a 64 over
+ * the 8 little-endian bytes of every value. Two runs of the same guest
+ * agree on every value only if RDTSC's result came from one shared
+ * source (ftkvm's step clock, replayed). FAIL if the counter goes back. */
+static inline uint64_t rdtsc(void)
+{
+	uint32_t lo, hi;
+
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return (uint64_t)hi << 32 | lo;
+}
+
+long w_tsc(uint64_t samples, uint64_t work, uint64_t unused)
+{
+	struct line l;
+	uint64_t x = 1, prev = rdtsc(), h = 0xcbf29ce484222325ull;
+
+	(void)unused;
+	l.n = 0;
+	for (uint64_t i = 1; i <= samples; i++) {
+		uint64_t t;
+
+		x = spin(x, work);
+		sink = x;
+		t = rdtsc();
+		if (t < prev)
+			sys_exit(1, "tsc: counter went backwards");
+		for (uint64_t v = t, b = 0; b < 8; b++, v >>= 8) {
+			h ^= v & 0xff;
+			h *= 0x100000001b3ull;
+		}
+		l_str(&l, "tsc ");
+		l_dec(&l, i);
+		l_str(&l, " value=");
+		l_dec(&l, t);
+		l_str(&l, " delta=");
+		l_dec(&l, t - prev);
+		l_end(&l);
+		prev = t;
+	}
+	l_str(&l, "tsc hash=");
+	l_hex16(&l, h);
+	l_end(&l);
+	return 0;
+}
+
+/* rdrand: "rdrand: executing RDRAND", then RDRAND, which CPUID hides: under
+ * ftkvm's step clock it raises #UD (the exception report, status 3); a CPU
+ * that runs it anyway prints "rdrand: ran, CF=<c>" and the workload passes. */
+long w_rdrand(uint64_t unused0, uint64_t unused1, uint64_t unused2)
+{
+	struct line l;
+	uint64_t v;
+	uint8_t cf;
+
+	(void)unused0;
+	(void)unused1;
+	(void)unused2;
+	l.n = 0;
+	u_puts("rdrand: executing RDRAND\n");
+	__asm__ volatile("rdrand %0; setc %1" : "=r"(v) , "=qm"(cf) : : "cc");
+	sink = v;
+	l_str(&l, "rdrand: ran, CF=");
+	l_dec(&l, cf);
+	l_end(&l);
+	return 0;
+}

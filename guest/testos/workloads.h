@@ -14,5 +14,7 @@ long w_compute_ticker(uint64_t hz, uint64_t unused1, uint64_t unused2);
 long w_clock(uint64_t samples, uint64_t hz, uint64_t divisor);
 long w_echo(uint64_t unused0, uint64_t unused1, uint64_t unused2);
 long w_fault(uint64_t unused0, uint64_t unused1, uint64_t unused2);
+long w_tsc(uint64_t samples, uint64_t work, uint64_t unused);
+long w_rdrand(uint64_t unused0, uint64_t unused1, uint64_t unused2);
 
 #endif

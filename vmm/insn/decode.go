@@ -47,11 +47,23 @@ const (
 	RETF
 	SYSRET
 	SYSEXIT
+	// SYSCALL (0F 05), SYSENTER (0F 34), SWAPGS (0F 01 F8) and the fences
+	// LFENCE, MFENCE, SFENCE (0F AE E8, F0, F8; Reg says which): with IRET, SYSRET and SYSEXIT, the instructions that this
+	// project's KVM runs without a single-step exit of their own
+	// (MergesNext).
+	SYSCALL
+	SYSENTER
+	SWAPGS
+	FENCE
+	// WRMSR (0F 30): the step clock caches the MSRs that give SYSCALL's
+	// and SYSENTER's targets, and forgets them when the guest writes MSRs.
+	WRMSR
 )
 
 var kindNames = [...]string{None: "none", RDTSC: "RDTSC", RDTSCP: "RDTSCP", RDRAND: "RDRAND",
 	RDSEED: "RDSEED", RDPID: "RDPID", Undefined: "undefined opcode", HLT: "HLT", IRET: "IRET",
-	RETF: "RETF", SYSRET: "SYSRET", SYSEXIT: "SYSEXIT"}
+	RETF: "RETF", SYSRET: "SYSRET", SYSEXIT: "SYSEXIT", SYSCALL: "SYSCALL", SYSENTER: "SYSENTER",
+	SWAPGS: "SWAPGS", FENCE: "fence", WRMSR: "WRMSR"}
 
 func (k Kind) String() string {
 	if int(k) < len(kindNames) {
@@ -66,6 +78,24 @@ func (k Kind) Environment() bool { return k >= RDTSC && k <= RDPID }
 
 // LeavesRing0 reports whether k may switch the CPU to an outer ring.
 func (k Kind) LeavesRing0() bool { return k >= IRET && k <= SYSEXIT }
+
+// MergesNext reports whether this project's KVM (kvm_pvm, which emulates
+// ring 0) executes k together with the instruction after it in one
+// single-step: no KVM_EXIT_DEBUG follows k itself, so the next
+// instruction would run before the step clock saw it. Measured: IRET,
+// SYSCALL, SWAPGS, LFENCE and MFENCE merge; CPUID, RDMSR/WRMSR, MOV to
+// CR0/CR3/DR7, LGDT/LIDT, INVLPG, IN/OUT, CLI/STI, PUSHF/POPF, RET, RETF,
+// far JMP/CALL, string instructions and RDTSC do not. SYSRET, SYSEXIT,
+// SYSENTER and SFENCE are assumed to behave like their siblings. (Event
+// delivery merges too: an exception or interrupt enters its handler and
+// runs the handler's first instruction in the same step.)
+func (k Kind) MergesNext() bool {
+	switch k {
+	case IRET, SYSRET, SYSEXIT, SYSCALL, SYSENTER, SWAPGS, FENCE:
+		return true
+	}
+	return false
+}
 
 // MaxLen is the architectural limit on an instruction's length.
 const MaxLen = 15
@@ -204,21 +234,61 @@ func Decode(b []byte, mode Mode) Insn {
 		if lock || mode != Mode64 {
 			return Insn{}
 		}
-		return Insn{Kind: SYSRET, Len: uint8(i)}
+		return Insn{Kind: SYSRET, Len: uint8(i), OpSize: stackSize()}
 	case 0x35:
 		if lock {
 			return Insn{}
 		}
-		return Insn{Kind: SYSEXIT, Len: uint8(i)}
-	case 0x01:
-		if i >= len(b) || b[i] != 0xf9 {
+		return Insn{Kind: SYSEXIT, Len: uint8(i), OpSize: stackSize()}
+	case 0x05:
+		// Like SYSRET: 64-bit mode only here (Intel refuses it elsewhere;
+		// AMD's legacy-mode SYSCALL is not used by ftkvm's guests).
+		if lock || mode != Mode64 {
 			return Insn{}
 		}
-		i++
+		return Insn{Kind: SYSCALL, Len: uint8(i)}
+	case 0x34:
 		if lock {
-			return Insn{Kind: Undefined, Len: uint8(i)}
+			return Insn{}
 		}
-		return Insn{Kind: RDTSCP, Len: uint8(i)}
+		return Insn{Kind: SYSENTER, Len: uint8(i)}
+	case 0x30:
+		if lock {
+			return Insn{}
+		}
+		return Insn{Kind: WRMSR, Len: uint8(i)}
+	case 0xae:
+		// The fences: register forms of /5 /6 /7 without a mandatory
+		// prefix (with 66, F2 or F3 they are other instructions).
+		if i >= len(b) || lock || opsize || rep || repne {
+			return Insn{}
+		}
+		// E8, F0, F8: the encodings Intel documents (x86asm knows only
+		// those; other r/m values are reserved).
+		modrm := b[i]
+		if modrm != 0xe8 && modrm != 0xf0 && modrm != 0xf8 {
+			return Insn{}
+		}
+		return Insn{Kind: FENCE, Len: uint8(i + 1), Reg: (modrm >> 3) & 7}
+	case 0x01:
+		if i >= len(b) {
+			return Insn{}
+		}
+		switch b[i] {
+		case 0xf9:
+			i++
+			if lock {
+				return Insn{Kind: Undefined, Len: uint8(i)}
+			}
+			return Insn{Kind: RDTSCP, Len: uint8(i)}
+		case 0xf8:
+			// SWAPGS exists in 64-bit mode only (elsewhere #UD, KVM's).
+			if lock || mode != Mode64 {
+				return Insn{}
+			}
+			return Insn{Kind: SWAPGS, Len: uint8(i + 1)}
+		}
+		return Insn{}
 	case 0xc7:
 		if i >= len(b) {
 			return Insn{}
@@ -294,6 +364,22 @@ func x86asmOp(in Insn) (x86asm.Op, bool) {
 		return x86asm.SYSRET, true
 	case SYSEXIT:
 		return x86asm.SYSEXIT, true
+	case SYSCALL:
+		return x86asm.SYSCALL, true
+	case SYSENTER:
+		return x86asm.SYSENTER, true
+	case SWAPGS:
+		return x86asm.SWAPGS, true
+	case WRMSR:
+		return x86asm.WRMSR, true
+	case FENCE:
+		switch in.Reg {
+		case 5:
+			return x86asm.LFENCE, true
+		case 6:
+			return x86asm.MFENCE, true
+		}
+		return x86asm.SFENCE, true
 	}
 	return 0, false
 }

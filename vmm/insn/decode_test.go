@@ -20,7 +20,7 @@ func TestDecode(t *testing.T) {
 		{"inc eax then rdtsc (32-bit)", []byte{0x40, 0x0f, 0x31}, Mode32, Insn{}},
 		{"lock rdtsc", []byte{0xf0, 0x0f, 0x31}, Mode64, Insn{Kind: Undefined, Len: 3}},
 		{"rdtscp", []byte{0x0f, 0x01, 0xf9}, Mode64, Insn{Kind: RDTSCP, Len: 3}},
-		{"other 0f 01", []byte{0x0f, 0x01, 0xf8}, Mode64, Insn{}}, // swapgs
+		{"other 0f 01", []byte{0x0f, 0x01, 0xd0}, Mode64, Insn{}}, // xgetbv
 		{"rdrand eax", []byte{0x0f, 0xc7, 0xf0}, Mode64, Insn{Kind: RDRAND, Len: 3, OpSize: 4, Reg: 0}},
 		{"rdrand r9", []byte{0x49, 0x0f, 0xc7, 0xf1}, Mode64, Insn{Kind: RDRAND, Len: 4, OpSize: 8, Reg: 9}},
 		{"rdrand ax", []byte{0x66, 0x0f, 0xc7, 0xf3}, Mode64, Insn{Kind: RDRAND, Len: 4, OpSize: 2, Reg: 3}},
@@ -41,9 +41,20 @@ func TestDecode(t *testing.T) {
 		{"retf", []byte{0xcb}, Mode64, Insn{Kind: RETF, Len: 1, OpSize: 4}},
 		{"retfq 8", []byte{0x48, 0xca, 0x08, 0x00}, Mode64, Insn{Kind: RETF, Len: 4, OpSize: 8, Imm: 8}},
 		{"retf imm truncated", []byte{0xca, 0x08}, Mode64, Insn{}},
-		{"sysret", []byte{0x48, 0x0f, 0x07}, Mode64, Insn{Kind: SYSRET, Len: 3}},
+		{"sysret", []byte{0x0f, 0x07}, Mode64, Insn{Kind: SYSRET, Len: 2, OpSize: 4}},
 		{"sysret outside 64-bit", []byte{0x0f, 0x07}, Mode32, Insn{}},
-		{"sysexit", []byte{0x0f, 0x35}, Mode32, Insn{Kind: SYSEXIT, Len: 2}},
+		{"sysexit", []byte{0x0f, 0x35}, Mode32, Insn{Kind: SYSEXIT, Len: 2, OpSize: 4}},
+		{"sysretq", []byte{0x48, 0x0f, 0x07}, Mode64, Insn{Kind: SYSRET, Len: 3, OpSize: 8}},
+		{"syscall", []byte{0x0f, 0x05}, Mode64, Insn{Kind: SYSCALL, Len: 2}},
+		{"sysenter", []byte{0x0f, 0x34}, Mode32, Insn{Kind: SYSENTER, Len: 2}},
+		{"swapgs", []byte{0x0f, 0x01, 0xf8}, Mode64, Insn{Kind: SWAPGS, Len: 3}},
+		{"swapgs outside 64-bit", []byte{0x0f, 0x01, 0xf8}, Mode32, Insn{}},
+		{"lfence", []byte{0x0f, 0xae, 0xe8}, Mode64, Insn{Kind: FENCE, Len: 3, Reg: 5}},
+		{"mfence", []byte{0x0f, 0xae, 0xf0}, Mode64, Insn{Kind: FENCE, Len: 3, Reg: 6}},
+		{"sfence", []byte{0x0f, 0xae, 0xf8}, Mode32, Insn{Kind: FENCE, Len: 3, Reg: 7}},
+		{"clflush (memory /7)", []byte{0x0f, 0xae, 0x38}, Mode64, Insn{}},
+		{"66 0f ae /6 (tpause)", []byte{0x66, 0x0f, 0xae, 0xf0}, Mode64, Insn{}},
+		{"wrmsr", []byte{0x0f, 0x30}, Mode64, Insn{Kind: WRMSR, Len: 2}},
 		{"nop", []byte{0x90}, Mode64, Insn{}},
 		{"out", []byte{0xe6, 0x80}, Mode64, Insn{}},
 		{"truncated", []byte{0x0f}, Mode64, Insn{}},
@@ -140,6 +151,21 @@ func FuzzDecode(f *testing.F) {
 			want = SYSRET
 		case x86asm.SYSEXIT:
 			want = SYSEXIT
+		case x86asm.SYSCALL:
+			want = SYSCALL
+		case x86asm.SYSENTER:
+			want = SYSENTER
+		case x86asm.SWAPGS:
+			want = SWAPGS
+		case x86asm.WRMSR:
+			want = WRMSR
+		case x86asm.LFENCE, x86asm.MFENCE, x86asm.SFENCE:
+			for _, c := range nb[:opcodeAt(nb, mode)] {
+				if c == 0x66 || c == 0xf2 || c == 0xf3 {
+					return // x86asm ignores the prefix that makes these other instructions
+				}
+			}
+			want = FENCE
 		default:
 			return
 		}

@@ -140,3 +140,62 @@ func TestTargetCPL(t *testing.T) {
 		}
 	}
 }
+
+func TestNext(t *testing.T) {
+	mem := pt(make([]byte, 1<<20))
+	// GDT at 0x1000: 0x08 64-bit code, 0x10 32-bit code with base 0x10000.
+	mem.e64(0x1008, 0x00af9a000000ffff)
+	mem.e64(0x1010, 0x00cf9a010000ffff)
+	long := kvm.Sregs{CR0: cr0PE, EFER: lma, CS: kvm.Segment{L: 1}, GDT: kvm.DTable{Base: 0x1000, Limit: 0x17}}
+	prot := kvm.Sregs{CR0: cr0PE, CS: kvm.Segment{DB: 1}, SS: kvm.Segment{DB: 1}, GDT: kvm.DTable{Base: 0x1000, Limit: 0x17}}
+	real := kvm.Sregs{CS: kvm.Segment{Base: 0x20000}}
+	mem.e64(0x8000, 0x4242) // iretq frame: rip, cs 0x08
+	mem.e64(0x8008, 0x08)
+	mem.e64(0x8100, 0x4242) // iretq frame to compatibility mode: cs 0x10
+	mem.e64(0x8108, 0x10)
+	mem.e64(0x8200, 0x4242) // iretq frame with an LDT selector
+	mem.e64(0x8208, 0x0c)
+	mem.e32(0x9000, 0x100) // iretd frame: eip, cs 0x10, eflags
+	mem.e32(0x9004, 0x10)
+	mem.e32(0x9008, 2)
+	mem.e32(0x9100, 0x100) // iretd frame into virtual-8086 mode: cs 0x2000
+	mem.e32(0x9104, 0x2000)
+	mem.e32(0x9108, rflagsVM|2)
+	binary16 := []byte{0x34, 0x12, 0x00, 0x30} // real-mode frame: ip 0x1234, cs 0x3000
+	copy(mem[0x7000:], binary16)
+	msrs := map[uint32]uint64{MSRLSTAR: 0xffff_8000_0000_1000, MSRSysenterIP: 0x1_0000_5000}
+	msr := func(i uint32) (uint64, bool) { v, ok := msrs[i]; return v, ok }
+	for _, tc := range []struct {
+		name string
+		code []byte
+		mode Mode
+		s    kvm.Sregs
+		regs kvm.Regs
+		want uint64
+		ok   bool
+	}{
+		{"swapgs", []byte{0x0f, 0x01, 0xf8}, Mode64, long, kvm.Regs{RIP: 0x5000}, 0x5003, true},
+		{"mfence in 32-bit code with a CS base", []byte{0x0f, 0xae, 0xf0}, Mode32, kvm.Sregs{CR0: cr0PE, CS: kvm.Segment{Base: 0x10000, DB: 1}}, kvm.Regs{RIP: 0x10}, 0x10013, true},
+		{"syscall", []byte{0x0f, 0x05}, Mode64, long, kvm.Regs{}, 0xffff_8000_0000_1000, true},
+		{"sysenter, legacy mode", []byte{0x0f, 0x34}, Mode32, prot, kvm.Regs{}, 0x5000, true},
+		{"sysretq", []byte{0x48, 0x0f, 0x07}, Mode64, long, kvm.Regs{RCX: 0x1_0000_0000}, 0x1_0000_0000, true},
+		{"sysret to 32-bit", []byte{0x0f, 0x07}, Mode64, long, kvm.Regs{RCX: 0x1_0000_0010}, 0x10, true},
+		{"sysexit", []byte{0x0f, 0x35}, Mode32, prot, kvm.Regs{RDX: 0x1_0000_0020}, 0x20, true},
+		{"iretq to 64-bit code", []byte{0x48, 0xcf}, Mode64, long, kvm.Regs{RSP: 0x8000}, 0x4242, true},
+		{"iretq to compatibility mode", []byte{0x48, 0xcf}, Mode64, long, kvm.Regs{RSP: 0x8100}, 0x14242, true},
+		{"iretq with an LDT selector", []byte{0x48, 0xcf}, Mode64, long, kvm.Regs{RSP: 0x8200}, 0, false},
+		{"iretq, stack beyond memory", []byte{0x48, 0xcf}, Mode64, long, kvm.Regs{RSP: 1<<20 - 8}, 0, false},
+		{"iretd", []byte{0xcf}, Mode32, prot, kvm.Regs{RSP: 0x9000}, 0x10100, true},
+		{"iretd to virtual-8086", []byte{0xcf}, Mode32, prot, kvm.Regs{RSP: 0x9100}, 0x20100, true},
+		{"real-mode iret", []byte{0xcf}, Mode16, real, kvm.Regs{RSP: 0x7000}, 0x31234, true},
+	} {
+		in := Decode(tc.code, tc.mode)
+		if !in.Kind.MergesNext() {
+			t.Fatalf("%s: %+v does not merge", tc.name, in)
+		}
+		got, ok := Next(in, tc.mode, &tc.s, &tc.regs, mem, msr)
+		if ok != tc.ok || (ok && got != tc.want) {
+			t.Errorf("%s: Next = %#x, %v; want %#x, %v", tc.name, got, ok, tc.want, tc.ok)
+		}
+	}
+}

@@ -58,7 +58,7 @@ func ParseEpochClock(s string) (EpochClock, error) {
 var (
 	// ErrNoPerfCounters: the perf epoch clock needs hardware performance
 	// counters, and perf_event_open found none.
-	ErrNoPerfCounters = errors.New("no hardware performance counters")
+	ErrNoPerfCounters = errors.New("the perf epoch clock needs hardware performance counters, and this host has none")
 	// ErrStepRing3: under the step clock the guest reached, or was about to
 	// enter, ring 3 on a KVM whose single-step trap at ring 3 goes to the
 	// guest instead of to ftkvm. Run stops instead of running instructions
@@ -78,17 +78,25 @@ func (m *Machine) initEpoch(cfg *Config) error {
 	case EpochStep:
 		return m.initStep()
 	case EpochPerf:
-		ok, detail := probePMU()
-		if !ok {
-			return fmt.Errorf("the perf epoch clock needs them: %w (%s); use the step clock (ring-0 guests on this host) or the exit clock", ErrNoPerfCounters, detail)
+		if ok, detail := probePMU(); !ok {
+			return fmt.Errorf("%w (%s); the step clock (ring-0 guests on this host) and the exit clock work without them", ErrNoPerfCounters, detail)
 		}
-		return errors.New("the perf epoch clock is not implemented (this host has counters, but ftkvm only has the algorithm, in vmm/perfclock); use the step clock or the exit clock")
+		return errors.New("the perf epoch clock is not implemented: this host has counters, but ftkvm has only its algorithm (vmm/perfclock); use the step clock or the exit clock")
 	}
 	return fmt.Errorf("unknown epoch clock %d", cfg.Epoch)
 }
 
+// PerfClockUsable reports, for `ftkvm probe`, whether the perf epoch clock
+// can run here: never yet (it is not implemented), and the reason.
+func PerfClockUsable(r *ProbeReport) (bool, string) {
+	if !r.PMU {
+		return false, "no hardware performance counters: " + r.PMUDetail
+	}
+	return false, "counters found, but the perf clock is not implemented"
+}
+
 // StepClockUsable reports whether the step clock can run a guest on the KVM
-// at path, and at which rings, for `ftkvm probe`.
+// of a probe report, and at which rings, for `ftkvm probe`.
 func StepClockUsable(r *ProbeReport) (usable bool, detail string) {
 	var setGuestDebug bool
 	for _, c := range r.Caps {

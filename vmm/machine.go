@@ -203,7 +203,7 @@ func newMachine(cfg *Config) (_ *Machine, err error) {
 		return nil, err
 	}
 	if err = m.initEpoch(cfg); err != nil {
-		return nil, fmt.Errorf("epoch clock %v: %w", cfg.Epoch, err)
+		return nil, err
 	}
 	return m, nil
 }

@@ -48,6 +48,10 @@ func (c *probeCmd) run() (int, error) {
 	fmt.Fprintf(w, "single-step ring 0\t%s (%s)\n", yesNo(r.SingleStepRing0), r.SingleStepRing0Detail)
 	fmt.Fprintf(w, "single-step ring 3\t%s (%s)\n", yesNo(r.SingleStepRing3), r.SingleStepRing3Detail)
 	fmt.Fprintf(w, "performance counters\t%s (%s)\n", yesNo(r.PMU), r.PMUDetail)
+	ok, detail := vmm.StepClockUsable(r)
+	fmt.Fprintf(w, "epoch clock step\t%s (%s)\n", yesNo(ok), detail)
+	ok, detail = vmm.PerfClockUsable(r)
+	fmt.Fprintf(w, "epoch clock perf\t%s (%s)\n", yesNo(ok), detail)
 	w.Flush()
 	if missing > 0 {
 		return 0, fmt.Errorf("%s lacks %d capabilities ftkvm requires", r.Device, missing)

@@ -104,4 +104,3 @@ func TestDialNobody(t *testing.T) {
 		t.Fatal("dialled nobody")
 	}
 }
-

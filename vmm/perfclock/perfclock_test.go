@@ -1,0 +1,122 @@
+package perfclock
+
+import (
+	"errors"
+	"math/rand/v2"
+	"testing"
+)
+
+// simEngine is a guest reduced to an instruction count: a counter whose
+// overflow lands up to skid instructions late (pseudo-randomly), signals
+// that cut runs short, and a guest-caused exit at exitAt.
+type simEngine struct {
+	retired, exitAt uint64
+	skid            uint64
+	signals         int // the next runs cut short by a signal
+	rng             *rand.Rand
+	runs, steps     int
+}
+
+func (e *simEngine) Retired() uint64 { return e.retired }
+
+func (e *simEngine) advance(n uint64) bool {
+	if e.exitAt > 0 && e.retired+n >= e.exitAt {
+		e.retired = e.exitAt
+		return true
+	}
+	e.retired += n
+	return false
+}
+
+func (e *simEngine) RunOverflow(n uint64) (bool, error) {
+	e.runs++
+	if e.signals > 0 {
+		e.signals--
+		return e.advance(n / 2), nil
+	}
+	return e.advance(n + e.rng.Uint64N(e.skid+1)), nil
+}
+
+func (e *simEngine) Step() (bool, error) {
+	e.steps++
+	return e.advance(1), nil
+}
+
+func TestRunTo(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		start, target uint64
+		margin, skid  uint64
+		signals       int
+		exitAt        uint64
+		err           error
+		maxSteps      int
+	}{
+		{"already there", 100, 100, 50, 20, 0, 0, nil, 0},
+		{"within the margin: steps only", 0, 30, 50, 20, 0, 0, nil, 30},
+		{"far: one run, then steps", 0, 1_000_000, 64, 60, 0, 0, nil, 64},
+		{"skid equal to the margin", 0, 10_000, 32, 32, 0, 0, nil, 32},
+		{"no skid", 5, 10_000, 32, 0, 0, 0, nil, 32},
+		{"signals cut runs short", 0, 1_000_000, 64, 60, 3, 0, nil, 64},
+		{"exit before the target", 0, 10_000, 64, 20, 0, 5_000, ErrExit, 0},
+		{"exit in the stepped part", 0, 10_000, 64, 0, 0, 9_990, ErrExit, 64},
+		{"skid beyond the margin", 0, 10_000, 8, 500, 0, 0, ErrOvershoot, 8},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for seed := uint64(1); seed <= 20; seed++ {
+				e := &simEngine{retired: tc.start, exitAt: tc.exitAt, skid: tc.skid, signals: tc.signals, rng: rand.New(rand.NewPCG(seed, 7))}
+				st, err := Clock{Margin: tc.margin}.RunTo(e, tc.target)
+				if tc.err == ErrOvershoot {
+					// Only when a run really overshoots by more than the
+					// margin; other seeds may land inside it.
+					if err != nil && !errors.Is(err, ErrOvershoot) {
+						t.Fatalf("seed %d: %v", seed, err)
+					}
+					if err == nil && e.retired != tc.target {
+						t.Fatalf("seed %d: no error, at %d", seed, e.retired)
+					}
+					continue
+				}
+				if !errors.Is(err, tc.err) || (tc.err == nil && err != nil) {
+					t.Fatalf("seed %d: err %v, want %v", seed, err, tc.err)
+				}
+				if err == nil && e.retired != tc.target {
+					t.Fatalf("seed %d: stopped at %d, want %d", seed, e.retired, tc.target)
+				}
+				if st.Steps > tc.maxSteps {
+					t.Fatalf("seed %d: %d single steps, at most the margin (%d) expected", seed, st.Steps, tc.maxSteps)
+				}
+				if st.Runs != e.runs || st.Steps != e.steps {
+					t.Fatalf("seed %d: stats %+v, engine saw %d runs %d steps", seed, st, e.runs, e.steps)
+				}
+			}
+		})
+	}
+}
+
+// A skid larger than the margin is reported, for some seed.
+func TestRunToOvershootReported(t *testing.T) {
+	e := &simEngine{skid: 500, rng: rand.New(rand.NewPCG(3, 3))}
+	if _, err := (Clock{Margin: 8}).RunTo(e, 10_000); !errors.Is(err, ErrOvershoot) {
+		t.Fatalf("err %v at %d", err, e.retired)
+	}
+}
+
+// An engine that never advances makes RunTo fail, not loop.
+func TestRunToGivesUp(t *testing.T) {
+	e := &simEngine{signals: 1 << 30, rng: rand.New(rand.NewPCG(1, 1))}
+	e.retired = 0
+	if _, err := (Clock{Margin: 10, MaxRuns: 50}).RunTo(e, 1); err != nil {
+		t.Fatalf("within the margin no run is needed: %v", err)
+	}
+	stuck := &stuckEngine{}
+	if _, err := (Clock{Margin: 10, MaxRuns: 50}).RunTo(stuck, 1000); err == nil || stuck.runs != 50 {
+		t.Fatalf("err %v after %d runs", err, stuck.runs)
+	}
+}
+
+type stuckEngine struct{ runs int }
+
+func (e *stuckEngine) Retired() uint64                  { return 0 }
+func (e *stuckEngine) RunOverflow(uint64) (bool, error) { e.runs++; return false, nil }
+func (e *stuckEngine) Step() (bool, error)              { return false, nil }

@@ -156,6 +156,9 @@ func (m *Machine) stepEnter() {
 	if m.step.syncRegs {
 		m.run.ValidRegs = kvm.SyncX86Regs | kvm.SyncX86Sregs
 	}
+	// No interrupt windows (initStep), not even one an installed
+	// snapshot asked for: their exits are host-timed on this KVM.
+	m.run.RequestInterruptWindow = 0
 	m.step.entryBusy = !m.quiescent
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"fmt"
 	"hash/crc32"
 	"os"
 	"path/filepath"
@@ -180,7 +181,7 @@ func TestRestoreBadInput(t *testing.T) {
 		{"truncated", write("truncated", b[:len(b)*2/3]), "truncated"},
 		{"cut at the end", write("cut", b[:len(b)-3]), "truncated"},
 		{"corrupt", write("corrupt", corrupt), "checksum mismatch"},
-		{"other version", write("version", otherVersion(t, b)), "snapshot format version 2; this ftkvm reads version 1"},
+		{"other version", write("version", otherVersion(t, b)), fmt.Sprintf("snapshot format version %d; this ftkvm reads version %d", snapshot.Version+1, snapshot.Version)},
 		{"kernel not snapshot", testosELF, "not an ftkvm snapshot"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -199,16 +200,16 @@ func TestRestoreBadInput(t *testing.T) {
 	}
 }
 
-// otherVersion rewrites a snapshot file's header frame as format version 2,
-// with valid checksums: what a future ftkvm might write.
+// otherVersion rewrites a snapshot file's header frame as the next format
+// version, with valid checksums: what a future ftkvm might write.
 func otherVersion(t *testing.T, file []byte) []byte {
 	t.Helper()
 	b := bytes.Clone(file)
 	h := b[len(snapshot.Magic):]
 	size := binary.LittleEndian.Uint32(h)
 	payload := h[snapshot.HeaderSize : snapshot.HeaderSize+int(size)]
-	binary.LittleEndian.PutUint32(payload, 2) // Header.Version
-	h[6] = 2                                  // frame version
+	binary.LittleEndian.PutUint32(payload, snapshot.Version+1) // Header.Version
+	h[6] = snapshot.Version + 1                                // frame version
 	crc := crc32.Update(0, crc32.MakeTable(crc32.Castagnoli), h[:8])
 	crc = crc32.Update(crc, crc32.MakeTable(crc32.Castagnoli), payload)
 	binary.LittleEndian.PutUint32(h[8:], crc)

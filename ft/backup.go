@@ -41,6 +41,7 @@ func (n *Node) backupPoint() Action {
 				return n.stopGoodbye()
 			}
 			n.pos = pt.Pos
+			n.instrs = max(n.instrs, pt.Instructions)
 			if (n.diverged || !n.hasState) && !n.skipToRepair() {
 				// Waiting for the primary's full state (a repair, or
 				// a join): what comes before it is replaced by it.
@@ -474,7 +475,7 @@ func (n *Node) promote(why error) {
 	n.role, n.replaying, n.started = RolePrimary, true, true
 	n.st.Promotions++
 	n.events = n.events[:0]
-	n.epochStart = n.now
+	n.epochStart, n.epochStartI = n.now, n.instrs
 	// "Outstanding outputs whose performance was not confirmed are
 	// performed": a duplicate can only be one whose confirmation was in
 	// flight.
@@ -494,7 +495,7 @@ func (n *Node) promote(why error) {
 // goLive: the log is replayed; the promoted backup is the primary.
 func (n *Node) goLive() {
 	n.replaying = false
-	n.epochStart = n.now
+	n.epochStart, n.epochStartI = n.now, n.instrs
 	n.note(NoteLive, nil)
 }
 

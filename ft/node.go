@@ -44,6 +44,8 @@ type Node struct {
 	events     []Event // P1: buffered asynchronous events
 	rxSpace    int     // the UART's room at the last point
 	epochStart int64
+	instrs      uint64 // Point.Instructions at the latest point (exact clocks)
+	epochStartI uint64 // instrs when the epoch began
 	due        bool // an epoch end is due (seen by Tick) since dueSince
 	dueSince   int64
 	kicked     bool // a kick was requested at kickedAt and no kick point came yet

@@ -1157,3 +1157,29 @@ func TestBackupHearsAFrameStillArriving(t *testing.T) {
 		t.Fatal("not declared dead once nothing arrived for the timeout")
 	}
 }
+
+// Reference: issue 6 and the paper's section 3: with an exact clock the
+// epoch length is a number of instructions. An epoch ends at the first
+// point that many instructions after it began, whatever the time, and no
+// kick is ever asked for (every instruction is a point).
+func TestEpochLengthInInstructions(t *testing.T) {
+	cfg := testConfig(RolePrimary, OutputCommit)
+	cfg.EpochInstructions = 1000
+	cfg.Guest.Clock = wire.ClockStep
+	p := newReplica(t, cfg)
+	step := func(exits, instr, total uint64, now int64) Point {
+		return Point{Pos: Position{Exits: exits, Instr: instr}, Now: now, RxSpace: 16, Instructions: total}
+	}
+	p.n.Async(timer(1))
+	wantGo(t, "999 instructions in, an hour later", p.n.Point(step(3, 200, 999, 3600e9)))
+	p.n.Tick(3700e9)
+	p.drain()
+	if p.kicks != 0 {
+		t.Fatal("a kick under an exact clock")
+	}
+	wantAction(t, "1000 instructions", p.n.Point(step(3, 201, 1000, 3600e9)), ActDeliver)
+	wantGo(t, "", p.n.Continue())
+	p.n.Async(timer(2))
+	wantGo(t, "the next epoch counts from its start", p.n.Point(step(4, 0, 1999, 3601e9)))
+	wantAction(t, "1000 more", p.n.Point(step(4, 1, 2000, 3601e9)), ActDeliver)
+}

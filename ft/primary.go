@@ -110,7 +110,11 @@ func (n *Node) take() []Event {
 // carry the positions the backup needs), except in verify mode, where each
 // epoch end checks the replicas' states.
 func (n *Node) epochDue(now int64) bool {
-	if now-n.epochStart < n.epochLen {
+	if n.cfg.EpochInstructions > 0 {
+		if n.instrs-n.epochStartI < n.cfg.EpochInstructions {
+			return false
+		}
+	} else if now-n.epochStart < n.epochLen {
 		return false
 	}
 	return n.deliverable() || n.cfg.Verify && n.protected
@@ -132,6 +136,7 @@ func (n *Node) primaryPoint() Action {
 			pt := &o.pt
 			n.observe(pt.Now)
 			n.pos, n.rxSpace, n.started = pt.Pos, pt.RxSpace, true
+			n.instrs = max(n.instrs, pt.Instructions)
 			switch {
 			case pt.Kick:
 				n.kicked = false
@@ -179,7 +184,7 @@ func (n *Node) primaryPoint() Action {
 			// "... delivers them, and starts the next epoch."
 			n.epoch++
 			n.st.Epochs++
-			n.epochStart, n.due = n.now, false
+			n.epochStart, n.epochStartI, n.due = n.now, n.instrs, false
 			return goAction
 
 		default:
@@ -368,7 +373,9 @@ func (n *Node) primaryTick(now int64) {
 		n.hbEpoch, n.hbPos = n.epoch, n.pos
 	}
 	// The kick bound.
-	due := n.deliverable() && now-n.epochStart >= n.epochLen
+	// With an exact clock every instruction is a point: an epoch end
+	// never waits for an exit, and no kick is needed.
+	due := n.deliverable() && now-n.epochStart >= n.epochLen && n.cfg.EpochInstructions == 0
 	if due && !n.due {
 		n.dueSince = now
 	}

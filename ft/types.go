@@ -55,6 +55,13 @@ type Config struct {
 	// this long after it began (virtual time, from Point.Now), if it has
 	// something to deliver (default 1 ms). At HLT it ends at once.
 	EpochLength time.Duration
+	// EpochInstructions, with an exact clock (the step clock), makes the
+	// epoch length a number of retired guest instructions, as in the
+	// paper: an epoch ends at the first point at least this many
+	// instructions after it began (if it has something to deliver, or in
+	// verify mode). Every instruction is then a point, so no epoch needs a
+	// kick. 0: EpochLength (time) decides.
+	EpochInstructions uint64
 	// KickAfter: an epoch whose end is due but finds no guest-caused exit
 	// for this long is ended by a kick and a checkpoint (default 10 ms).
 	KickAfter time.Duration
@@ -94,6 +101,9 @@ type Point struct {
 	// RxSpace is the UART's room (vmm.Target.RxSpace): bytes beyond it
 	// stay buffered for a later epoch.
 	RxSpace int
+	// Instructions retired since boot, with an exact clock
+	// (Config.EpochInstructions); 0 with the exit clock.
+	Instructions uint64
 }
 
 // ActionKind is what the vCPU thread must do next.

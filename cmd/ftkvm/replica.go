@@ -35,6 +35,8 @@ type primaryCmd struct {
 	Verify      bool          `help:"Send a hash of the vCPU registers and dirtied pages at every epoch end; the backup compares and repairs a divergence from the primary's state."`
 	EpochLength time.Duration `help:"Epoch length (virtual time); an epoch ends at the first guest-caused exit after it." default:"1ms" name:"epoch-length"`
 	Connect     time.Duration `help:"How long to keep trying to reach the backup at start." default:"10s"`
+
+	EpochInstructions uint64 `help:"With --epoch step: the epoch length in guest instructions (default 16384); --epoch-length is then unused." name:"epoch-instructions"`
 }
 
 type backupCmd struct {
@@ -52,10 +54,25 @@ func identity(cfg vmm.Config) ft.Identity {
 		Initrd:    sha256.Sum256(cfg.Initrd),
 		Cmdline:   sha256.Sum256([]byte(cfg.Cmdline)),
 		MemSize:   cfg.MemSize,
-		Clock:     wire.ClockExits,
+		Clock:     clockOf(cfg.Epoch),
 		WallClock: cfg.WallClock.UnixNano(),
 	}
 }
+
+// clockOf names a machine's epoch clock on the wire.
+func clockOf(e vmm.EpochClock) wire.Clock {
+	switch e {
+	case vmm.EpochStep:
+		return wire.ClockStep
+	case vmm.EpochPerf:
+		return wire.ClockPerf
+	}
+	return wire.ClockExits
+}
+
+// defaultEpochInstructions is the step clock's epoch length when
+// --epoch-instructions is not given.
+const defaultEpochInstructions = 16384
 
 func (c *primaryCmd) run() (int, error) {
 	cfg, err := c.load()
@@ -66,9 +83,16 @@ func (c *primaryCmd) run() (int, error) {
 	if c.Policy == "strict" {
 		policy = ft.Strict
 	}
+	var instrs uint64
+	if cfg.Epoch != vmm.EpochExit {
+		instrs = c.EpochInstructions
+		if instrs == 0 {
+			instrs = defaultEpochInstructions
+		}
+	}
 	r := driver.New(driver.Options{
 		Node: ft.Config{Role: ft.RolePrimary, Policy: policy, Verify: c.Verify, Guest: identity(cfg),
-			EpochLength: c.EpochLength, Timeout: c.Timeout},
+			EpochLength: c.EpochLength, EpochInstructions: instrs, Timeout: c.Timeout},
 		Console: os.Stdout,
 		Log:     logrus.StandardLogger(),
 	})

@@ -171,7 +171,7 @@ func (c consoleOut) Write(p []byte) (int, error) {
 	if r.finished || r.fatal != nil {
 		return len(p), nil
 	}
-	a := r.node.Output(ft.Position{Exits: r.last.Exits + 1}, wire.KindConsole, p)
+	a := r.node.Output(r.handling(), wire.KindConsole, p)
 	if _, err := r.carry(a, false); err != nil && !errors.Is(err, errFinished) {
 		r.setFatal(err)
 	}
@@ -224,7 +224,7 @@ func (r *Replica) Now() int64 {
 	if r.finished || r.fatal != nil {
 		return live
 	}
-	a := r.node.Read(ft.Position{Exits: r.last.Exits + 1}, wire.KindClock, uint64(live))
+	a := r.node.Read(r.handling(), wire.KindClock, uint64(live))
 	a, err := r.carry(a, false)
 	if err != nil {
 		if !errors.Is(err, errFinished) && !errors.Is(err, vmm.ErrQuit) {
@@ -331,7 +331,26 @@ func (r *Replica) RestoreState(s *snapshot.Env) {
 }
 
 func (r *Replica) point(p vmm.Point, t vmm.Target) ft.Point {
-	return ft.Point{Pos: ft.Position{Exits: p.Exits}, Kick: p.Kind == vmm.PointKick, Now: r.clock(), RxSpace: t.RxSpace()}
+	pt := ft.Point{Pos: ft.Position{Exits: p.Exits, Instr: p.Instrs}, Kick: p.Kind == vmm.PointKick, Now: r.clock(), RxSpace: t.RxSpace()}
+	if r.exact() {
+		pt.Instructions = r.m.Stats.Steps
+	}
+	return pt
+}
+
+// exact reports whether positions count instructions (the step clock).
+func (r *Replica) exact() bool { return r.opts.Node.Guest.Clock != wire.ClockExits }
+
+// handling is the position of the instruction being handled when the
+// guest reads or outputs: with the exit clock the exit after the last
+// point (reads at N come before point N); with the step clock the
+// instruction after the last point, whether it exits (a port access) or
+// ftkvm carries it out (RDTSC).
+func (r *Replica) handling() ft.Position {
+	if r.exact() {
+		return ft.Position{Exits: r.last.Exits, Instr: r.last.Instrs + 1}
+	}
+	return ft.Position{Exits: r.last.Exits + 1}
 }
 
 // check reports why the vCPU must not go on, if it must not.
@@ -518,7 +537,7 @@ func (r *Replica) install(blob []byte) error {
 	if err := r.m.Install(st); err != nil {
 		return fmt.Errorf("install the primary's state: %w", err)
 	}
-	r.last = vmm.Point{Kind: vmm.PointKind(st.Machine.PointKind), Exits: st.Machine.PointExits}
+	r.last = vmm.Point{Kind: vmm.PointKind(st.Machine.PointKind), Exits: st.Machine.PointExits, Instrs: st.Machine.Stats.Instrs}
 	// What this replica's guest dirtied is replaced, and the install's
 	// own writes are not the guest's.
 	if _, err := r.m.DirtyLog(r.scratch); err != nil {

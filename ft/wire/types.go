@@ -136,14 +136,24 @@ func (p Policy) String() string {
 type Clock uint8
 
 const (
-	// ClockExits counts guest-caused exits (issue 5). Issue 6 adds the
-	// single-step and performance-counter clocks.
+	// ClockExits counts guest-caused exits; Position.Instr stays 0.
 	ClockExits Clock = 0
+	// ClockStep single-steps every instruction: positions are exact
+	// (exits, instructions since the last exit).
+	ClockStep Clock = 1
+	// ClockPerf counts instructions with hardware performance counters
+	// and single-steps the last few: positions as ClockStep's.
+	ClockPerf Clock = 2
 )
 
 func (c Clock) String() string {
-	if c == ClockExits {
+	switch c {
+	case ClockExits:
 		return "exits"
+	case ClockStep:
+		return "step"
+	case ClockPerf:
+		return "perf"
 	}
 	return "clock(" + strconv.Itoa(int(c)) + ")"
 }

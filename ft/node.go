@@ -37,22 +37,22 @@ type Node struct {
 	stopAction Action
 
 	// Primary.
-	protected  bool // a backup holds our state and receives the log
-	joining    bool // a backup passed the handshake and needs the full state
-	repair     bool // the backup asked for the full state
-	seq, acked uint64
-	events     []Event // P1: buffered asynchronous events
-	rxSpace    int     // the UART's room at the last point
-	epochStart int64
+	protected   bool // a backup holds our state and receives the log
+	joining     bool // a backup passed the handshake and needs the full state
+	repair      bool // the backup asked for the full state
+	seq, acked  uint64
+	events      []Event // P1: buffered asynchronous events
+	rxSpace     int     // the UART's room at the last point
+	epochStart  int64
 	instrs      uint64 // Point.Instructions at the latest point (exact clocks)
 	epochStartI uint64 // instrs when the epoch began
-	due        bool // an epoch end is due (seen by Tick) since dueSince
-	dueSince   int64
-	kicked     bool // a kick was requested at kickedAt and no kick point came yet
-	kickedAt   int64
-	held       []heldOut // outputs waiting for acknowledgements
-	performed  uint64    // outputs the driver performed (Performed)
-	doneSent   uint64    // the highest confirmation sent to the backup
+	due         bool   // an epoch end is due (seen by Tick) since dueSince
+	dueSince    int64
+	kicked      bool // a kick was requested at kickedAt and no kick point came yet
+	kickedAt    int64
+	held        []heldOut // outputs waiting for acknowledgements
+	performed   uint64    // outputs the driver performed (Performed)
+	doneSent    uint64    // the highest confirmation sent to the backup
 
 	// Backup.
 	log       []wire.Msg // records received and not replayed, in order

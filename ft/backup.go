@@ -120,6 +120,34 @@ func (n *Node) backupPoint() Action {
 			n.pop()
 			n.epoch++
 			n.st.Epochs++
+			o.stage = stGoOn
+
+		case stGoOn:
+			// From here the guest runs on to its next exit. Before that
+			// exit the primary may still end the new epoch with a
+			// checkpoint of a state this replica must not run past: go
+			// on only once the log or a heartbeat shows the primary
+			// passed this point.
+			if n.goodbye {
+				return n.stopGoodbye()
+			}
+			if len(n.log) == 0 {
+				if n.replaying || n.hbEpoch == n.epoch && pt.Pos.Less(n.hbPos) {
+					return goAction
+				}
+				return wait(WaitLog)
+			}
+			switch m := n.log[0].(type) {
+			case wire.Checkpoint:
+				return n.checkpointHead(m)
+			case wire.EpochEnd, wire.Record, wire.Output:
+				if !pt.Pos.Less(posOf(m)) {
+					// Another epoch ended here (in Halt), or a
+					// divergence: the point is looked at afresh.
+					o.stage = stStart
+					continue
+				}
+			}
 			return goAction
 
 		case stInstalled:
@@ -132,14 +160,15 @@ func (n *Node) backupPoint() Action {
 		case stCkptDelivered:
 			n.installed(n.log[0].(wire.Checkpoint))
 			n.pop()
+			// Now at the primary's point: decide again whether the
+			// guest may run on (the next record may be a checkpoint
+			// too).
+			pt.Pos = n.pos
 			if o.kind == opPoint && pt.Kick {
-				// Still at a kick point, now the primary's: decide
-				// again, as the next record may be a checkpoint too.
-				pt.Pos = n.pos
 				o.stage = stStart
-				continue
+			} else {
+				o.stage = stGoOn
 			}
-			return goAction
 
 		default:
 			panic("ft: bad stage")

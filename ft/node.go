@@ -138,6 +138,7 @@ const (
 	stMatch               // Output: counted; now matched against the log
 	stDeliver             // backup: the epoch end is checked; deliver its events
 	stCkptDelivered       // backup: the checkpoint's events are delivered
+	stGoOn                // backup: an epoch ended here; may the guest run on?
 )
 
 // NewNode returns a node in cfg.Role, at epoch 1, position 0, with no
@@ -530,4 +531,11 @@ func (n *Node) Heard() {
 	if n.link != linkDown {
 		n.heard = true
 	}
+}
+
+// CanLeave reports whether the vCPU call in progress still waits where it
+// began, so that the driver may leave it (a Halt left for a control
+// request) and offer the point again later.
+func (n *Node) CanLeave() bool {
+	return n.op.kind == opHalt && n.op.last == ActWait && n.op.stage == stStart
 }

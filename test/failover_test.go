@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -29,7 +30,7 @@ type pair struct {
 // stall of the peer's process is not unusual. The link-cut test keeps the
 // default.
 func replicaArgs(w workload) []string {
-	return []string{"--kernel", testosELF, "--mem", "32", "--cmdline", w.cmdline, "--timeout", "1s"}
+	return append([]string{"--kernel", testosELF, "--mem", "32", "--cmdline", w.cmdline, "--timeout", "1s"}, w.flags...)
 }
 
 // backupAddr waits for `ftkvm backup` to say where it listens.
@@ -63,13 +64,30 @@ func startPair(t testing.TB, w workload, primaryFlags ...string) pair {
 // starts with the outputs the primary had not confirmed, which the primary
 // may have performed already. It returns the joined output and how many
 // bytes repeated at the seam. The longest overlap is taken.
-func merge(p, b string) (string, int) {
-	for k := min(len(p), len(b)); k > 0; k-- {
+func merge(p, b string) (string, int) { return mergeAtMost(p, b, len(b)) }
+
+// mergeAtMost is merge with the overlap bounded by what the backup says
+// may repeat ("N bytes of output may repeat"): a longer coincidental match
+// (the primary's last digit equal to the backup's first) is no overlap.
+func mergeAtMost(p, b string, limit int) (string, int) {
+	for k := min(len(p), len(b), limit); k > 0; k-- {
 		if strings.HasSuffix(p, b[:k]) {
 			return p + b[k:], k
 		}
 	}
 	return p + b, 0
+}
+
+var mayRepeat = regexp.MustCompile(`(\d+) bytes of output may repeat`)
+
+// mergeSeam joins a dead primary's output with its backup's, using the
+// backup's log to bound the overlap.
+func mergeSeam(p string, b result) (string, int) {
+	limit := 0
+	if m := mayRepeat.FindStringSubmatch(b.stderr); m != nil {
+		limit, _ = strconv.Atoi(m[1])
+	}
+	return mergeAtMost(p, b.stdout, limit)
 }
 
 // drillEcho feeds the echo workload's input one line at a time, to the
@@ -110,9 +128,12 @@ func drillEcho(t *testing.T, w workload, pr pair, killAt int, delay time.Duratio
 
 func TestFailoverDrills(t *testing.T) {
 	requireKVM(t)
-	r := newRand(t)
 	for _, w := range transferWorkloads {
 		t.Run(w.name, func(t *testing.T) {
+			// The workloads' drills run side by side: most of a drill is
+			// waiting (guest timer ticks, process start), not computing.
+			t.Parallel()
+			r := newRand(t)
 			// An undisturbed replicated run first: its output is complete,
 			// the backup ends with the primary's status, and its length
 			// spreads the kill moments over the whole run.
@@ -141,7 +162,7 @@ func TestFailoverDrills(t *testing.T) {
 					pr.primary.kill()
 				}
 				bres := pr.backup.wait()
-				out, k := merge(pr.primary.stdout(), bres.stdout)
+				out, k := mergeSeam(pr.primary.stdout(), bres)
 				tookOver := strings.Contains(bres.stderr, "taking over")
 				if tookOver {
 					failovers++

@@ -64,7 +64,7 @@ func TestReplicaStrictPolicy(t *testing.T) {
 	pr.primary.waitLines(20)
 	pr.primary.kill()
 	b := pr.backup.wait()
-	out, _ := merge(pr.primary.stdout(), b.stdout)
+	out, _ := mergeSeam(pr.primary.stdout(), b)
 	if b.status != 0 || !strings.Contains(b.stderr, "taking over") {
 		t.Fatalf("backup: status %d\n%s", b.status, b.stderr)
 	}
@@ -137,8 +137,8 @@ func TestReplicaReprotect(t *testing.T) {
 	if res.status != 0 || !strings.Contains(res.stderr, "taking over") {
 		t.Fatalf("second backup: status %d\n%s", res.status, res.stderr)
 	}
-	out, _ := merge(p1.stdout(), b1.stdout())
-	out, _ = merge(out, res.stdout)
+	out, _ := mergeSeam(p1.stdout(), result{stdout: b1.stdout(), stderr: b1.stderr()})
+	out, _ = mergeSeam(out, res)
 	w.checkComplete(t, out)
 }
 
@@ -228,7 +228,7 @@ func TestReplicaNetns(t *testing.T) {
 		p.waitLines(10)
 		p.kill()
 		res := b.wait()
-		out, _ := merge(p.stdout(), res.stdout)
+		out, _ := mergeSeam(p.stdout(), res)
 		if res.status != 0 || !strings.Contains(res.stderr, "taking over") {
 			t.Fatalf("backup: status %d\n%s", res.status, res.stderr)
 		}

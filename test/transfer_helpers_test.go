@@ -186,6 +186,7 @@ type workload struct {
 	input   []string                             // echo: lines fed one at a time
 	check   func(t *testing.T, body []string)    // the workload's own lines
 	same    func(a, b []string) (string, string) // deterministic content to compare, if any
+	flags   []string                             // more ftkvm flags for the guest (--epoch step)
 }
 
 var transferWorkloads = []workload{

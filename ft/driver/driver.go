@@ -430,7 +430,7 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 			}
 			// A control request needs the thread: leave a Halt that
 			// has done nothing yet (the node allows offering it again).
-			if inHalt && r.wakeReq && (a.Wait == ft.WaitEvent || a.Wait == ft.WaitLog) {
+			if inHalt && r.wakeReq && r.node.CanLeave() {
 				r.wakeReq = false
 				return a, errWoken
 			}
@@ -566,6 +566,17 @@ func (r *Replica) drain() {
 		}
 	}
 	if len(rd.Perform) > 0 {
+		if rd.Perform[0].Uncertain {
+			// A promotion: these outputs' performance was not
+			// confirmed, so the dead primary may have performed them.
+			n := 0
+			for _, o := range rd.Perform {
+				if o.Uncertain {
+					n += len(o.Data)
+				}
+			}
+			r.log.Warnf("replica: %d bytes of output may repeat (the primary had not confirmed them)", n)
+		}
 		r.perfQ = append(r.perfQ, rd.Perform...)
 		r.perfCond.Broadcast()
 	}

@@ -84,8 +84,9 @@ var mayRepeat = regexp.MustCompile(`(\d+) bytes of output may repeat`)
 // backup's log to bound the overlap.
 func mergeSeam(p string, b result) (string, int) {
 	limit := 0
-	if m := mayRepeat.FindStringSubmatch(b.stderr); m != nil {
-		limit, _ = strconv.Atoi(m[1])
+	for _, m := range mayRepeat.FindAllStringSubmatch(b.stderr, -1) {
+		n, _ := strconv.Atoi(m[1])
+		limit += n
 	}
 	return mergeAtMost(p, b.stdout, limit)
 }

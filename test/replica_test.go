@@ -93,13 +93,24 @@ func TestReplicaDivergenceRepaired(t *testing.T) {
 	if m := regexp.MustCompile(`(\d+) divergences, (\d+) repairs`).FindStringSubmatch(bres.stderr); m == nil || m[1] == "0" || m[2] == "0" {
 		t.Errorf("backup counters: %v\n%s", m, bres.stderr)
 	}
-	// Without the injection, verify mode sees no divergence.
+	// Without the injection. The exit clock leaves some divergence
+	// possible (RDTSC at ring 3 reads the host's TSC unseen), and once in
+	// a while a clean run of this ring-3 workload reports one: it must be
+	// repaired, and the output must be right.
 	pr := startPair(t, w, "--verify")
-	if res := pr.primary.wait(); res.status != 0 {
+	res = pr.primary.wait()
+	if res.status != 0 {
 		t.Fatalf("primary status %d", res.status)
 	}
-	if bres := pr.backup.wait(); strings.Contains(bres.stderr, "DIVERGENCE") {
-		t.Errorf("verify mode found a divergence in a clean run:\n%s", bres.stderr)
+	w.checkComplete(t, res.stdout)
+	bres = pr.backup.wait()
+	if bres.status != 0 {
+		t.Fatalf("backup status %d\n%s", bres.status, bres.stderr)
+	}
+	if m := regexp.MustCompile(`(\d+) divergences, (\d+) repairs`).FindStringSubmatch(bres.stderr); m == nil || m[1] != m[2] {
+		t.Errorf("clean verify run: a divergence was not repaired: %v\n%s", m, bres.stderr)
+	} else if m[1] != "0" {
+		t.Logf("clean verify run: %s divergences, all repaired", m[1])
 	}
 }
 
@@ -107,7 +118,18 @@ func TestReplicaDivergenceRepaired(t *testing.T) {
 // running guest (ctl protect), then the second primary dies too.
 func TestReplicaReprotect(t *testing.T) {
 	requireKVM(t)
-	w := workloadNamed(t, "counter")
+	// Long enough to outlive two failovers and a join.
+	w := workload{name: "counter", cmdline: "workload=counter lines=150 wait=2 hz=200",
+		check: func(t *testing.T, body []string) {
+			for i, l := range body {
+				if !strings.HasPrefix(l, fmt.Sprintf("counter %d ticks=", i+1)) {
+					t.Fatalf("line %d is %q:\n%s", i+1, l, strings.Join(body, "\n"))
+				}
+			}
+			if len(body) != 150 {
+				t.Fatalf("%d lines, want 150", len(body))
+			}
+		}}
 	sock := tempSocket(t)
 	b1 := start(t, append([]string{"--log-level", "info", "backup", "--listen", "127.0.0.1:0", "--api", sock}, replicaArgs(w)...)...)
 	p1 := start(t, append([]string{"--log-level", "info", "primary", "--backup", b1.backupAddr()}, replicaArgs(w)...)...)

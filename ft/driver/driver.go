@@ -566,15 +566,16 @@ func (r *Replica) drain() {
 		}
 	}
 	if len(rd.Perform) > 0 {
-		if rd.Perform[0].Uncertain {
-			// A promotion: these outputs' performance was not
-			// confirmed, so the dead primary may have performed them.
-			n := 0
-			for _, o := range rd.Perform {
-				if o.Uncertain {
-					n += len(o.Data)
-				}
+		// After a promotion, outputs whose performance the dead primary
+		// had not confirmed (absorbed ones, and those replayed from the
+		// log) are performed as uncertain: it may have performed them.
+		n := 0
+		for _, o := range rd.Perform {
+			if o.Uncertain {
+				n += len(o.Data)
 			}
+		}
+		if n > 0 {
 			r.log.Warnf("replica: %d bytes of output may repeat (the primary had not confirmed them)", n)
 		}
 		r.perfQ = append(r.perfQ, rd.Perform...)

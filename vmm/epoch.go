@@ -3,6 +3,7 @@ package vmm
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/ftkvm/ftkvm/kvm"
@@ -107,6 +108,8 @@ func StepClockUsable(r *ProbeReport) (usable bool, detail string) {
 	switch {
 	case !setGuestDebug:
 		return false, "KVM lacks KVM_CAP_SET_GUEST_DEBUG"
+	case r.SingleStepRing0 && !r.StepExact:
+		return false, "single-step is not exact here: " + r.StepExactDetail
 	case r.SingleStepRing0 && r.SingleStepRing3:
 		return true, "guests at every ring"
 	case r.SingleStepRing0:
@@ -127,4 +130,124 @@ func ring3Steps(sys *kvm.System) bool {
 		ring3StepProbe.ok, _ = singleStep(sys, 3)
 	})
 	return ring3StepProbe.ok
+}
+
+var stepProbe struct {
+	once      sync.Once
+	rearm, ok bool
+	detail    string
+}
+
+// stepBehaviour reports, once per process, how this KVM single-steps
+// (stepHow).
+func stepBehaviour(sys *kvm.System) (rearm, ok bool, detail string) {
+	stepProbe.once.Do(func() {
+		stepProbe.rearm, stepProbe.ok, stepProbe.detail = stepHow(sys)
+	})
+	return stepProbe.rearm, stepProbe.ok, stepProbe.detail
+}
+
+// stepHow measures two things about KVM_GUESTDBG_SINGLESTEP here.
+//
+// rearm: whether single-stepping survives a POPF that loads TF clear. A
+// KVM that steps by setting TF in the guest (a hardware-virtualised one:
+// the nested tier's kvm_amd) loses it there, and after any instruction it
+// emulates at the RIP where stepping was last requested; such a KVM needs
+// KVM_SET_GUEST_DEBUG before every KVM_RUN, which starts stepping anew at
+// the current RIP. This project's KVM checks the request itself for every
+// instruction it emulates: no need (and an ioctl costs ~8 µs here).
+//
+// ok: whether, stepping that way, every instruction ends in its own step
+// across a port write and a write to a page the guest never touched (a
+// nested page fault on a hardware-virtualised KVM). If not, the step
+// clock would miss instructions, and it refuses to run.
+func stepHow(sys *kvm.System) (rearm, ok bool, detail string) {
+	const c = probeCode
+	popf := []byte{
+		0x6a, 0x02, // c+0: push 2
+		0x9d,       // c+2: popfq
+		0x90,       // c+3: nop
+		0x90,       // c+4: nop
+		0xe6, 0x80, // c+5: out 0x80, al
+		0xe6, 0x81, // c+7: out 0x81, al
+		0xf4,
+	}
+	pcs, err := stepTrace(sys, popf, false)
+	if err != nil {
+		return false, false, err.Error()
+	}
+	rearm = !slices.Equal(pcs[0], []uint64{c + 2, c + 3, c + 4, c + 5})
+	code := []byte{
+		0xe6, 0x80, // c+0:  out 0x80, al
+		0x90,                                     // c+2:  nop
+		0x90,                                     // c+3:  nop
+		0x89, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, // c+4:  mov [0x300000], eax (a page never touched)
+		0x90,       // c+0xb: nop
+		0x90,       // c+0xc: nop
+		0xe6, 0x81, // c+0xd: out 0x81, al
+		0xf4, //       c+0xf: hlt
+	}
+	if pcs, err = stepTrace(sys, code, rearm); err != nil {
+		return rearm, false, err.Error()
+	}
+	// After the port write: each instruction in its own step (the write's
+	// own completion may add one at c+2).
+	after := pcs[1]
+	if len(after) > 0 && after[0] == c+2 {
+		after = after[1:]
+	}
+	if want := []uint64{c + 3, c + 4, c + 0xb, c + 0xc, c + 0xd}; !slices.Equal(after, want) {
+		if len(after) == 0 || after[0] != want[0] {
+			return rearm, false, "after a port write KVM runs on without single-step traps"
+		}
+		return rearm, false, fmt.Sprintf("steps stopped at %#x, want %#x (a write to a fresh page loses single-step traps)", after, want)
+	}
+	how := "every instruction stepped across a port write and a write to a fresh page"
+	if rearm {
+		how += ", with single-stepping requested anew before each instruction"
+	}
+	return rearm, true, how
+}
+
+// stepTrace single-steps code in a ring-0 probe VM up to its second port
+// write and returns the step exits' PCs before the first port write and
+// between the two. With rearm, it requests single-stepping before every
+// KVM_RUN.
+func stepTrace(sys *kvm.System, code []byte, rearm bool) ([2][]uint64, error) {
+	var pcs [2][]uint64
+	p, err := newProbeVM(sys, 0, code)
+	if err != nil {
+		return pcs, err
+	}
+	defer p.Close()
+	if err := p.vcpu.SetSingleStep(true); err != nil {
+		return pcs, err
+	}
+	part := 0
+	for n := 0; n < 64; n++ {
+		if rearm {
+			if err := p.vcpu.SetSingleStep(true); err != nil {
+				return pcs, err
+			}
+		}
+		reason, err := p.vcpu.Run()
+		switch {
+		case err != nil:
+			return pcs, err
+		case reason == kvm.ExitIntr:
+			continue
+		case reason == kvm.ExitIO:
+			if part == 1 {
+				return pcs, nil
+			}
+			part++
+		case reason == kvm.ExitDebug:
+			pcs[part] = append(pcs[part], p.vcpu.RunData().Debug().PC)
+		case reason == kvm.ExitHLT:
+			return pcs, nil
+		default:
+			return pcs, fmt.Errorf("%v while single-stepping", reason)
+		}
+	}
+	return pcs, errors.New("single-stepping did not reach the probe's end")
 }

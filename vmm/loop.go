@@ -90,7 +90,7 @@ func (m *Machine) Run() (int, error) {
 			return 0, err
 		}
 		if m.step != nil {
-			m.stepRan()
+			m.stepRan(reason)
 		}
 		if err := m.exit(reason); err != nil {
 			return 0, err

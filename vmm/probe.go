@@ -27,6 +27,11 @@ type ProbeReport struct {
 
 	SingleStepRing0, SingleStepRing3             bool
 	SingleStepRing0Detail, SingleStepRing3Detail string
+	// StepExact: single-step traps come after every instruction across a
+	// port write and a write to a fresh page, the way the step clock
+	// requests them here (what it needs; see stepHow).
+	StepExact       bool
+	StepExactDetail string
 
 	PMU       bool
 	PMUDetail string
@@ -90,6 +95,7 @@ func Probe(path string) (*ProbeReport, error) {
 
 	r.SingleStepRing0, r.SingleStepRing0Detail = singleStep(sys, 0)
 	r.SingleStepRing3, r.SingleStepRing3Detail = singleStep(sys, 3)
+	_, r.StepExact, r.StepExactDetail = stepHow(sys)
 	r.PMU, r.PMUDetail = probePMU()
 	return r, nil
 }

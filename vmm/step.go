@@ -49,7 +49,10 @@ import (
 // Interrupt windows are never requested: every instruction boundary is a
 // point where a pending interrupt is injected if the guest can take it.
 type stepper struct {
-	ring3    bool // single-step traps at ring 3 reach ftkvm (probed)
+	ring3 bool // single-step traps at ring 3 reach ftkvm (probed)
+	// rearm: this KVM needs single-stepping requested before every
+	// KVM_RUN (stepHow).
+	rearm    bool
 	syncRegs bool // KVM_CAP_SYNC_REGS: registers arrive in kvm_run, no ioctl
 	// fresh: kvm_run's synced registers are the vCPU's current ones (set
 	// after each KVM_RUN; cleared when something else may have changed
@@ -75,12 +78,18 @@ type stepper struct {
 	nguards  int
 	armed    [kvm.MaxBreakpoints]uint64 // what KVM has now
 	narmed   int
+	// armedOK: KVM's guest-debug state is current. Cleared when it must be
+	// set again even with the same breakpoints: KVM_SET_GUEST_DEBUG also
+	// (re)starts single-stepping at the current RIP, and a KVM that steps
+	// by setting TF in the guest loses it when ftkvm writes the registers.
+	armedOK bool
 
-	// shot is a one-time breakpoint at the instruction after one that
-	// MergesNext, for the next KVM_RUN only (shotSet): reaching it is that
-	// instruction's step.
-	shot    uint64
-	shotSet bool
+	// shot is a one-time breakpoint, for the next KVM_RUN only (shotSet):
+	// at the instruction after one that LosesStep, where reaching it is
+	// that instruction's step (shotCounts); or at the entry of the handler
+	// of an event about to be delivered, where it is no instruction.
+	shot                uint64
+	shotSet, shotCounts bool
 
 	// What the vCPU was at when KVM_RUN was entered, to make sense of a
 	// kick: RIP, whether an event was to be delivered first, and whether
@@ -107,14 +116,18 @@ func (m *Machine) initStep() error {
 	} else if n == 0 {
 		return fmt.Errorf("%w: KVM lacks KVM_CAP_SET_GUEST_DEBUG, which single-stepping needs", ErrStepClock)
 	}
-	s := &stepper{ring3: ring3Steps(m.sys)}
+	rearm, ok, detail := stepBehaviour(m.sys)
+	if !ok {
+		return fmt.Errorf("%w: single-step on this KVM is not exact (%s), so instructions would go uncounted; ftkvm refuses the step clock here (`ftkvm probe`)", ErrStepClock, detail)
+	}
+	// The guest-debug state is set at the first stepBefore, when the
+	// registers are the guest's (KVM starts single-stepping at the RIP
+	// it has then).
+	s := &stepper{ring3: ring3Steps(m.sys), rearm: rearm}
 	if n, err := m.sys.CheckExtension(kvm.CapSyncRegs); err != nil {
 		return err
 	} else {
 		s.syncRegs = n&(kvm.SyncX86Regs|kvm.SyncX86Sregs) == kvm.SyncX86Regs|kvm.SyncX86Sregs
-	}
-	if err := m.vcpu.SetSingleStep(true); err != nil {
-		return fmt.Errorf("step clock: %w", err)
 	}
 	m.step = s
 	// Every instruction boundary is a point: a pending interrupt enters at
@@ -131,6 +144,7 @@ func (m *Machine) stepInvalidate() {
 	m.step.scanned = false
 	m.step.recheck = true
 	m.step.msrsValid = false
+	m.step.armedOK = false
 }
 
 // stepState returns the vCPU's registers: those KVM synced into kvm_run at
@@ -187,17 +201,29 @@ func (m *Machine) stepKick() (bool, error) {
 		lin = insn.Linear(&sr.Sregs, rip, insn.CodeMode(&sr.Sregs, sr.Regs.RFLAGS))
 	}
 	switch {
-	case rip == s.entryRIP || s.entryEvent || s.entryBusy:
+	case s.entryEvent:
+		if rip != s.entryRIP {
+			s.injected, s.raised = false, false // delivered: RIP is the handler's
+		}
+		return false, nil
+	case rip == s.entryRIP || s.entryBusy:
 		return false, nil
 	case s.shotSet && lin == s.shot:
-		return true, nil
+		return s.shotCounts, nil
 	}
 	return false, fmt.Errorf("%w: the vCPU went from rip %#x to %#x in a KVM_RUN that a signal ended, without a single-step exit: instructions ran uncounted",
 		ErrStepClock, s.entryRIP, rip)
 }
 
-// stepRan records that KVM_RUN returned.
-func (m *Machine) stepRan() { m.step.fresh = m.step.syncRegs }
+// stepRan records that KVM_RUN returned. Any return but a kick means the
+// guest ran, so an event it was to deliver first has been delivered.
+func (m *Machine) stepRan(reason kvm.ExitReason) {
+	s := m.step
+	s.fresh = s.syncRegs
+	if reason != kvm.ExitIntr {
+		s.injected, s.raised = false, false
+	}
+}
 
 // stepBefore runs before every KVM_RUN under the step clock. It returns
 // true when it retired an instruction itself (its point has been
@@ -230,6 +256,9 @@ func (m *Machine) stepBefore() (bool, error) {
 		if ev.Interrupt.Injected != 0 {
 			s.injected, s.vector = true, ev.Interrupt.Nr
 		}
+		if ev.Exception.Injected != 0 || ev.Exception.Pending != 0 {
+			s.vector = ev.Exception.Nr
+		}
 	}
 	if s.injected || s.raised {
 		// The next entry delivers an event first: what runs is its
@@ -242,7 +271,15 @@ func (m *Machine) stepBefore() (bool, error) {
 				return false, err
 			}
 		}
-		s.injected, s.raised = false, false
+		// Stop at the handler's entry, before its first instruction: this
+		// KVM would run that instruction with the delivery, unseen, and a
+		// KVM that steps with the guest's TF would run the whole handler
+		// (delivery clears TF). From the entry, stepping goes on.
+		if entry, _ := m.handler(s.vector, sregs, mem); entry != 0 {
+			s.shot, s.shotSet, s.shotCounts = entry, true, false
+		}
+		// The flags stay set until a KVM_RUN delivers the event (stepRan,
+		// stepKick): a kick before the guest entered leaves it pending.
 		s.entryRIP, s.entryEvent = regs.RIP, true
 		return false, m.armGuards(^uint64(0))
 	}
@@ -282,11 +319,24 @@ func (m *Machine) stepBefore() (bool, error) {
 				ErrStepRing3, to, in.Kind, regs.RIP)
 		}
 	}
-	if in.Kind.MergesNext() {
-		// KVM would run the next instruction in the same step, unseen:
-		// stop the vCPU before it instead.
+	if in.Kind.Shadows() {
+		// The next instruction runs in the same step on hardware, and no
+		// breakpoint can stop before it: it must not be one ftkvm has to
+		// carry out.
+		var next [insn.MaxLen]byte
+		r := *regs
+		insn.Advance(&r, mode, in.Len)
+		k := insn.PagingOf(sregs).Fetch(mem, insn.Linear(sregs, r.RIP, mode), next[:])
+		if nin := insn.Decode(next[:k], mode); nin.Kind != insn.None && nin.Kind != insn.WRMSR {
+			return false, fmt.Errorf("%w: %v follows %v at rip %#x, in its interrupt shadow, where the step clock cannot stop to carry it out",
+				ErrStepClock, nin.Kind, in.Kind, regs.RIP)
+		}
+	}
+	if in.Kind.LosesStep() {
+		// KVM would run the next instruction in the same step, unseen, or
+		// stop stepping: stop the vCPU before it instead.
 		if next, ok := insn.Next(in, mode, sregs, regs, mem, m.stepMSR); ok {
-			s.shot, s.shotSet = next, true
+			s.shot, s.shotSet, s.shotCounts = next, true, true
 		}
 	}
 	return false, m.armGuards(lin)
@@ -347,6 +397,7 @@ func (m *Machine) stepSetRegs(regs *kvm.Regs) error {
 	if err := m.vcpu.SetRegs(regs); err != nil {
 		return fmt.Errorf("step clock: %w", err)
 	}
+	m.step.armedOK = false // single-stepping starts anew at the new RIP
 	if m.run.ReadyForInterruptInjection != 0 {
 		return nil // no shadow at the last exit
 	}
@@ -375,6 +426,7 @@ func (m *Machine) raise(vec uint8, hasErr bool) error {
 		return fmt.Errorf("step clock: %w", err)
 	}
 	ev.Exception = kvm.ExceptionState{Injected: 1, Nr: vec}
+	m.step.vector = vec
 	if hasErr {
 		ev.Exception.HasErrorCode = 1
 	}
@@ -400,7 +452,7 @@ func (m *Machine) stepTrap() (bool, error) {
 	case d.SingleStep():
 		return true, nil
 	case d.Breakpoints() != 0:
-		return m.step.shotSet && d.PC == m.step.shot, nil
+		return m.step.shotSet && m.step.shotCounts && d.PC == m.step.shot, nil
 	}
 	return false, fmt.Errorf("%w: debug exit that is neither a step nor a breakpoint (exception %d, DR6 %#x, at %#x)",
 		ErrStepClock, d.Exception, d.DR6, d.PC)
@@ -553,7 +605,7 @@ func (m *Machine) armGuards(skip uint64) error {
 		want[n] = s.shot
 		n++
 	}
-	if n == s.narmed && want == s.armed {
+	if s.armedOK && !s.rearm && n == s.narmed && want == s.armed {
 		return nil
 	}
 	d, err := kvm.StepDebug(true, want[:n]...)
@@ -563,7 +615,7 @@ func (m *Machine) armGuards(skip uint64) error {
 	if err := m.vcpu.SetGuestDebug(&d); err != nil {
 		return fmt.Errorf("step clock: %w", err)
 	}
-	s.armed, s.narmed = want, n
+	s.armed, s.narmed, s.armedOK = want, n, true
 	return nil
 }
 

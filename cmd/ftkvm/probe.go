@@ -47,6 +47,7 @@ func (c *probeCmd) run() (int, error) {
 	fmt.Fprintf(w, "ring 3\t%.3g instructions/s\n", r.Ring3IPS)
 	fmt.Fprintf(w, "single-step ring 0\t%s (%s)\n", yesNo(r.SingleStepRing0), r.SingleStepRing0Detail)
 	fmt.Fprintf(w, "single-step ring 3\t%s (%s)\n", yesNo(r.SingleStepRing3), r.SingleStepRing3Detail)
+	fmt.Fprintf(w, "single-step exact\t%s (%s)\n", yesNo(r.StepExact), r.StepExactDetail)
 	fmt.Fprintf(w, "performance counters\t%s (%s)\n", yesNo(r.PMU), r.PMUDetail)
 	ok, detail := vmm.StepClockUsable(r)
 	fmt.Fprintf(w, "epoch clock step\t%s (%s)\n", yesNo(ok), detail)

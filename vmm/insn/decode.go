@@ -58,12 +58,22 @@ const (
 	// WRMSR (0F 30): the step clock caches the MSRs that give SYSCALL's
 	// and SYSENTER's targets, and forgets them when the guest writes MSRs.
 	WRMSR
+	// POPF (9D): it loads RFLAGS, TF included; on a KVM that single-steps
+	// by setting TF in the guest (any hardware-virtualised one) the step
+	// after it may be lost (LosesStep).
+	POPF
+	// MOV SS (8E /2) and POP SS (17, outside 64-bit mode): the CPU
+	// suppresses debug exceptions until the next instruction is done
+	// (architecturally), so on hardware the two retire in one step
+	// (Shadows).
+	MOVSS
+	POPSS
 )
 
 var kindNames = [...]string{None: "none", RDTSC: "RDTSC", RDTSCP: "RDTSCP", RDRAND: "RDRAND",
 	RDSEED: "RDSEED", RDPID: "RDPID", Undefined: "undefined opcode", HLT: "HLT", IRET: "IRET",
 	RETF: "RETF", SYSRET: "SYSRET", SYSEXIT: "SYSEXIT", SYSCALL: "SYSCALL", SYSENTER: "SYSENTER",
-	SWAPGS: "SWAPGS", FENCE: "fence", WRMSR: "WRMSR"}
+	SWAPGS: "SWAPGS", FENCE: "fence", WRMSR: "WRMSR", POPF: "POPF", MOVSS: "MOV SS", POPSS: "POP SS"}
 
 func (k Kind) String() string {
 	if int(k) < len(kindNames) {
@@ -96,6 +106,23 @@ func (k Kind) MergesNext() bool {
 	}
 	return false
 }
+
+// LosesStep reports whether the single-step after k may be lost, or k
+// merged with the next instruction: MergesNext (this project's KVM), and
+// the instructions that load RFLAGS (IRET, POPF, SYSRET) or mask it
+// (SYSCALL, SYSENTER), after which a hardware-virtualised KVM, which
+// single-steps by setting TF in the guest, runs on with the guest's TF
+// (measured in the nested tier: stepping stops after a POPF or an IRET
+// that pops TF clear). The step clock stops the vCPU at the next
+// instruction with a one-time breakpoint and sets single-stepping anew
+// there.
+func (k Kind) LosesStep() bool { return k.MergesNext() || k == POPF }
+
+// Shadows reports whether k (MOV SS, POP SS) makes the CPU run the next
+// instruction without a debug exception in between: no breakpoint can
+// stop it there, so the step clock looks at that instruction together
+// with k's.
+func (k Kind) Shadows() bool { return k == MOVSS || k == POPSS }
 
 // MaxLen is the architectural limit on an instruction's length.
 const MaxLen = 15
@@ -149,6 +176,7 @@ func Decode(b []byte, mode Mode) Insn {
 	var (
 		i                             int
 		opsize, lock, rep, repne, rex bool
+		addrsize                      bool
 		rexW, rexB                    bool
 		lastMandatory                 byte // the last of F2/F3: it selects the instruction
 	)
@@ -158,6 +186,8 @@ func Decode(b []byte, mode Mode) Insn {
 			switch c {
 			case pfxOpSize:
 				opsize = true
+			case pfxAddr:
+				addrsize = true
 			case pfxLock:
 				lock = true
 			case pfxRep:
@@ -207,6 +237,30 @@ func Decode(b []byte, mode Mode) Insn {
 			return Insn{}
 		}
 		return Insn{Kind: RETF, Len: uint8(i), OpSize: stackSize()}
+	case 0x17:
+		if lock || mode == Mode64 {
+			return Insn{}
+		}
+		return Insn{Kind: POPSS, Len: uint8(i), OpSize: stackSize()}
+	case 0x8e:
+		// MOV Sreg, r/m16: the destination is the reg field; 2 is SS.
+		if lock || i >= len(b) || (b[i]>>3)&7 != 2 {
+			return Insn{}
+		}
+		n, ok := modrmLen(b[i:], mode, addrsize)
+		if !ok {
+			return Insn{}
+		}
+		return Insn{Kind: MOVSS, Len: uint8(i + n)}
+	case 0x9d:
+		if lock {
+			return Insn{}
+		}
+		size := stackSize()
+		if mode == Mode64 && !opsize {
+			size = 8 // a stack operation: 64 bits by default in 64-bit mode
+		}
+		return Insn{Kind: POPF, Len: uint8(i), OpSize: size}
 	case 0xca:
 		if lock || i+2 > len(b) {
 			return Insn{}
@@ -372,6 +426,18 @@ func x86asmOp(in Insn) (x86asm.Op, bool) {
 		return x86asm.SWAPGS, true
 	case WRMSR:
 		return x86asm.WRMSR, true
+	case MOVSS:
+		return x86asm.MOV, true
+	case POPSS:
+		return x86asm.POP, true
+	case POPF:
+		switch in.OpSize {
+		case 8:
+			return x86asm.POPFQ, true
+		case 4:
+			return x86asm.POPFD, true
+		}
+		return x86asm.POPF, true
 	case FENCE:
 		switch in.Reg {
 		case 5:
@@ -430,4 +496,48 @@ func allPrefixes(b []byte, mode Mode) bool {
 		}
 	}
 	return true
+}
+
+// modrmLen is the length of a ModRM byte and what follows it (SIB,
+// displacement) at the start of b; ok is false when b is too short.
+func modrmLen(b []byte, mode Mode, addrsize bool) (int, bool) {
+	if len(b) == 0 {
+		return 0, false
+	}
+	modrm := b[0]
+	mod, rm := modrm>>6, modrm&7
+	n := 1
+	if mod == 3 {
+		return n, true
+	}
+	bits16 := (mode == Mode16) != addrsize && mode != Mode64
+	if bits16 {
+		switch {
+		case mod == 0 && rm == 6:
+			n += 2
+		case mod == 1:
+			n++
+		case mod == 2:
+			n += 2
+		}
+		return n, n <= len(b)
+	}
+	if rm == 4 { // SIB
+		if len(b) < 2 {
+			return 0, false
+		}
+		n++
+		if mod == 0 && b[1]&7 == 5 {
+			n += 4
+		}
+	}
+	switch {
+	case mod == 0 && rm == 5:
+		n += 4 // disp32 (RIP-relative in 64-bit mode)
+	case mod == 1:
+		n++
+	case mod == 2:
+		n += 4
+	}
+	return n, n <= len(b)
 }

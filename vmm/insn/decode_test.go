@@ -55,6 +55,17 @@ func TestDecode(t *testing.T) {
 		{"clflush (memory /7)", []byte{0x0f, 0xae, 0x38}, Mode64, Insn{}},
 		{"66 0f ae /6 (tpause)", []byte{0x66, 0x0f, 0xae, 0xf0}, Mode64, Insn{}},
 		{"wrmsr", []byte{0x0f, 0x30}, Mode64, Insn{Kind: WRMSR, Len: 2}},
+		{"popfq", []byte{0x9d}, Mode64, Insn{Kind: POPF, Len: 1, OpSize: 8}},
+		{"mov ss, eax", []byte{0x8e, 0xd0}, Mode64, Insn{Kind: MOVSS, Len: 2}},
+		{"mov ss, [rip+x]", []byte{0x8e, 0x15, 1, 2, 3, 4}, Mode64, Insn{Kind: MOVSS, Len: 6}},
+		{"mov ss, [eax+ecx*2+8]", []byte{0x8e, 0x54, 0x48, 0x08}, Mode32, Insn{Kind: MOVSS, Len: 4}},
+		{"mov ss, [bx+si+0x1234] (16)", []byte{0x8e, 0x90, 0x34, 0x12}, Mode16, Insn{Kind: MOVSS, Len: 4}},
+		{"mov ds, eax", []byte{0x8e, 0xd8}, Mode64, Insn{}},
+		{"pop ss", []byte{0x17}, Mode32, Insn{Kind: POPSS, Len: 1, OpSize: 4}},
+		{"pop ss in 64-bit mode", []byte{0x17}, Mode64, Insn{}},
+		{"popf 16 in 64-bit mode", []byte{0x66, 0x9d}, Mode64, Insn{Kind: POPF, Len: 2, OpSize: 2}},
+		{"popf 16", []byte{0x9d}, Mode16, Insn{Kind: POPF, Len: 1, OpSize: 2}},
+		{"popfd 32", []byte{0x9d}, Mode32, Insn{Kind: POPF, Len: 1, OpSize: 4}},
 		{"nop", []byte{0x90}, Mode64, Insn{}},
 		{"out", []byte{0xe6, 0x80}, Mode64, Insn{}},
 		{"truncated", []byte{0x0f}, Mode64, Insn{}},
@@ -159,6 +170,18 @@ func FuzzDecode(f *testing.F) {
 			want = SWAPGS
 		case x86asm.WRMSR:
 			want = WRMSR
+		case x86asm.POPF, x86asm.POPFD, x86asm.POPFQ:
+			want = POPF
+		case x86asm.MOV:
+			if seg, ok := ref.Args[0].(x86asm.Reg); !ok || seg != x86asm.SS {
+				return
+			}
+			want = MOVSS
+		case x86asm.POP:
+			if seg, ok := ref.Args[0].(x86asm.Reg); !ok || seg != x86asm.SS {
+				return
+			}
+			want = POPSS
 		case x86asm.LFENCE, x86asm.MFENCE, x86asm.SFENCE:
 			for _, c := range nb[:opcodeAt(nb, mode)] {
 				if c == 0x66 || c == 0xf2 || c == 0xf3 {

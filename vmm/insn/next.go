@@ -9,14 +9,14 @@ const (
 )
 
 // Next predicts the linear address of the instruction that runs after in,
-// one of the kinds that MergesNext, so that the step clock can stop the
+// one of the kinds that LosesStep, so that the step clock can stop the
 // vCPU there with an instruction breakpoint. msr reads one of the vCPU's
 // MSRs (MSRLSTAR, MSRSysenterIP). ok is false when the address cannot be
 // known (the stack or a descriptor is unreadable, an LDT selector): the
 // instruction then most likely faults, and the fault's handler is covered
 // by the step clock's guards.
 //
-//   - SWAPGS and the fences fall through.
+//   - SWAPGS, the fences and POPF fall through.
 //   - SYSCALL goes to LSTAR (64-bit mode only: Decode knows it only there),
 //     SYSENTER to IA32_SYSENTER_EIP; SYSRET to RCX, SYSEXIT to RDX (ECX,
 //     EDX without REX.W). All four load flat code segments.
@@ -25,7 +25,7 @@ const (
 //     mode CS*16 + IP.
 func Next(in Insn, mode Mode, s *kvm.Sregs, regs *kvm.Regs, mem []byte, msr func(uint32) (uint64, bool)) (uint64, bool) {
 	switch in.Kind {
-	case SWAPGS, FENCE:
+	case SWAPGS, FENCE, POPF:
 		r := *regs
 		Advance(&r, mode, in.Len)
 		return Linear(s, r.RIP, mode), true

@@ -35,16 +35,30 @@ import (
 //     cannot single-step ring 3 stop the machine with ErrStepRing3 before
 //     they run (the probe found that at ring 3 the trap goes to the guest:
 //     ring-3 code would then run uncounted until its next exit).
+//   - Instructions after which KVM would not stop on its own (insn
+//     LosesStep: IRET, SYSCALL, SWAPGS and the fences, which this
+//     project's KVM runs together with the next instruction; POPF and the
+//     other RFLAGS loaders, after which a hardware-virtualised KVM loses
+//     TF): ftkvm predicts where the next instruction is (insn.Next) and
+//     sets a one-time instruction breakpoint there; reaching it is the
+//     instruction's step.
+//   - MOV SS and POP SS: the next instruction runs in their shadow, where
+//     nothing can stop it; it must not be one ftkvm has to carry out.
 //
-// Events entering the guest: an interrupt ftkvm injects, or an exception,
-// is delivered by KVM at the next KVM_RUN together with the first
-// instruction of its handler (measured here: the step exit follows that
-// instruction). So the handlers are checked in advance: whenever the IDT
-// register changes, and for the vector at each injection, the first
-// instruction of every handler is decoded; those that start with an
-// instruction stepBefore must see get an instruction breakpoint (up to
-// four, KVM_GUESTDBG_USE_HW_BP), which stops the vCPU before that first
-// instruction, where stepBefore then handles it.
+// Events entering the guest: an interrupt ftkvm injects, or an exception
+// it raises, is delivered at the next KVM_RUN; this project's KVM runs the
+// handler's first instruction with it, a hardware-virtualised one the
+// whole handler (delivery clears TF). So ftkvm sets a one-time breakpoint
+// at the handler's entry (not an instruction: no point) and steps on from
+// there. An exception a guest instruction raises has a vector ftkvm cannot
+// know in advance: whenever the IDT register changes, and for the vector
+// at each injection, the first instruction of every handler is decoded,
+// and those that start with an instruction stepBefore must see get a
+// standing instruction breakpoint (up to four, KVM_GUESTDBG_USE_HW_BP).
+//
+// How KVM single-steps is measured once (stepHow): where it loses the
+// request after POPF, single-stepping is requested before every KVM_RUN;
+// where even then instructions go unstepped, the step clock refuses.
 //
 // Interrupt windows are never requested: every instruction boundary is a
 // point where a pending interrupt is injected if the guest can take it.

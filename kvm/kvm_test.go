@@ -328,6 +328,7 @@ func waitIntr(t *testing.T, ch <-chan runResult, kick func()) runResult {
 
 func testKick(t *testing.T, g *guest, spinRIP uint64) {
 	const spin = 200 * time.Millisecond
+	early := 0
 	for round := 0; round < 3; round++ {
 		g.cpu.ClearImmediateExit()
 		ch := runBound(g.cpu)
@@ -335,7 +336,14 @@ func testKick(t *testing.T, g *guest, spinRIP uint64) {
 		g.cpu.Kick()
 		res := waitIntr(t, ch, g.cpu.Kick)
 		if res.took < spin/2 {
-			t.Fatalf("round %d: Run returned after %v, before the kick", round, res.took)
+			// Go's own preemption signal (SIGURG, the same signal as
+			// KickSignal) can end a KVM_RUN early on a loaded host; the
+			// VMM counts such returns as kicks. Allow a few, not many.
+			if early++; early > 5 {
+				t.Fatalf("round %d: Run returned after %v, before the kick, %d times", round, res.took, early)
+			}
+			round--
+			continue
 		}
 		if r := g.regs(); r.RIP != spinRIP {
 			t.Fatalf("round %d: RIP %#x, want %#x", round, r.RIP, spinRIP)

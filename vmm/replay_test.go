@@ -226,7 +226,7 @@ func TestRecordReplayIdentical(t *testing.T) {
 	}
 }
 
-// TestMissingTickDiverges is the control for TestRecordReplayIdentical:
+// TestPerturbedLogDiverges is the control for TestRecordReplayIdentical:
 // the comparison must notice when the environment hands the guest one
 // timer tick less than it recorded.
 func TestPerturbedLogDiverges(t *testing.T) {

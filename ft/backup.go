@@ -497,7 +497,7 @@ func (n *Node) promote(why error) {
 	if n.goodbye {
 		return // the guest ended; nothing to take over
 	}
-	if !n.hasState {
+	if !n.hasState && !n.holdsFull() {
 		n.failed = fmt.Errorf("%w (%v)", ErrNoState, why)
 		return
 	}
@@ -555,4 +555,16 @@ func describe(m wire.Msg) string {
 		return fmt.Sprintf("a checkpoint ending epoch %d at %v", m.Epoch, m.Pos)
 	}
 	return m.Type().String()
+}
+
+// holdsFull reports whether the log holds a full checkpoint, received
+// whole: a joining backup whose primary dies after sending its state, but
+// before the backup installed it, installs it and takes over.
+func (n *Node) holdsFull() bool {
+	for _, m := range n.log {
+		if cp, ok := m.(wire.Checkpoint); ok && cp.Full {
+			return true
+		}
+	}
+	return false
 }

@@ -1,6 +1,7 @@
 package ft
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
@@ -1207,5 +1208,35 @@ func TestBackupWaitsAfterEpochEndForCheckpoint(t *testing.T) {
 	wantWait(t, "and waits again", b.n.Continue(), WaitLog)
 	if _, ok := b.hasNote(NoteDivergence); ok {
 		t.Fatalf("divergence: %v", b.notes)
+	}
+}
+
+// A joining backup whose primary dies after the full state arrived, but
+// before the backup installed it, installs it and takes over; one that
+// has not received it has nothing to take over.
+func TestJoiningBackupPromotesWithReceivedState(t *testing.T) {
+	for _, received := range []bool{true, false} {
+		t.Run(fmt.Sprint("received=", received), func(t *testing.T) {
+			b := newReplica(t, testConfig(RoleBackup, OutputCommit))
+			b.n.Connected()
+			h := wire.Hello{Version: ProtocolVersion, Role: RolePrimary, Policy: OutputCommit, Started: true,
+				MemSize: testGuest.MemSize, Kernel: testGuest.Kernel, Initrd: testGuest.Initrd, Cmdline: testGuest.Cmdline}
+			b.step(h)
+			if received {
+				b.step(wire.Checkpoint{Seq: 1, Epoch: 4, Pos: at(9), Full: true, State: []byte("FULL")})
+			}
+			b.drain()
+			b.n.Disconnected()
+			b.drain()
+			a := b.n.Point(kick(0, 0))
+			if !received {
+				wantAction(t, "nothing to take over", a, ActStop)
+				return
+			}
+			a = wantAction(t, "installs the state it holds", a, ActInstall)
+			if string(a.State) != "FULL" {
+				t.Fatalf("installed %q", a.State)
+			}
+		})
 	}
 }

@@ -151,6 +151,14 @@ func TestReplicaReprotect(t *testing.T) {
 	if st.Replica == nil || st.Replica.Role != "primary" || !st.Replica.Protected || st.Replica.Promotions != 1 {
 		t.Fatalf("status after re-protection: %+v", st.Replica)
 	}
+	// The full state is sent; wait until the new backup acknowledged it
+	// (a backup killed before holding the whole state has nothing to take
+	// over, which TestJoiningBackupPromotesWithReceivedState covers).
+	for sent := st.Replica.LogSent; st.Replica.LogAcked < sent; time.Sleep(5 * time.Millisecond) {
+		if st, err = api.NewClient(sock).Status(ctx); err != nil || st.Replica == nil {
+			t.Fatalf("status: %v", err)
+		}
+	}
 	// Some output under the new protection, then the second failover.
 	n := strings.Count(b1.stdout(), "\n")
 	b1.waitLines(n + 3)

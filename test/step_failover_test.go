@@ -18,22 +18,7 @@ var stepFlags = []string{"--epoch", "step"}
 var stepWorkloads = []workload{
 	{
 		name: "interleave", cmdline: "workload=interleave ring=0 lines=3 work=2000 hz=100", lines: 8, flags: stepFlags,
-		check: func(t *testing.T, body []string) {
-			next := map[string]int{"A": 1, "B": 1}
-			for _, l := range body {
-				f := strings.Fields(l)
-				if len(f) != 2 || (f[0] != "A" && f[0] != "B") {
-					t.Fatalf("unexpected line %q", l)
-				}
-				if k, _ := strconv.Atoi(f[1]); k != next[f[0]] {
-					t.Fatalf("task %s printed %d, want %d:\n%s", f[0], k, next[f[0]], strings.Join(body, "\n"))
-				}
-				next[f[0]]++
-			}
-			if next["A"] != 4 || next["B"] != 4 {
-				t.Fatalf("tasks stopped early: %v", next)
-			}
-		},
+		check: checkInterleave(3),
 	},
 	{
 		// RDTSC at ring 0, an environment instruction under the step

@@ -216,22 +216,7 @@ var transferWorkloads = []workload{
 	},
 	{
 		name: "interleave", cmdline: "workload=interleave lines=30 work=3000000 hz=250", lines: 62,
-		check: func(t *testing.T, body []string) {
-			next := map[string]int{"A": 1, "B": 1}
-			for _, l := range body {
-				f := strings.Fields(l)
-				if len(f) != 2 || (f[0] != "A" && f[0] != "B") {
-					t.Fatalf("unexpected line %q", l)
-				}
-				if k, _ := strconv.Atoi(f[1]); k != next[f[0]] {
-					t.Fatalf("task %s printed %d, want %d:\n%s", f[0], k, next[f[0]], strings.Join(body, "\n"))
-				}
-				next[f[0]]++
-			}
-			if next["A"] != 31 || next["B"] != 31 {
-				t.Fatalf("tasks stopped early: %v", next)
-			}
-		},
+		check: checkInterleave(30),
 	},
 	{
 		name: "compute", cmdline: "workload=compute mib=160 every=16 hz=100", lines: 12,
@@ -384,4 +369,25 @@ func tempSocket(t *testing.T) string {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	return filepath.Join(dir, "api.sock")
+}
+
+// checkInterleave checks the interleave workload's lines: tasks A and B
+// each print 1..lines in order, in any mix.
+func checkInterleave(lines int) func(t *testing.T, body []string) {
+	return func(t *testing.T, body []string) {
+		next := map[string]int{"A": 1, "B": 1}
+		for _, l := range body {
+			f := strings.Fields(l)
+			if len(f) != 2 || (f[0] != "A" && f[0] != "B") {
+				t.Fatalf("unexpected line %q", l)
+			}
+			if k, _ := strconv.Atoi(f[1]); k != next[f[0]] {
+				t.Fatalf("task %s printed %d, want %d:\n%s", f[0], k, next[f[0]], strings.Join(body, "\n"))
+			}
+			next[f[0]]++
+		}
+		if next["A"] != lines+1 || next["B"] != lines+1 {
+			t.Fatalf("tasks stopped early: %v", next)
+		}
+	}
 }

@@ -34,11 +34,21 @@ var ring0Probe struct {
 // ring0Emulated reports, once per process, whether guest ring 0 runs
 // emulated on this KVM: an emulator runs 1-2 million instructions/s, a
 // native ring 0 (even nested under TCG) hundreds of millions. A failed
-// probe counts as native (windows stay on).
+// probe counts as native (windows stay on). The best of three loops
+// decides: in a loaded nested L1 one loop in five measured a native ring
+// 0 at 4-11 million instructions/s, and a replica that wrongly turns
+// interrupt windows off leaves a Linux guest's interrupts waiting for its
+// next exit (its boot then crawls).
 func ring0Emulated(sys *kvm.System) bool {
 	ring0Probe.once.Do(func() {
-		ips, err := loopSpeed(sys, 0, 20_000)
-		ring0Probe.emulated = err == nil && ips < 20e6
+		best, ok := 0.0, false
+		for range 3 {
+			ips, err := loopSpeed(sys, 0, 20_000)
+			if err == nil {
+				best, ok = max(best, ips), true
+			}
+		}
+		ring0Probe.emulated = ok && best < 20e6
 	})
 	return ring0Probe.emulated
 }

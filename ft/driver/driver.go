@@ -727,6 +727,16 @@ func (r *Replica) Run() (int, error) {
 	default:
 		// The guest ended by itself: the primary makes sure the backup
 		// knows; a backup waits for its primary's word (or fails over).
+		// First every output leaves and its performance is confirmed to
+		// the backup: a backup told the guest ended stops without
+		// performing anything, so a primary dying between its goodbye and
+		// its last outputs would lose them.
+		for r.node.Role() == ft.RolePrimary && r.fatal == nil &&
+			(r.node.Status().Held > 0 || len(r.perfQ) > 0 || r.perfBusy) {
+			r.cond.Wait()
+		}
+		r.node.Tick(r.clock()) // sends the confirmation (Performed) now
+		r.drain()
 		a := r.node.Finish(status)
 		if _, cerr := r.carry(a, false); cerr != nil && !errors.Is(cerr, errFinished) {
 			r.mu.Unlock()

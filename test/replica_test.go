@@ -267,7 +267,11 @@ func TestReplicaNetns(t *testing.T) {
 
 	t.Run("link cut", func(t *testing.T) {
 		p, b := startNS()
-		p.waitLines(10)
+		// Cut early: the primary's console lags its guest (outputs wait
+		// for acknowledgements), so waiting for lines could cut the link
+		// after the guest had ended (seen once in CI).
+		p.waitUntil("the handshake", func() bool { return strings.Contains(p.stderr(), "primary: replicating to") })
+		time.Sleep(300 * time.Millisecond)
 		run("ip", "-n", nsB, "link", "set", vethB, "down")
 		pres, bres := p.wait(), b.wait()
 		if !strings.Contains(bres.stderr, "nothing heard for 100ms") || !strings.Contains(bres.stderr, "taking over") {

@@ -202,11 +202,53 @@ func stepHow(sys *kvm.System) (rearm, ok bool, detail string) {
 		}
 		return rearm, false, fmt.Sprintf("steps stopped at %#x, want %#x (a write to a fresh page loses single-step traps)", after, want)
 	}
-	how := "every instruction stepped across a port write and a write to a fresh page"
+	if ok, detail := breakpointStops(sys); !ok {
+		return rearm, false, detail
+	}
+	how := "every instruction stepped across a port write and a write to a fresh page, and an instruction breakpoint stopped the vCPU"
 	if rearm {
 		how += ", with single-stepping requested anew before each instruction"
 	}
 	return rearm, true, how
+}
+
+// breakpointStops checks that a KVM_GUESTDBG_USE_HW_BP instruction
+// breakpoint stops the vCPU before the instruction: the step clock relies
+// on one after the instructions that lose the step (insn.LosesStep) and at
+// the entry of every event handler. Measured: the nested tier's kvm_amd
+// under QEMU 7.2's TCG never stops there (QEMU before 9.1 loads the
+// guest's DR7 at VMRUN without arming its breakpoints), and event handlers
+// then ran uncounted up to their first port write.
+func breakpointStops(sys *kvm.System) (bool, string) {
+	const c = probeCode
+	p, err := newProbeVM(sys, 0, []byte{0x90, 0x90, 0x90, 0xe6, 0x80, 0xf4})
+	if err != nil {
+		return false, err.Error()
+	}
+	defer p.Close()
+	d, err := kvm.StepDebug(false, c+2)
+	if err != nil {
+		return false, err.Error()
+	}
+	if err := p.vcpu.SetGuestDebug(&d); err != nil {
+		return false, err.Error()
+	}
+	for range 16 {
+		reason, err := p.vcpu.Run()
+		switch {
+		case err != nil:
+			return false, err.Error()
+		case reason == kvm.ExitIntr:
+			continue
+		case reason == kvm.ExitDebug:
+			if pc := p.vcpu.RunData().Debug().PC; pc != c+2 {
+				return false, fmt.Sprintf("an instruction breakpoint at %#x stopped the vCPU at %#x", c+2, pc)
+			}
+			return true, ""
+		}
+		return false, fmt.Sprintf("an instruction breakpoint at %#x did not stop the vCPU, which ran on to %v", c+2, reason)
+	}
+	return false, "the breakpoint probe never got past signals"
 }
 
 // stepTrace single-steps code in a ring-0 probe VM up to its second port

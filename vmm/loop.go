@@ -106,7 +106,7 @@ func (m *Machine) Run() (int, error) {
 // m.halted; Run then waits in the environment's Halt.
 func (m *Machine) exit(reason kvm.ExitReason) error {
 	if m.step != nil {
-		if err := m.stepCheckExit(); err != nil {
+		if err := m.stepCheckExit(reason); err != nil {
 			return err
 		}
 	}

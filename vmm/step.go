@@ -114,7 +114,7 @@ type stepper struct {
 
 	// SYSCALL's and SYSENTER's targets, read from the vCPU once and kept
 	// until the guest executes WRMSR (or a state is installed).
-	msrs      [2]kvm.MSREntry
+	msrs      [4]kvm.MSREntry
 	msrsValid bool
 
 	buf [insn.MaxLen]byte
@@ -215,15 +215,23 @@ func (m *Machine) stepKick() (bool, error) {
 		lin = insn.Linear(&sr.Sregs, rip, insn.CodeMode(&sr.Sregs, sr.Regs.RFLAGS))
 	}
 	switch {
-	case s.entryEvent:
-		if rip != s.entryRIP {
-			s.injected, s.raised = false, false // delivered: RIP is the handler's
-		}
-		return false, nil
-	case rip == s.entryRIP || s.entryBusy:
+	case rip == s.entryRIP:
+		return false, nil // nothing ran (an event stays pending)
+	case s.entryEvent && (!s.shotSet || lin == s.shot):
+		// Delivered: RIP is the handler's entry (or unknown: no handler
+		// was found to guard).
+		s.injected, s.raised = false, false
 		return false, nil
 	case s.shotSet && lin == s.shot:
 		return s.shotCounts, nil
+	case s.entryBusy:
+		// KVM completed a port or MMIO access (and may have delivered
+		// an event after it).
+		if s.entryEvent {
+			// Whether the event entered too: ask KVM before the next run.
+			s.injected, s.raised, s.recheck = false, false, true
+		}
+		return false, nil
 	}
 	return false, fmt.Errorf("%w: the vCPU went from rip %#x to %#x in a KVM_RUN that a signal ended, without a single-step exit: instructions ran uncounted",
 		ErrStepClock, s.entryRIP, rip)
@@ -324,6 +332,8 @@ func (m *Machine) stepBefore() (bool, error) {
 		}
 		m.Stats.Steps++
 		return true, m.exit(kvm.ExitHLT)
+	case in.Kind == insn.SYSCALL:
+		return m.stepSyscall(in, regs, sregs)
 	case in.Kind == insn.WRMSR:
 		s.msrsValid = false
 	}
@@ -360,8 +370,8 @@ func (m *Machine) stepBefore() (bool, error) {
 func (m *Machine) stepMSR(idx uint32) (uint64, bool) {
 	s := m.step
 	if !s.msrsValid {
-		s.msrs = [2]kvm.MSREntry{{Index: insn.MSRLSTAR}, {Index: insn.MSRSysenterIP}}
-		if _, err := m.vcpu.GetMSRs(s.msrs[:]); err != nil {
+		s.msrs = [4]kvm.MSREntry{{Index: insn.MSRLSTAR}, {Index: insn.MSRSysenterIP}, {Index: insn.MSRSTAR}, {Index: insn.MSRFMASK}}
+		if n, err := m.vcpu.GetMSRs(s.msrs[:]); err != nil || n != len(s.msrs) {
 			return 0, false
 		}
 		s.msrsValid = true
@@ -372,6 +382,29 @@ func (m *Machine) stepMSR(idx uint32) (uint64, bool) {
 		}
 	}
 	return 0, false
+}
+
+// stepSyscall carries out SYSCALL (insn.Syscall): a step point, like an
+// instruction KVM stepped.
+func (m *Machine) stepSyscall(in insn.Insn, regs *kvm.Regs, sregs *kvm.Sregs) (bool, error) {
+	var msrs insn.SyscallMSRs
+	var ok1, ok2, ok3 bool
+	msrs.STAR, ok1 = m.stepMSR(insn.MSRSTAR)
+	msrs.LSTAR, ok2 = m.stepMSR(insn.MSRLSTAR)
+	msrs.FMASK, ok3 = m.stepMSR(insn.MSRFMASK)
+	if !ok1 || !ok2 || !ok3 {
+		return false, fmt.Errorf("%w: SYSCALL at rip %#x: KVM_GET_MSRS could not read STAR, LSTAR and FMASK", ErrStepClock, regs.RIP)
+	}
+	if insn.Syscall(in, regs, sregs, msrs) == insn.FaultUD {
+		return false, m.raise(6, false)
+	}
+	if err := m.stepSetRegs(regs); err != nil {
+		return false, err
+	}
+	if err := m.vcpu.SetSregs(sregs); err != nil {
+		return false, fmt.Errorf("step clock: SYSCALL: %w", err)
+	}
+	return true, m.exit(exitEmulated)
 }
 
 // stepEmulate carries out an environment instruction (insn.Emulate).
@@ -477,8 +510,22 @@ func (m *Machine) stepTrap() (bool, error) {
 // step it ran uncounted since it got there, so nothing it did (a port
 // write, say) may take effect. stepBefore stops the known ways into ring 3
 // before they run; this catches any other.
-func (m *Machine) stepCheckExit() error {
+func (m *Machine) stepCheckExit(reason kvm.ExitReason) error {
 	s := m.step
+	switch reason {
+	case kvm.ExitIO, kvm.ExitMMIO, kvm.ExitHLT, kvm.ExitX86RDMSR, kvm.ExitX86WRMSR:
+		// None of the instructions a one-time breakpoint follows exits
+		// this way, and an event's delivery does not either: the vCPU
+		// ran past the breakpoint without stopping there, uncounted.
+		if s.shotSet {
+			what := "the instruction"
+			if !s.shotCounts {
+				what = "an event's delivery"
+			}
+			return fmt.Errorf("%w: after %s at rip %#x the vCPU ran past the breakpoint at %#x to an exit (%v) without stopping there: instructions ran uncounted",
+				ErrStepClock, what, s.entryRIP, s.shot, reason)
+		}
+	}
 	if s.ring3 || !s.syncRegs || !s.fresh {
 		return nil // without synced registers the next stepBefore checks
 	}

@@ -76,6 +76,10 @@ type Config struct {
 	Timeout time.Duration
 	// MemoryMiB is the L1's memory (2048).
 	MemoryMiB int
+	// CPUs is the L1's vCPU count (1). QEMU runs each on its own host
+	// thread (multi-threaded TCG), so two replicas in one L1 need two
+	// to run side by side rather than in turns.
+	CPUs int
 	// QEMU is the emulator binary ("qemu-system-x86_64" from PATH).
 	QEMU string
 	// Append is added to the L1 kernel command line.
@@ -203,6 +207,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if mem == 0 {
 		mem = 2048
 	}
+	cpus := max(cfg.CPUs, 1)
 	appendLine := "console=ttyS0 panic=-1 quiet loglevel=4"
 	if cfg.Append != "" {
 		appendLine += " " + cfg.Append
@@ -212,7 +217,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	// into a QEMU exit instead of a reboot loop. -nodefaults drops the
 	// VGA, NIC and drives the L1 has no use for (less to probe at boot).
 	args := []string{
-		"-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", fmt.Sprint(mem),
+		"-accel", "tcg", "-cpu", "max", "-smp", fmt.Sprint(cpus), "-m", fmt.Sprint(mem),
 		"-nodefaults", "-no-user-config",
 		"-display", "none", "-monitor", "none", "-no-reboot", "-serial", "stdio",
 		"-kernel", im.Vmlinuz, "-initrd", initrd, "-append", appendLine,

@@ -8,7 +8,7 @@
 # when something is missing, so CI can run it on every build.
 set -eu
 
-pkgs="qemu-system-x86 busybox-static cpio xz-utils"
+pkgs="qemu-system-x86 busybox-static cpio xz-utils"  # qemu-system-x86: see qemu_min
 # Keep in sync with KernelPackage in tools/images/imagelib/kernel.go.
 kernel_pkg="linux-image-6.1.0-56-amd64"
 
@@ -31,8 +31,32 @@ quiet() {
 	fi
 }
 
+# The nested tier needs QEMU 9.1 or later: QEMU before 9.1 loads an L2
+# guest's DR7 at VMRUN without arming its breakpoints, so the instruction
+# breakpoints the step clock sets in the L1's KVM never fire (measured with
+# Debian 12's QEMU 7.2; fixed upstream by "target/i386: disable/enable
+# breakpoints on vmentry/vmexit"). Debian 12 gets a newer QEMU from
+# bookworm-backports.
+qemu_min=9.1
+qemu_ok() {
+	v=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null) || return 1
+	[ -n "$v" ] && dpkg --compare-versions "${v#*:}" ge "$qemu_min"
+}
+backports=""
+if . /etc/os-release 2>/dev/null && [ "${VERSION_CODENAME:-}" = bookworm ]; then
+	backports=bookworm-backports
+fi
+need_qemu=no
+qemu_ok || need_qemu=yes
+if [ "$need_qemu" = yes ] && [ -n "$backports" ] && ! grep -rqs "^[^#]*$backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+	echo "deb http://deb.debian.org/debian $backports main" | $SUDO tee /etc/apt/sources.list.d/ftkvm-backports.list >/dev/null
+fi
+
 missing=""
 for p in $pkgs; do
+	if [ "$p" = qemu-system-x86 ] && [ "$need_qemu" = yes ]; then
+		continue # installed below, from backports where needed
+	fi
 	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
 		missing="$missing $p"
 	fi
@@ -43,7 +67,7 @@ has_kernel_candidate() {
 }
 
 updated=no
-if [ -n "$missing" ] || ! has_kernel_candidate; then
+if [ -n "$missing" ] || [ "$need_qemu" = yes ] || ! has_kernel_candidate; then
 	# Package lists may be absent or stale on a fresh machine.
 	quiet $SUDO apt-get update -qq
 	updated=yes
@@ -52,6 +76,18 @@ if [ -n "$missing" ]; then
 	# shellcheck disable=SC2086 # word splitting of $missing is intended
 	quiet $SUDO apt-get install -y -qq --no-install-recommends $missing
 	echo "setup-deps: installed$missing"
+fi
+if [ "$need_qemu" = yes ]; then
+	if [ -n "$backports" ]; then
+		quiet $SUDO apt-get install -y -qq --no-install-recommends -t "$backports" qemu-system-x86
+	else
+		quiet $SUDO apt-get install -y -qq --no-install-recommends qemu-system-x86
+	fi
+	if ! qemu_ok; then
+		echo "setup-deps: qemu-system-x86 $(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null) is older than $qemu_min: the nested tier's step-clock tests will find breakpoints broken" >&2
+	else
+		echo "setup-deps: installed qemu-system-x86 $(dpkg-query -W -f='${Version}' qemu-system-x86)"
+	fi
 fi
 if [ "$updated" = yes ] && ! has_kernel_candidate; then
 	# Not fatal here: tools/images reports the pin clearly, and the

@@ -77,8 +77,11 @@ type Config struct {
 	// MemoryMiB is the L1's memory (2048).
 	MemoryMiB int
 	// CPUs is the L1's vCPU count (1). QEMU runs each on its own host
-	// thread (multi-threaded TCG), so two replicas in one L1 need two
-	// to run side by side rather than in turns.
+	// thread (multi-threaded TCG). Measured with QEMU 10.0 and two: L2
+	// guests of the L1's kvm_amd triple-faulted in 4 of 6 runs (Linux
+	// under `ftkvm run`, `ftkvm primary` or `backup`, and testos under the
+	// step clock), pinned to one L1 CPU or not; with one, never in any
+	// run. Use more than one only to study that.
 	CPUs int
 	// QEMU is the emulator binary ("qemu-system-x86_64" from PATH).
 	QEMU string

@@ -39,6 +39,9 @@ func TestNestedFTKVM(t *testing.T) {
 	if _, err := nested.QEMUAvailable(); err != nil {
 		t.Skipf("nested tier needs QEMU, which could not be installed here: %v", err)
 	}
+	// Nested tests run two at a time, each L1 on a host core of its own,
+	// after the tests that use this host's KVM directly.
+	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	cmds := []nested.Command{

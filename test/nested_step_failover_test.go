@@ -1,0 +1,209 @@
+package test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ftkvm/ftkvm/test/nested"
+)
+
+// Failover drills under the step clock in the nested tier (issue 6: "in the
+// nested tier with ring-3 workloads"). The L1's kvm_amd single-steps every
+// ring, so testos runs its workloads at ring 3 there, as it does by default.
+// In one L1 boot, for each workload: an undisturbed replicated run in
+// verify mode, whose length (L1 uptime) sets the scale, then a few runs
+// whose primary is killed with SIGKILL at a random fraction of that
+// length. The checks are those of
+// TestStepClockFailoverDrills: the dead primary's console followed by the
+// backup's is the workload's whole output, the overlap bounded by the
+// backup's "may repeat" line, and the backup exits 0.
+//
+// The workloads are small: stepping runs about a thousand instructions a
+// second in the L1 (each step is an L2 exit emulated by TCG).
+
+// Each run takes a minute or so in the L1 (one vCPU for both replicas), so
+// the drills are few: the undisturbed verify run and kills[i] kills for
+// workload i.
+var nestedStepDrillKills = []int{2, 1}
+
+var nestedStepWorkloads = []workload{
+	{
+		name: "tsc", cmdline: "workload=tsc samples=3 work=10 hz=19", lines: 5, flags: stepFlags,
+		check: checkTSC(3),
+	},
+	{
+		name: "interleave", cmdline: "workload=interleave lines=2 work=20 hz=19", lines: 6, flags: stepFlags,
+		check: checkInterleave(2),
+	},
+}
+
+// nestedStepDrillScript runs every workload's undisturbed run and its kills
+// in the L1, printing outputs between "@@@ BEGIN <file>" and "@@@ END
+// <file>", exit statuses as "@@@ rc <file>=<n>" and run lengths as "@@@ t
+// <name>=<seconds>" (parseNestedFailover reads them). fracs[w][k] is where
+// in the undisturbed run kill k of workload w falls (0-1).
+func nestedStepDrillScript(fracs [][]float64) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, `F=%s
+mkdir -p /tmp; cd /tmp
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+up() { cut -d' ' -f1 /proc/uptime; }
+alive() { [ -e /proc/$1/stat ] && [ "$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null)" != Z ]; }
+waitpid() {
+	i=0
+	while alive $1; do
+		if [ $i -ge $2 ]; then
+			echo "@@@ killed $3 after $2 s"
+			kill $1; sleep 5; kill -9 $1 2>/dev/null
+			break
+		fi
+		sleep 1; i=$((i + 1))
+	done
+	wait $1
+	echo "@@@ rc $3=$?"
+}
+show() { echo "@@@ BEGIN $1"; cat $1; echo; echo "@@@ END $1"; }
+port=7200
+# pair NAME KILL_US PFLAGS ARGS...: a backup and a primary on a fresh
+# port, the primary with the flags PFLAGS too (word-split; - : none); the
+# primary is killed KILL_US microseconds after it started (- : never).
+pair() {
+	n=$1; k=$2; pf=$3; shift 3
+	[ "$pf" = - ] && pf=""
+	port=$((port + 1))
+	$F --log-level info backup --listen 127.0.0.1:$port "$@" >$n.b.out 2>$n.b.err &
+	b=$!
+	i=0
+	until grep -qs 'backup waiting for its primary' $n.b.err; do
+		if ! alive $b || [ $i -ge 100 ]; then echo "@@@ no backup for $n"; break; fi
+		usleep 100000; i=$((i + 1))
+	done
+	t0=$(up)
+	echo "@@@ start $n at $t0" >/dev/console
+	$F --log-level info primary --backup 127.0.0.1:$port $pf "$@" >$n.p.out 2>$n.p.err &
+	p=$!
+	if [ "$k" != - ]; then
+		usleep $k
+		kill -9 $p
+	fi
+	waitpid $p 300 $n.p
+	waitpid $b 300 $n.b
+	echo "@@@ t $n=$(awk -v a=$t0 -v b=$(up) 'BEGIN { printf "%%.2f", b - a }')"
+	for f in $n.p.out $n.p.err $n.b.out $n.b.err; do show $f; done
+}
+`, l1FTKVM)
+	for i, w := range nestedStepWorkloads {
+		args := fmt.Sprintf("--kernel %s --mem 32 --timeout 5s %s --cmdline '%s'", l1TestOS, strings.Join(w.flags, " "), w.cmdline)
+		fmt.Fprintf(&b, "pair %s - '--verify --epoch-instructions 4096' %s\n", w.name, args)
+		fmt.Fprintf(&b, "T=$(awk -v a=$t0 -v b=$(up) 'BEGIN { print b - a }')\n")
+		for k, f := range fracs[i] {
+			fmt.Fprintf(&b, "pair %s.%d $(awk -v t=$T 'BEGIN { printf \"%%d\", t * %.3f * 1000000 }') - %s\n", w.name, k, f, args)
+		}
+	}
+	return b.String()
+}
+
+func TestNestedStepClockFailoverDrills(t *testing.T) {
+	if testing.Short() {
+		t.Skip("nested tier boots an L1 under QEMU TCG (minutes): skipped with -short")
+	}
+	if _, err := nested.QEMUAvailable(); err != nil {
+		t.Skipf("nested tier needs QEMU, which could not be installed here: %v", err)
+	}
+	// Nested tests run two at a time, each L1 on a host core of its own,
+	// after the tests that use this host's KVM directly.
+	t.Parallel()
+	r := newRand(t)
+	fracs := make([][]float64, len(nestedStepWorkloads))
+	for i := range fracs {
+		for range nestedStepDrillKills[i] {
+			fracs[i] = append(fracs[i], 0.05+0.9*r.Float64())
+		}
+	}
+	// Hang guards, not assertions on speed.
+	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
+	defer cancel()
+	cfg := nested.Config{
+		Files:    map[string]string{l1FTKVM: ftkvmBin, l1TestOS: testosELF},
+		Commands: []nested.Command{{Name: "probe", Cmd: l1FTKVM + " probe"}, {Name: "drills", Cmd: nestedStepDrillScript(fracs), Timeout: 20 * time.Minute}},
+	}
+	// FTKVM_NESTED_CONSOLE=FILE copies the L1 console there as it comes.
+	if path := os.Getenv("FTKVM_NESTED_CONSOLE"); path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		cfg.Log = f
+	}
+	res, err := nested.Run(ctx, cfg)
+	if err != nil {
+		if res != nil {
+			t.Logf("L1 console:\n%s", res.Console)
+		}
+		t.Fatal(err)
+	}
+	if p := res.Command("probe"); p == nil || !p.OK() || !strings.Contains(p.Output, "guests at every ring") {
+		t.Fatalf("the L1's KVM does not offer the step clock at every ring, which these drills need:\n%v", p)
+	}
+	c := res.Command("drills")
+	t.Logf("L1 boot %v, drills %v", res.BootTime.Round(time.Second), c.Duration.Round(time.Second))
+	if err := c.Err(); err != nil {
+		t.Fatalf("%v\n%s", err, c.Output)
+	}
+	o := parseNestedFailover(c.Output)
+	for _, n := range o.notes {
+		if strings.HasPrefix(n, "@@@ start ") {
+			t.Log(n) // progress
+		} else {
+			t.Error(n) // a hang guard fired, or a backup never listened
+		}
+	}
+	get := func(name string) (p, b result) {
+		p = result{stdout: o.files[name+".p.out"], stderr: o.files[name+".p.err"], status: o.rc[name+".p"]}
+		b = result{stdout: o.files[name+".b.out"], stderr: o.files[name+".b.err"], status: o.rc[name+".b"]}
+		return p, b
+	}
+	for i, w := range nestedStepWorkloads {
+		t.Run(w.name, func(t *testing.T) {
+			p, b := get(w.name)
+			if p.status != 0 || b.status != 0 {
+				t.Fatalf("undisturbed run: primary status %d, backup %d\nprimary stderr:\n%s\nbackup stderr:\n%s", p.status, b.status, p.stderr, b.stderr)
+			}
+			w.checkComplete(t, p.stdout)
+			if strings.Contains(b.stderr, "DIVERGENCE") || !strings.Contains(b.stderr, "0 divergences") {
+				t.Fatalf("verify mode saw a divergence:\n%s", b.stderr)
+			}
+			t.Logf("undisturbed verify run: %.1f s of L1 time", o.times[w.name])
+			failovers := 0
+			for k := range fracs[i] {
+				name := fmt.Sprintf("%s.%d", w.name, k)
+				p, b := get(name)
+				if strings.Contains(b.stderr, "taking over") {
+					failovers++
+				}
+				t.Run(fmt.Sprint(k), func(t *testing.T) {
+					defer func() {
+						if t.Failed() {
+							t.Logf("kill at %.0f%% of the run\nprimary stdout:\n%s\nprimary stderr:\n%s\nbackup stdout:\n%s\nbackup stderr:\n%s",
+								100*fracs[i][k], p.stdout, p.stderr, b.stdout, b.stderr)
+						}
+					}()
+					if b.status != 0 {
+						t.Fatalf("the backup exited with status %d", b.status)
+					}
+					out, _ := mergeSeam(p.stdout, b)
+					w.checkComplete(t, out)
+				})
+			}
+			t.Logf("%d kills: %d failovers", len(fracs[i]), failovers)
+			if failovers == 0 {
+				t.Errorf("no kill fell before the guest's end: nothing was drilled")
+			}
+		})
+	}
+}

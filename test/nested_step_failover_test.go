@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -12,7 +14,8 @@ import (
 )
 
 // Failover drills under the step clock in the nested tier (issue 6: "in the
-// nested tier with ring-3 workloads"). The L1's kvm_amd single-steps every
+// nested tier with ring-3 workloads and with a Linux guest running
+// briefly"). The L1's kvm_amd single-steps every
 // ring, so testos runs its workloads at ring 3 there, as it does by default.
 // In one L1 boot, for each workload: an undisturbed replicated run in
 // verify mode, whose length (L1 uptime) sets the scale, then a few runs
@@ -23,7 +26,13 @@ import (
 // backup's "may repeat" line, and the backup exits 0.
 //
 // The workloads are small: stepping runs about a thousand instructions a
-// second in the L1 (each step is an L2 exit emulated by TCG).
+// second in the L1 (each step is an L2 exit emulated by TCG). Linux runs
+// briefly indeed: its PVH boot under a replicated step clock, the primary
+// killed after its first few thousand instructions and the promoted backup
+// stepping on for 30 s more (about 30,000 instructions, before Linux's
+// first exit), then told to quit. That checks that the backup replays,
+// takes over and steps Linux's early 32- and 64-bit code without an error;
+// there is no console output to compare that early.
 
 // Each run takes a minute or so in the L1 (one vCPU for both replicas), so
 // the drills are few: the undisturbed verify run and kills[i] kills for
@@ -104,7 +113,49 @@ pair() {
 			fmt.Fprintf(&b, "pair %s.%d $(awk -v t=$T 'BEGIN { printf \"%%d\", t * %.3f * 1000000 }') - %s\n", w.name, k, f, args)
 		}
 	}
+	// Linux, briefly: the step clock runs about a thousand instructions a
+	// second here, so a boot cannot finish; the primary is killed after
+	// nestedStepLinuxKill and the promoted backup, stepping on, is told to
+	// quit nestedStepLinuxAfter later.
+	fmt.Fprintf(&b, `n=linux
+port=$((port + 1))
+G="--epoch step --mem 128 --kernel %[1]s --initrd %[2]s --timeout 30s"
+$F --log-level info backup --listen 127.0.0.1:$port $G --cmdline 'quiet ftkvm.workload=lines' >$n.b.out 2>$n.b.err &
+b=$!
+i=0
+until grep -qs 'backup waiting for its primary' $n.b.err; do
+	if ! alive $b || [ $i -ge 100 ]; then echo "@@@ no backup for $n"; break; fi
+	usleep 100000; i=$((i + 1))
+done
+echo "@@@ start $n at $(up)" >/dev/console
+$F --log-level info primary --backup 127.0.0.1:$port $G --cmdline 'quiet ftkvm.workload=lines' >$n.p.out 2>$n.p.err &
+p=$!
+sleep %[3]d
+kill -9 $p
+waitpid $p 60 $n.p
+sleep %[4]d
+kill $b
+waitpid $b 60 $n.b
+for f in $n.p.out $n.p.err $n.b.out $n.b.err; do show $f; done
+`, nested.GuestVmlinux, nested.GuestInitramfs, int(nestedStepLinuxKill.Seconds()), int(nestedStepLinuxAfter.Seconds()))
 	return b.String()
+}
+
+const (
+	nestedStepLinuxKill  = 40 * time.Second // from the primary's start; its handshake takes ~20 s
+	nestedStepLinuxAfter = 30 * time.Second
+)
+
+var (
+	takeoverRE = regexp.MustCompile(`taking over" epoch=\d+ position=(\d+)(?:\+(\d+))?`)
+	stoppedRE  = regexp.MustCompile(`replica stopped: primary, unprotected; epoch \d+ at (\d+)(?:\+(\d+))?;`)
+)
+
+// position parses the exits and instructions of a position match.
+func position(m []string) [2]uint64 {
+	e, _ := strconv.ParseUint(m[1], 10, 64)
+	i, _ := strconv.ParseUint(m[2], 10, 64)
+	return [2]uint64{e, i}
 }
 
 func TestNestedStepClockFailoverDrills(t *testing.T) {
@@ -128,8 +179,9 @@ func TestNestedStepClockFailoverDrills(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
 	defer cancel()
 	cfg := nested.Config{
-		Files:    map[string]string{l1FTKVM: ftkvmBin, l1TestOS: testosELF},
-		Commands: []nested.Command{{Name: "probe", Cmd: l1FTKVM + " probe"}, {Name: "drills", Cmd: nestedStepDrillScript(fracs), Timeout: 20 * time.Minute}},
+		Files:       map[string]string{l1FTKVM: ftkvmBin, l1TestOS: testosELF},
+		GuestImages: true,
+		Commands:    []nested.Command{{Name: "probe", Cmd: l1FTKVM + " probe"}, {Name: "drills", Cmd: nestedStepDrillScript(fracs), Timeout: 20 * time.Minute}},
 	}
 	// FTKVM_NESTED_CONSOLE=FILE copies the L1 console there as it comes.
 	if path := os.Getenv("FTKVM_NESTED_CONSOLE"); path != "" {
@@ -206,4 +258,20 @@ func TestNestedStepClockFailoverDrills(t *testing.T) {
 			}
 		})
 	}
+	t.Run("linux", func(t *testing.T) {
+		p, b := get("linux")
+		to, st := takeoverRE.FindStringSubmatch(b.stderr), stoppedRE.FindStringSubmatch(b.stderr)
+		if p.status != 137 || b.status != exitQuitStatus || to == nil || st == nil || !strings.Contains(b.stderr, "this replica is the primary now") {
+			t.Fatalf("want the primary killed (137), the backup promoted and then told to quit (%d); got %d and %d\nprimary stderr:\n%s\nbackup stderr:\n%s",
+				exitQuitStatus, p.status, b.status, p.stderr, b.stderr)
+		}
+		from, to2 := position(to), position(st)
+		if to2[0] < from[0] || (to2[0] == from[0] && to2[1] <= from[1]) {
+			t.Fatalf("the promoted backup did not run the guest on: taken over at %v, stopped at %v\n%s", from, to2, b.stderr)
+		}
+		t.Logf("Linux under the step clock: the backup took over at position %d+%d and ran it to %d+%d", from[0], from[1], to2[0], to2[1])
+	})
 }
+
+// exitQuitStatus is ftkvm's status when told to quit (cmd/ftkvm: exitQuit).
+const exitQuitStatus = 130

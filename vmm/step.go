@@ -27,6 +27,10 @@ import (
 //     hides RDTSCP, RDPID, RDRAND and RDSEED, so for those ftkvm raises #UD
 //     (as the CPU the guest was told about would), without letting KVM's
 //     emulator run them with host values.
+//   - SYSCALL is carried out by ftkvm too (insn.Syscall): it clears TF
+//     through FMASK, so a KVM that steps with the guest's TF gets no trap
+//     after it, and a breakpoint at LSTAR is one more thing that must
+//     work (on the nested tier's QEMU before 9.1 none did).
 //   - HLT at ring 0 is carried out by ftkvm as well: RIP advances and the
 //     machine halts exactly as at a KVM HLT exit (a guest-caused exit).
 //     Single-stepping a HLT on this project's KVM does not halt; the halt
@@ -36,7 +40,7 @@ import (
 //     they run (the probe found that at ring 3 the trap goes to the guest:
 //     ring-3 code would then run uncounted until its next exit).
 //   - Instructions after which KVM would not stop on its own (insn
-//     LosesStep: IRET, SYSCALL, SWAPGS and the fences, which this
+//     LosesStep: IRET, SWAPGS and the fences, which this
 //     project's KVM runs together with the next instruction; POPF and the
 //     other RFLAGS loaders, after which a hardware-virtualised KVM loses
 //     TF): ftkvm predicts where the next instruction is (insn.Next) and
@@ -506,7 +510,9 @@ func (m *Machine) stepTrap() (bool, error) {
 }
 
 // stepCheckExit runs at every return from KVM_RUN under the step clock,
-// before the exit is acted on: a guest found at ring 3 on a KVM that cannot
+// before the exit is acted on. An exit that a one-time breakpoint should
+// have preceded means instructions ran unstepped: an error, never a
+// silent miscount. And a guest found at ring 3 on a KVM that cannot
 // step it ran uncounted since it got there, so nothing it did (a port
 // write, say) may take effect. stepBefore stops the known ways into ring 3
 // before they run; this catches any other.

@@ -3,6 +3,7 @@ package test
 import (
 	"context"
 	"fmt"
+	"os"
 	"regexp"
 	"strings"
 	"testing"
@@ -60,11 +61,21 @@ func TestNestedFTKVM(t *testing.T) {
 		{Name: "testos-clock", Cmd: testosRun("workload=clock samples=3")},
 		{Name: "testos-echo", Cmd: "printf 'nested\\nquit\\n' | " + testosRun("workload=echo")},
 	}
-	res, err := nested.Run(ctx, nested.Config{
+	cfg := nested.Config{
 		Files:       map[string]string{l1FTKVM: ftkvmBin, l1TestOS: testosELF},
 		GuestImages: true,
 		Commands:    cmds,
-	})
+	}
+	// FTKVM_NESTED_CONSOLE=FILE copies the L1 console there as it comes.
+	if path := os.Getenv("FTKVM_NESTED_CONSOLE"); path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		cfg.Log = f
+	}
+	res, err := nested.Run(ctx, cfg)
 	if err != nil {
 		if res != nil {
 			t.Logf("L1 console:\n%s", res.Console)

@@ -27,10 +27,6 @@ import (
 //     hides RDTSCP, RDPID, RDRAND and RDSEED, so for those ftkvm raises #UD
 //     (as the CPU the guest was told about would), without letting KVM's
 //     emulator run them with host values.
-//   - SYSCALL is carried out by ftkvm too (insn.Syscall): it clears TF
-//     through FMASK, so a KVM that steps with the guest's TF gets no trap
-//     after it, and a breakpoint at LSTAR is one more thing that must
-//     work (on the nested tier's QEMU before 9.1 none did).
 //   - HLT at ring 0 is carried out by ftkvm as well: RIP advances and the
 //     machine halts exactly as at a KVM HLT exit (a guest-caused exit).
 //     Single-stepping a HLT on this project's KVM does not halt; the halt
@@ -40,7 +36,7 @@ import (
 //     they run (the probe found that at ring 3 the trap goes to the guest:
 //     ring-3 code would then run uncounted until its next exit).
 //   - Instructions after which KVM would not stop on its own (insn
-//     LosesStep: IRET, SWAPGS and the fences, which this
+//     LosesStep: IRET, SYSCALL, SWAPGS and the fences, which this
 //     project's KVM runs together with the next instruction; POPF and the
 //     other RFLAGS loaders, after which a hardware-virtualised KVM loses
 //     TF): ftkvm predicts where the next instruction is (insn.Next) and
@@ -118,7 +114,7 @@ type stepper struct {
 
 	// SYSCALL's and SYSENTER's targets, read from the vCPU once and kept
 	// until the guest executes WRMSR (or a state is installed).
-	msrs      [4]kvm.MSREntry
+	msrs      [2]kvm.MSREntry
 	msrsValid bool
 
 	buf [insn.MaxLen]byte
@@ -336,8 +332,6 @@ func (m *Machine) stepBefore() (bool, error) {
 		}
 		m.Stats.Steps++
 		return true, m.exit(kvm.ExitHLT)
-	case in.Kind == insn.SYSCALL:
-		return m.stepSyscall(in, regs, sregs)
 	case in.Kind == insn.WRMSR:
 		s.msrsValid = false
 	}
@@ -374,7 +368,7 @@ func (m *Machine) stepBefore() (bool, error) {
 func (m *Machine) stepMSR(idx uint32) (uint64, bool) {
 	s := m.step
 	if !s.msrsValid {
-		s.msrs = [4]kvm.MSREntry{{Index: insn.MSRLSTAR}, {Index: insn.MSRSysenterIP}, {Index: insn.MSRSTAR}, {Index: insn.MSRFMASK}}
+		s.msrs = [2]kvm.MSREntry{{Index: insn.MSRLSTAR}, {Index: insn.MSRSysenterIP}}
 		if n, err := m.vcpu.GetMSRs(s.msrs[:]); err != nil || n != len(s.msrs) {
 			return 0, false
 		}
@@ -386,29 +380,6 @@ func (m *Machine) stepMSR(idx uint32) (uint64, bool) {
 		}
 	}
 	return 0, false
-}
-
-// stepSyscall carries out SYSCALL (insn.Syscall): a step point, like an
-// instruction KVM stepped.
-func (m *Machine) stepSyscall(in insn.Insn, regs *kvm.Regs, sregs *kvm.Sregs) (bool, error) {
-	var msrs insn.SyscallMSRs
-	var ok1, ok2, ok3 bool
-	msrs.STAR, ok1 = m.stepMSR(insn.MSRSTAR)
-	msrs.LSTAR, ok2 = m.stepMSR(insn.MSRLSTAR)
-	msrs.FMASK, ok3 = m.stepMSR(insn.MSRFMASK)
-	if !ok1 || !ok2 || !ok3 {
-		return false, fmt.Errorf("%w: SYSCALL at rip %#x: KVM_GET_MSRS could not read STAR, LSTAR and FMASK", ErrStepClock, regs.RIP)
-	}
-	if insn.Syscall(in, regs, sregs, msrs) == insn.FaultUD {
-		return false, m.raise(6, false)
-	}
-	if err := m.stepSetRegs(regs); err != nil {
-		return false, err
-	}
-	if err := m.vcpu.SetSregs(sregs); err != nil {
-		return false, fmt.Errorf("step clock: SYSCALL: %w", err)
-	}
-	return true, m.exit(exitEmulated)
 }
 
 // stepEmulate carries out an environment instruction (insn.Emulate).
@@ -449,7 +420,13 @@ func (m *Machine) stepSetRegs(regs *kvm.Regs) error {
 		return fmt.Errorf("step clock: %w", err)
 	}
 	m.step.armedOK = false // single-stepping starts anew at the new RIP
+	// IF as the instruction left it (kvm_run's if_flag is the last
+	// exit's): an instruction ftkvm carries out that changed IF must not
+	// leave inject reading a stale flag.
+	ifFlag := uint8(regs.RFLAGS >> 9 & 1)
+	m.run.IfFlag = ifFlag
 	if m.run.ReadyForInterruptInjection != 0 {
+		m.run.ReadyForInterruptInjection = ifFlag
 		return nil // no shadow at the last exit
 	}
 	var ev kvm.VCPUEvents
@@ -465,7 +442,7 @@ func (m *Machine) stepSetRegs(regs *kvm.Regs) error {
 	}
 	// No event is pending here (stepBefore emulates nothing then), so
 	// the guest can take an interrupt exactly when IF is set.
-	m.run.ReadyForInterruptInjection = m.run.IfFlag
+	m.run.ReadyForInterruptInjection = ifFlag
 	return nil
 }
 

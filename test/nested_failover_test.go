@@ -3,7 +3,6 @@ package test
 import (
 	"context"
 	"fmt"
-	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -69,34 +68,10 @@ const (
 // "@@@ rc <what>=<n>" and "@@@ t <event>=<L1 uptime>" lines. Every wait is
 // bounded, so the outputs are printed even when something hangs.
 func nestedFailoverScript(killAt int, delayUS int) string {
-	return fmt.Sprintf(`F=%[1]s
+	return nestedShellLib + fmt.Sprintf(`F=%[1]s
 mkdir -p /tmp
 cd /tmp
 rm -f p.out p.err b.out b.err
-up() { cut -d' ' -f1 /proc/uptime; }
-# alive PID: running (not exited, not a zombie waiting for the shell).
-alive() { [ -e /proc/$1/stat ] && [ "$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null)" != Z ]; }
-# waitpid PID SECS NAME: wait up to SECS for PID, TERM then KILL it after
-# that, and print its exit status.
-waitpid() {
-	i=0
-	while alive $1; do
-		if [ $i -ge $2 ]; then
-			echo "@@@ killed $3 after $2 s"
-			kill $1; sleep 5; kill -9 $1 2>/dev/null
-			break
-		fi
-		sleep 1; i=$((i + 1))
-	done
-	wait $1
-	echo "@@@ rc $3=$?"
-}
-show() {
-	echo "@@@ BEGIN $1"
-	cat $1
-	echo
-	echo "@@@ END $1"
-}
 # has FILE LINE: FILE holds LINE as a whole line.
 has() { tr -d '\r' <$1 | grep -qx "$2"; }
 guest="--timeout %[2]s --mem 128 --kernel %[3]s --initrd %[4]s"
@@ -253,16 +228,7 @@ func TestNestedFailover(t *testing.T) {
 		GuestImages: true,
 		Commands:    []nested.Command{{Name: "linux-failover", Cmd: nestedFailoverScript(killAt, delayUS), Timeout: 16 * time.Minute}},
 	}
-	// FTKVM_NESTED_CONSOLE=FILE copies the L1 console there as it comes,
-	// to watch the long run.
-	if path := os.Getenv("FTKVM_NESTED_CONSOLE"); path != "" {
-		f, err := os.Create(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		cfg.Log = f
-	}
+	logNestedConsole(t, &cfg)
 	res, err := nested.Run(ctx, cfg)
 	if err != nil {
 		if res != nil {

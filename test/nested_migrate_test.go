@@ -33,34 +33,10 @@ const (
 // "@@@ rc <what>=<n>" and "@@@ t <event>=<L1 uptime>" lines. Every wait is
 // bounded, so the outputs are printed even when something hangs.
 func nestedMigrateScript() string {
-	return fmt.Sprintf(`F=%[1]s
+	return nestedShellLib + fmt.Sprintf(`F=%[1]s
 mkdir -p /tmp
 cd /tmp
 rm -f api.sock src.out src.err dst.out dst.err ctl.out ctl.err
-up() { cut -d' ' -f1 /proc/uptime; }
-# alive PID: running (not exited, not a zombie waiting for the shell).
-alive() { [ -e /proc/$1/stat ] && [ "$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null)" != Z ]; }
-# waitpid PID SECS NAME: wait up to SECS for PID, TERM then KILL it after
-# that, and print its exit status.
-waitpid() {
-	i=0
-	while alive $1; do
-		if [ $i -ge $2 ]; then
-			echo "@@@ killed $3 after $2 s"
-			kill $1; sleep 5; kill -9 $1 2>/dev/null
-			break
-		fi
-		sleep 1; i=$((i + 1))
-	done
-	wait $1
-	echo "@@@ rc $3=$?"
-}
-show() {
-	echo "@@@ BEGIN $1"
-	cat $1
-	echo
-	echo "@@@ END $1"
-}
 
 # The L1 brings up no interface by itself; the migration goes over lo.
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up

@@ -3,7 +3,6 @@ package test
 import (
 	"context"
 	"fmt"
-	"os"
 	"regexp"
 	"strconv"
 	"strings"
@@ -57,25 +56,10 @@ var nestedStepWorkloads = []workload{
 // in the undisturbed run kill k of workload w falls (0-1).
 func nestedStepDrillScript(fracs [][]float64) string {
 	var b strings.Builder
+	b.WriteString(nestedShellLib)
 	fmt.Fprintf(&b, `F=%s
 mkdir -p /tmp; cd /tmp
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
-up() { cut -d' ' -f1 /proc/uptime; }
-alive() { [ -e /proc/$1/stat ] && [ "$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null)" != Z ]; }
-waitpid() {
-	i=0
-	while alive $1; do
-		if [ $i -ge $2 ]; then
-			echo "@@@ killed $3 after $2 s"
-			kill $1; sleep 5; kill -9 $1 2>/dev/null
-			break
-		fi
-		sleep 1; i=$((i + 1))
-	done
-	wait $1
-	echo "@@@ rc $3=$?"
-}
-show() { echo "@@@ BEGIN $1"; cat $1; echo; echo "@@@ END $1"; }
 port=7200
 # pair NAME KILL_US PFLAGS ARGS...: a backup and a primary on a fresh
 # port, the primary with the flags PFLAGS too (word-split; - : none); the
@@ -183,15 +167,7 @@ func TestNestedStepClockFailoverDrills(t *testing.T) {
 		GuestImages: true,
 		Commands:    []nested.Command{{Name: "probe", Cmd: l1FTKVM + " probe"}, {Name: "drills", Cmd: nestedStepDrillScript(fracs), Timeout: 20 * time.Minute}},
 	}
-	// FTKVM_NESTED_CONSOLE=FILE copies the L1 console there as it comes.
-	if path := os.Getenv("FTKVM_NESTED_CONSOLE"); path != "" {
-		f, err := os.Create(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		cfg.Log = f
-	}
+	logNestedConsole(t, &cfg)
 	res, err := nested.Run(ctx, cfg)
 	if err != nil {
 		if res != nil {

@@ -20,6 +20,36 @@ import (
 const l1FTKVM = "/bin/ftkvm"
 const l1TestOS = "/guest/testos.elf"
 
+// nestedShellLib is the shell helpers the nested drills' L1 scripts share:
+// up (L1 uptime), alive PID, waitpid PID SECS NAME (bounded wait, prints
+// "@@@ rc NAME=status") and show FILE (prints it between "@@@ BEGIN" and
+// "@@@ END" lines).
+const nestedShellLib = `up() { cut -d' ' -f1 /proc/uptime; }
+# alive PID: running (not exited, not a zombie waiting for the shell).
+alive() { [ -e /proc/$1/stat ] && [ "$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null)" != Z ]; }
+# waitpid PID SECS NAME: wait up to SECS for PID, TERM then KILL it after
+# that, and print its exit status.
+waitpid() {
+	i=0
+	while alive $1; do
+		if [ $i -ge $2 ]; then
+			echo "@@@ killed $3 after $2 s"
+			kill $1; sleep 5; kill -9 $1 2>/dev/null
+			break
+		fi
+		sleep 1; i=$((i + 1))
+	done
+	wait $1
+	echo "@@@ rc $3=$?"
+}
+show() {
+	echo "@@@ BEGIN $1"
+	cat $1
+	echo
+	echo "@@@ END $1"
+}
+`
+
 // linuxComputeN sizes the Linux guest's CPU-bound awk loop.
 const linuxComputeN = 200000
 
@@ -27,6 +57,21 @@ const linuxComputeN = 200000
 func linuxRun(kernel string) string {
 	return fmt.Sprintf("%s run --kernel %s --initrd %s --mem 256 --cmdline 'quiet ftkvm.workload=lines ftkvm.lines=10'",
 		l1FTKVM, kernel, nested.GuestInitramfs)
+}
+
+// logNestedConsole copies the L1 console to the file FTKVM_NESTED_CONSOLE
+// names, if set, as it comes: to watch a long nested run.
+func logNestedConsole(t *testing.T, cfg *nested.Config) {
+	path := os.Getenv("FTKVM_NESTED_CONSOLE")
+	if path == "" {
+		return
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	cfg.Log = f
 }
 
 func testosRun(cmdline string) string {
@@ -66,15 +111,7 @@ func TestNestedFTKVM(t *testing.T) {
 		GuestImages: true,
 		Commands:    cmds,
 	}
-	// FTKVM_NESTED_CONSOLE=FILE copies the L1 console there as it comes.
-	if path := os.Getenv("FTKVM_NESTED_CONSOLE"); path != "" {
-		f, err := os.Create(path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		cfg.Log = f
-	}
+	logNestedConsole(t, &cfg)
 	res, err := nested.Run(ctx, cfg)
 	if err != nil {
 		if res != nil {

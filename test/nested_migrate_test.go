@@ -140,15 +140,7 @@ func consecutive(nums []int, from, to int) bool {
 }
 
 func TestNestedMigrate(t *testing.T) {
-	if testing.Short() {
-		t.Skip("nested tier boots an L1 under QEMU TCG (minutes): skipped with -short")
-	}
-	if _, err := nested.QEMUAvailable(); err != nil {
-		t.Skipf("nested tier needs QEMU, which could not be installed here: %v", err)
-	}
-	// Nested tests run two at a time, each L1 on a host core of its own,
-	// after the tests that use this host's KVM directly.
-	t.Parallel()
+	nestedTest(t)
 	// Hang guards, not assertions on speed: the Linux boot in L1 alone
 	// takes one to three minutes on these machines.
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)

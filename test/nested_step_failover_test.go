@@ -143,15 +143,7 @@ func position(m []string) [2]uint64 {
 }
 
 func TestNestedStepClockFailoverDrills(t *testing.T) {
-	if testing.Short() {
-		t.Skip("nested tier boots an L1 under QEMU TCG (minutes): skipped with -short")
-	}
-	if _, err := nested.QEMUAvailable(); err != nil {
-		t.Skipf("nested tier needs QEMU, which could not be installed here: %v", err)
-	}
-	// Nested tests run two at a time, each L1 on a host core of its own,
-	// after the tests that use this host's KVM directly.
-	t.Parallel()
+	nestedTest(t)
 	r := newRand(t)
 	fracs := make([][]float64, len(nestedStepWorkloads))
 	for i := range fracs {

@@ -19,15 +19,7 @@ import (
 // port write) `ftkvm run --epoch step` refuses with one line and status 125
 // before the guest runs. Either way probe and run must agree.
 func TestNestedStepClock(t *testing.T) {
-	if testing.Short() {
-		t.Skip("nested tier boots an L1 under QEMU TCG (minutes): skipped with -short")
-	}
-	if _, err := nested.QEMUAvailable(); err != nil {
-		t.Skipf("nested tier needs QEMU, which could not be installed here: %v", err)
-	}
-	// Nested tests run two at a time, each L1 on a host core of its own,
-	// after the tests that use this host's KVM directly.
-	t.Parallel()
+	nestedTest(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
 	defer cancel()
 	stepRun := func(cmdline string) string {

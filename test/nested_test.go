@@ -59,6 +59,21 @@ func linuxRun(kernel string) string {
 		l1FTKVM, kernel, nested.GuestInitramfs)
 }
 
+// nestedTest starts a nested-tier test: skipped with -short or without
+// QEMU, and run in parallel with the other nested tests (two at a time,
+// each L1 on a host core of its own) after the tests that use this host's
+// KVM directly.
+func nestedTest(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("nested tier boots an L1 under QEMU TCG (minutes): skipped with -short")
+	}
+	if _, err := nested.QEMUAvailable(); err != nil {
+		t.Skipf("nested tier needs QEMU, which could not be installed here: %v", err)
+	}
+	t.Parallel()
+}
+
 // logNestedConsole copies the L1 console to the file FTKVM_NESTED_CONSOLE
 // names, if set, as it comes: to watch a long nested run.
 func logNestedConsole(t *testing.T, cfg *nested.Config) {
@@ -79,15 +94,7 @@ func testosRun(cmdline string) string {
 }
 
 func TestNestedFTKVM(t *testing.T) {
-	if testing.Short() {
-		t.Skip("nested tier boots an L1 under QEMU TCG (minutes): skipped with -short")
-	}
-	if _, err := nested.QEMUAvailable(); err != nil {
-		t.Skipf("nested tier needs QEMU, which could not be installed here: %v", err)
-	}
-	// Nested tests run two at a time, each L1 on a host core of its own,
-	// after the tests that use this host's KVM directly.
-	t.Parallel()
+	nestedTest(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	cmds := []nested.Command{

@@ -10,9 +10,6 @@ import (
 // The backup's rules, and failover. References as in primary.go.
 
 func (n *Node) backupStep() Action {
-	if n.failed != nil {
-		return Action{Kind: ActStop, Err: n.failed}
-	}
 	switch n.op.kind {
 	case opPoint, opHalt:
 		return n.backupPoint()
@@ -492,15 +489,30 @@ func (n *Node) pop() {
 // promote: the primary is dead. "It replays everything it received and
 // goes live where the log ends ... From the next epoch on it is the
 // primary. It runs unprotected until a new backup joins."
-func (n *Node) promote(why error) {
-	n.note(NotePrimaryLost, why)
+//
+// With a witness, a backup that was paired (up: the handshake had
+// succeeded) and could take over asks it first (claim); Claimed then
+// takes over, or stops it.
+func (n *Node) promote(why error, up bool) {
 	if n.goodbye {
+		n.note(NotePrimaryLost, why)
 		return // the guest ended; nothing to take over
 	}
 	if !n.hasState && !n.holdsFull() {
+		n.note(NotePrimaryLost, why)
 		n.failed = fmt.Errorf("%w (%v)", ErrNoState, why)
 		return
 	}
+	if up && n.fencing() {
+		n.claim(why)
+		return
+	}
+	n.note(NotePrimaryLost, why)
+	n.takeOver()
+}
+
+// takeOver makes the backup the primary, replaying its log first.
+func (n *Node) takeOver() {
 	n.role, n.replaying, n.started = RolePrimary, true, true
 	n.st.Promotions++
 	n.events = n.events[:0]

@@ -1,6 +1,8 @@
 package ft
 
 import (
+	"crypto/sha256"
+	"errors"
 	"fmt"
 	"slices"
 
@@ -66,6 +68,12 @@ type Node struct {
 	goodbyeSt int
 	replaying bool  // promoted; still replaying the log
 	failed    error // it cannot go on (ActStop with this error)
+
+	// Fencing (Config.Witness).
+	pair     Digest // names the pair, from both Hellos
+	claiming bool   // the peer is lost; the witness has not answered
+	claimWhy error  // why the peer was declared lost
+	claimOut *Claim // to hand out in Ready
 
 	// Produced, drained by Ready.
 	outbox    []wire.Msg
@@ -157,9 +165,13 @@ func NewNode(cfg Config) *Node {
 		heartbeat: int64(cfg.Heartbeat),
 		tout:      int64(cfg.Timeout),
 	}
+	if cfg.Witness != (Digest{}) && cfg.Instance == (Digest{}) {
+		panic("ft: Config.Witness needs Config.Instance")
+	}
 	g := cfg.Guest
 	n.self = wire.Hello{Version: ProtocolVersion, Policy: cfg.Policy, Clock: g.Clock, Verify: cfg.Verify,
-		MemSize: g.MemSize, WallClock: g.WallClock, Kernel: g.Kernel, Initrd: g.Initrd, Cmdline: g.Cmdline}
+		MemSize: g.MemSize, WallClock: g.WallClock, Kernel: g.Kernel, Initrd: g.Initrd, Cmdline: g.Cmdline,
+		Instance: cfg.Instance, Witness: cfg.Witness}
 	return n
 }
 
@@ -265,9 +277,16 @@ func (n *Node) run() Action {
 		return n.stopAction
 	}
 	var a Action
-	if n.role == RolePrimary && !n.replaying {
+	switch {
+	case n.failed != nil:
+		a = Action{Kind: ActStop, Err: n.failed}
+	case n.claiming:
+		// Neither replica may act for the guest before the witness
+		// answered: the call resumes where it stood.
+		a = wait(WaitWitness)
+	case n.role == RolePrimary && !n.replaying:
 		a = n.primaryStep()
-	} else {
+	default:
 		a = n.backupStep()
 	}
 	switch a.Kind {
@@ -359,8 +378,11 @@ func (n *Node) Step(m wire.Msg) {
 		n.stepHello(m)
 		return
 	case wire.Refuse:
-		n.note(NoteRefused, fmt.Errorf("%w by the peer: %v: %s", ErrRefused, m.Reason, m.Text))
-		n.dropLink()
+		err := fmt.Errorf("%w by the peer: %v: %s", ErrRefused, m.Reason, m.Text)
+		n.note(NoteRefused, err)
+		// A backup that refuses a running primary (a protocol error)
+		// then takes over: the primary asks the witness too.
+		n.dropLink(err)
 		if n.role == RoleBackup {
 			// Refused in the handshake, or cut off by a primary that goes
 			// on alone: either way there is nothing to take over.
@@ -386,8 +408,8 @@ func (n *Node) Ready() Ready {
 		n.send(wire.Ack{Seq: n.recv})
 		n.ackSent = n.recv
 	}
-	r := Ready{Messages: n.outbox, Perform: n.perform, Kick: n.kick, Close: n.closeLink, Notes: n.notes}
-	n.outbox, n.perform, n.notes, n.kick, n.closeLink = nil, nil, nil, false, false
+	r := Ready{Messages: n.outbox, Perform: n.perform, Kick: n.kick, Close: n.closeLink, Notes: n.notes, Claim: n.claimOut}
+	n.outbox, n.perform, n.notes, n.kick, n.closeLink, n.claimOut = nil, nil, nil, false, false, nil
 	return r
 }
 
@@ -397,6 +419,7 @@ func (n *Node) Status() Status {
 	s.Role = n.role
 	s.Link = n.link == linkUp
 	s.Protected, s.Joining, s.Replaying, s.Diverged = n.protected, n.joining, n.replaying, n.diverged
+	s.Claiming, s.Fenced = n.claiming, errors.Is(n.failed, ErrFenced)
 	s.Epoch, s.Pos, s.Outputs = n.epoch, n.pos, n.outSeq
 	if n.role == RolePrimary {
 		s.Performed = n.performed
@@ -421,25 +444,83 @@ func (n *Node) note(k NoteKind, err error) {
 	n.notes = append(n.notes, Note{Kind: k, Epoch: n.epoch, Pos: n.pos, Err: err})
 }
 
-func (n *Node) dropLink() {
+// dropLink closes the link. A primary whose backup may take over (the
+// handshake had succeeded) asks the witness first, if there is one;
+// otherwise it goes on unprotected at once. why is nil when the link
+// closes without a loss (a refusal in the handshake).
+func (n *Node) dropLink(why error) {
+	up := n.link == linkUp
 	n.link = linkDown
 	n.closeLink = true
-	if n.role == RolePrimary {
-		n.backupGone()
+	if n.role != RolePrimary {
+		return
+	}
+	if up && why != nil && n.fencing() {
+		// Held outputs stay held: if the backup wins, it performs them.
+		n.protected, n.joining, n.repair = false, false, false
+		n.claim(why)
+		return
+	}
+	n.backupGone()
+	if why != nil && n.op.kind != opStopped {
+		n.note(NoteBackupLost, why)
 	}
 }
 
 // peerLost: the peer is dead or unreachable. A primary goes on
-// unprotected; a backup fails over.
+// unprotected; a backup fails over. With a witness, either asks it first.
 func (n *Node) peerLost(err error) {
-	n.dropLink()
 	if n.role == RolePrimary {
-		if n.op.kind != opStopped {
-			n.note(NoteBackupLost, err)
-		}
+		n.dropLink(err)
 		return
 	}
-	n.promote(err)
+	up := n.link == linkUp
+	n.dropLink(nil)
+	n.promote(err, up)
+}
+
+// fencing reports whether a lost peer is a question for the witness.
+func (n *Node) fencing() bool {
+	return n.cfg.Witness != (Digest{}) && n.op.kind != opStopped && n.failed == nil
+}
+
+// claim asks the witness whether this replica goes on (Ready.Claim); the
+// vCPU waits until Claimed.
+func (n *Node) claim(why error) {
+	n.claiming, n.claimWhy = true, why
+	n.claimOut = &Claim{Pair: n.pair, Role: n.role}
+	n.kick = true // a guest computing without exits stops at a point and waits there
+	n.note(NoteClaim, why)
+}
+
+// Claimed gives the witness's answer to Ready.Claim: won, this replica
+// goes on (a primary unprotected, a backup takes over); lost, the witness
+// gave the guest to the peer and this replica stops (ActStop, ErrFenced),
+// performing nothing more.
+func (n *Node) Claimed(won bool) {
+	if !n.claiming {
+		return
+	}
+	n.claiming = false
+	n.kick = true
+	why := n.claimWhy
+	n.claimWhy = nil
+	if !won {
+		peer := "backup"
+		if n.role == RoleBackup {
+			peer = "primary"
+		}
+		n.failed = fmt.Errorf("%w: the peer was lost (%v), and the witness chose the %s, which goes on with the guest", ErrFenced, why, peer)
+		n.note(NoteFenced, n.failed)
+		return
+	}
+	if n.role == RolePrimary {
+		n.backupGone()
+		n.note(NoteBackupLost, why)
+		return
+	}
+	n.note(NotePrimaryLost, why)
+	n.takeOver()
 }
 
 func (n *Node) protocolError(err error) {
@@ -466,6 +547,7 @@ func (n *Node) stepHello(h wire.Hello) {
 		return
 	}
 	n.link, n.peer = linkUp, h
+	n.pair = pairName(n.self.Instance, h.Instance, n.role)
 	n.notes = append(n.notes, Note{Kind: NoteLinkUp, Epoch: n.epoch, Pos: n.pos, Peer: h})
 	if n.role == RolePrimary {
 		n.backupJoined()
@@ -499,8 +581,43 @@ func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
 		return wire.RefuseMemory, fmt.Errorf("different memory size: %d MiB here, %d MiB on the peer", s.MemSize>>20, h.MemSize>>20)
 	case h.Clock != s.Clock:
 		return wire.RefuseClock, fmt.Errorf("different epoch clock: %v here, %v on the peer", s.Clock, h.Clock)
+	case h.Witness != s.Witness:
+		// Two witnesses, or one side without, would let both go on.
+		name := func(d Digest) string {
+			if d == (Digest{}) {
+				return "none"
+			}
+			return "sha256 " + short(d)
+		}
+		return wire.RefuseWitness, fmt.Errorf("different witness: %s here, %s on the peer (both need the same --witness)", name(s.Witness), name(h.Witness))
+	case s.Witness != (Digest{}) && (h.Instance == (Digest{}) || h.Instance == s.Instance):
+		return wire.RefuseWitness, fmt.Errorf("the peer's instance name is %s: the pair cannot be named at the witness", name0(h.Instance))
 	}
 	return 0, nil
+}
+
+func name0(d Digest) string {
+	if d == (Digest{}) {
+		return "empty"
+	}
+	return "this replica's own"
+}
+
+// pairName names a primary-backup pair at the witness: a hash of both
+// replicas' instance names, the primary's first.
+func pairName(self, peer Digest, role Role) Digest {
+	h := sha256.New()
+	h.Write([]byte("ftkvm pair\x00"))
+	if role == RolePrimary {
+		h.Write(self[:])
+		h.Write(peer[:])
+	} else {
+		h.Write(peer[:])
+		h.Write(self[:])
+	}
+	var d Digest
+	copy(d[:], h.Sum(nil))
+	return d
 }
 
 // Role is the node's role now: a backup that promoted itself is the

@@ -775,7 +775,9 @@ func TestHandshakeRefusals(t *testing.T) {
 		reason wire.RefuseReason
 		text   string
 	}{
-		{"protocol version", func(h *wire.Hello) { h.Version = 2 }, wire.RefuseVersion, "protocol version 2"},
+		{"protocol version 1", func(h *wire.Hello) { h.Version = 1 }, wire.RefuseVersion, "protocol version 1"},
+		{"a later protocol version", func(h *wire.Hello) { h.Version, h.Rest = 3, []byte("later fields") }, wire.RefuseVersion, "protocol version 3"},
+		{"witness on one side", func(h *wire.Hello) { h.Witness[0] = 0xee }, wire.RefuseWitness, "different witness: none here"},
 		{"kernel", func(h *wire.Hello) { h.Kernel[0] = 0xee }, wire.RefuseKernel, "different kernel"},
 		{"initrd", func(h *wire.Hello) { h.Initrd[0] = 0xee }, wire.RefuseInitrd, "different initrd"},
 		{"command line", func(h *wire.Hello) { h.Cmdline[0] = 0xee }, wire.RefuseCmdline, "different command line"},
@@ -790,7 +792,12 @@ func TestHandshakeRefusals(t *testing.T) {
 			b.n.Connected()
 			hello := ofType[wire.Hello](b.drain())[0]
 			tc.change(&hello)
-			p.step(hello)
+			// Across the wire, as a peer of that version would send it.
+			hm, err := wire.Unmarshal(wire.Marshal(hello))
+			if err != nil {
+				t.Fatal(err)
+			}
+			p.step(hm)
 			refusals := ofType[wire.Refuse](p.drain())
 			if len(refusals) != 1 || refusals[0].Reason != tc.reason || !contains(refusals[0].Text, tc.text) {
 				t.Fatalf("refusal %#v, want %v %q", refusals, tc.reason, tc.text)

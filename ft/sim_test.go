@@ -154,6 +154,19 @@ type sim struct {
 	links  []*simLink
 	faults []*fault
 	log    []string
+
+	// The witness (simConfig.witness): the first claim of a pair wins.
+	witness map[Digest]Role
+	claims  []simClaim
+	// Rounds a claim takes to reach the witness, by the claimant's role
+	// (default: the primary's 3, the backup's 7).
+	claimDelay map[Role]int
+}
+
+type simClaim struct {
+	r   *simReplica
+	c   Claim
+	due int // the round it reaches the witness
 }
 
 type simConfig struct {
@@ -164,6 +177,7 @@ type simConfig struct {
 	input    string
 	inputAt  int
 	tickEach int // rounds between Ticks
+	witness  bool
 }
 
 const simRound = 100 * int64(time.Microsecond)
@@ -199,6 +213,9 @@ func (s *sim) dump() string {
 func (s *sim) add(name string, role Role) *simReplica {
 	cfg := testConfig(role, s.cfg.policy)
 	cfg.Verify = s.cfg.verify
+	if s.cfg.witness {
+		cfg.Witness, cfg.Instance = testWitness, Digest{byte(len(s.reps) + 1), 0x5e}
+	}
 	r := &simReplica{name: name, n: NewNode(cfg), sim: s, everBackup: role == RoleBackup}
 	r.next, r.stop = iter.Pull(r.vcpu)
 	s.reps = append(s.reps, r)
@@ -392,6 +409,14 @@ func (s *sim) flush(r *simReplica) {
 	if rd.Kick {
 		r.kickReq = true
 	}
+	if rd.Claim != nil {
+		d, ok := s.claimDelay[r.n.Role()]
+		if !ok {
+			d = map[Role]int{RolePrimary: 3, RoleBackup: 7}[r.n.Role()]
+		}
+		s.claims = append(s.claims, simClaim{r: r, c: *rd.Claim, due: s.round + d})
+		s.logf("%s claims %v for pair %x", r.name, rd.Claim.Role, rd.Claim.Pair[:4])
+	}
 	for _, m := range rd.Messages {
 		if r.dead {
 			break
@@ -507,6 +532,7 @@ func (s *sim) step() {
 	for _, l := range s.links {
 		s.deliver(l)
 	}
+	s.answerClaims()
 	for _, r := range s.reps {
 		if !s.alive(r) {
 			continue
@@ -519,6 +545,32 @@ func (s *sim) step() {
 			s.close(r.link, r) // the process exits
 		}
 	}
+}
+
+// answerClaims lets the claims that reached the witness this round take
+// effect there (a claimant killed since still counts: its claim was on the
+// way), and gives the live claimants the answer.
+func (s *sim) answerClaims() {
+	rest := s.claims[:0]
+	for _, c := range s.claims {
+		if c.due > s.round {
+			rest = append(rest, c)
+			continue
+		}
+		if s.witness == nil {
+			s.witness = map[Digest]Role{}
+		}
+		winner, ok := s.witness[c.c.Pair]
+		if !ok {
+			s.witness[c.c.Pair], winner = c.c.Role, c.c.Role
+		}
+		s.logf("witness: %s claims as %v, the pair's survivor is the %v", c.r.name, c.c.Role, winner)
+		if s.alive(c.r) {
+			c.r.n.Claimed(winner == c.c.Role)
+			s.flush(c.r)
+		}
+	}
+	s.claims = rest
 }
 
 // run steps until every replica alive has stopped.
@@ -629,10 +681,11 @@ func (s *sim) checkDeliveriesFrom(p, b *simReplica, from int) {
 	}
 	for i, d := range fromLog {
 		if start+i >= len(p.delivered) {
-			// The primary sent the epoch's end and died before it
-			// delivered (strict: while it waited for the ack). One at
-			// most: it delivers before it ends another epoch.
-			if len(fromLog)-i > 1 || !p.dead {
+			// The primary sent the epoch's end and died (or was
+			// fenced) before it delivered (strict: while it waited for
+			// the ack). One at most: it delivers before it ends another
+			// epoch.
+			if len(fromLog)-i > 1 || !p.dead && !errors.Is(p.stopErr, ErrFenced) {
 				s.fail("%s delivered %d epochs from the log that %s never delivered", b.name, len(fromLog)-i, p.name)
 			}
 			return
@@ -661,12 +714,17 @@ var simConfigs = []simConfig{
 	{policy: OutputCommit},
 	{policy: Strict, verify: true},
 	{policy: OutputCommit, verify: true, input: "hello", inputAt: 400},
+	{policy: OutputCommit, witness: true},
+	{policy: Strict, verify: true, witness: true, input: "hi", inputAt: 300},
 }
 
 func (c simConfig) String() string {
 	s := c.policy.String()
 	if c.verify {
 		s += "+verify"
+	}
+	if c.witness {
+		s += "+witness"
 	}
 	return s
 }
@@ -869,6 +927,80 @@ func TestSimCutLinkAtEveryMessage(t *testing.T) {
 					}
 				}
 			}
+		})
+	}
+}
+
+// Reference: Scales et al. 2010, section 2.3 (see fence_test.go). With a
+// witness, cut the link at every message index, with the primary's claim
+// reaching the witness first and with the backup's first: exactly one
+// replica goes on with the guest and ends it; the other halts (fenced)
+// and performs nothing more. Nothing is lost: a winning backup's outputs
+// continue the fenced primary's, repeats only at the seam.
+func TestSimCutLinkWithWitness(t *testing.T) {
+	for _, cfg := range simConfigs {
+		if !cfg.witness {
+			continue
+		}
+		cfg.exits = 200
+		t.Run(cfg.String(), func(t *testing.T) {
+			total, _ := countMessages(t, cfg)
+			wins := map[string]int{}
+			for k := 1; k <= total; k++ {
+				for _, first := range []Role{RolePrimary, RoleBackup} {
+					s := newSim(t, cfg)
+					s.claimDelay = map[Role]int{first: 2, RolePrimary + RoleBackup - first: 40}
+					p, b := s.add("primary", RolePrimary), s.add("backup", RoleBackup)
+					s.faults = []*fault{{kind: cutLink, from: p, at: k, silent: k%2 == 0, partial: true}}
+					s.connect(p, b)
+					s.run()
+					s.checkNoDivergence()
+					if _, up := findNote(b, NoteLinkUp); !up {
+						// Cut before the handshake: no pair, no claim.
+						if !errors.Is(b.stopErr, ErrNoState) || p.stopErr != nil || p.status != 3 || len(s.witness) != 0 {
+							s.fail("cut at %d before the handshake: primary %d %v, backup %v, witness %v", k, p.status, p.stopErr, b.stopErr, s.witness)
+						}
+						wins["no pair"]++
+						continue
+					}
+					if !p.stopped || !b.stopped {
+						s.fail("cut at %d: primary stopped %v, backup stopped %v", k, p.stopped, b.stopped)
+					}
+					fencedP, fencedB := errors.Is(p.stopErr, ErrFenced), errors.Is(b.stopErr, ErrFenced)
+					switch {
+					case fencedB && p.stopErr == nil && p.status == 3:
+						// The primary won and ran the guest to its end.
+						if b.promoted || len(b.performed) != 0 {
+							s.fail("cut at %d: the fenced backup took over or performed %d outputs", k, len(b.performed))
+						}
+						s.checkContiguous(p, 1)
+						if len(p.performed) != len(p.produced) {
+							s.fail("cut at %d: the primary performed %d of %d", k, len(p.performed), len(p.produced))
+						}
+						wins["primary"]++
+					case fencedP && b.stopErr == nil && b.status == 3:
+						if !b.promoted {
+							s.fail("cut at %d: the backup won but never took over", k)
+						}
+						s.checkSeams(p, b)
+						if merged := mergeOutputs(p.performed, b.performed); len(merged) != len(b.produced) {
+							s.fail("cut at %d: %d outputs merged, the backup's guest produced %d", k, len(merged), len(b.produced))
+						}
+						s.checkDeliveries(p, b)
+						wins["backup"]++
+					case errors.Is(b.stopErr, ErrNoState) && p.stopErr == nil && p.status == 3:
+						// A joining backup without state (not in this
+						// drill, but allowed): the primary goes on.
+						wins["primary"]++
+					default:
+						s.fail("cut at %d (%v first): primary %d %v, backup %d %v: want exactly one survivor", k, first, p.status, p.stopErr, b.status, b.stopErr)
+					}
+				}
+			}
+			if wins["primary"] == 0 || wins["backup"] == 0 {
+				t.Fatalf("survivors %v: both roles must win somewhere", wins)
+			}
+			t.Logf("%d messages, 2 claim orders: survivors %v", total, wins)
 		})
 	}
 }

@@ -10,7 +10,8 @@ import (
 )
 
 // ProtocolVersion is sent in Hello; peers with another version are refused.
-const ProtocolVersion = 1
+// Version 2 added the pair's instances and the witness to Hello.
+const ProtocolVersion = 2
 
 // The wire types the protocol speaks in, under shorter names.
 type (
@@ -71,6 +72,17 @@ type Config struct {
 	// Timeout: a peer heard nothing from for this long is dead (default
 	// 100 ms).
 	Timeout time.Duration
+
+	// Witness names the witness both replicas claim at (SHA-256 of its
+	// address; zero: none). With one, a replica that loses its peer after
+	// the handshake does not go on by itself: it asks the witness
+	// (Ready.Claim) and goes on only if it won (Claimed); the loser
+	// stops. Without one, a cut link lets both go on (split brain).
+	Witness Digest
+	// Instance names this replica process; the driver draws it at random.
+	// The primary's and the backup's together name the pair at the
+	// witness. Required with a Witness.
+	Instance Digest
 }
 
 func (c *Config) setDefaults() {
@@ -168,9 +180,12 @@ const (
 	// WaitPrimary: the backup's guest ended; it waits for the primary's
 	// goodbye, or for failover.
 	WaitPrimary
+	// WaitWitness: the peer is lost and the witness has not yet said
+	// which replica goes on (Claimed).
+	WaitWitness
 )
 
-var waitNames = [...]string{"nothing", "ack", "event", "log", "repair", "primary"}
+var waitNames = [...]string{"nothing", "ack", "event", "log", "repair", "primary", "witness"}
 
 func (w WaitReason) String() string {
 	if int(w) < len(waitNames) {
@@ -237,6 +252,18 @@ type Ready struct {
 	Close bool
 	// Notes: state changes to log and show in the status.
 	Notes []Note
+	// Claim, if set: ask the witness which replica of the pair goes on
+	// (Config.Witness), retrying until it answers, then call Claimed.
+	Claim *Claim
+}
+
+// Claim asks the witness for the pair's survivor. The witness answers the
+// first claim of a pair with its claimant's role, and every later claim
+// of that pair with the same role: of two replicas that lost each other,
+// exactly one goes on.
+type Claim struct {
+	Pair Digest // names the primary-backup pair (both Instances)
+	Role Role   // the claimant's role when the pair was formed
 }
 
 // NoteKind tells what changed.
@@ -253,10 +280,12 @@ const (
 	NoteRepaired                        // backup: installed the primary's state after a divergence
 	NoteGoodbye                         // backup: the guest ended on the primary with Status
 	NoteProtocol                        // the peer broke the protocol (Err); the link is closed
+	NoteClaim                           // the peer is lost (Err); asking the witness which replica goes on
+	NoteFenced                          // the witness chose the peer (Err): this replica stops
 )
 
 var noteNames = [...]string{"", "link up", "refused", "protected", "backup lost", "primary lost",
-	"live", "divergence", "repaired", "goodbye", "protocol error"}
+	"live", "divergence", "repaired", "goodbye", "protocol error", "claim", "fenced"}
 
 func (k NoteKind) String() string {
 	if int(k) < len(noteNames) && k > 0 {
@@ -295,6 +324,9 @@ var (
 	// ErrNoState: a backup lost its primary before it had the guest's
 	// state (it was still waiting for the full checkpoint).
 	ErrNoState = errors.New("the backup has no guest state to promote")
+	// ErrFenced: the witness chose the other replica of the pair, which
+	// goes on with the guest; this one must not.
+	ErrFenced = errors.New("fenced")
 )
 
 // Status is a snapshot of the node for `ftkvm ctl status` and logs.
@@ -308,6 +340,8 @@ type Status struct {
 	Joining   bool // primary: a backup waits for the full state
 	Replaying bool // promoted backup: still replaying the dead primary's log
 	Diverged  bool // backup: waiting for a repair
+	Claiming  bool // the peer is lost; waiting for the witness's answer
+	Fenced    bool // the witness chose the peer: this replica stops
 
 	Epoch   uint64
 	Pos     Position
@@ -341,6 +375,12 @@ func (s Status) String() string {
 		state += ", unprotected"
 	case s.Diverged:
 		state += ", diverged, waiting for repair"
+	}
+	switch {
+	case s.Fenced:
+		state += ", fenced (the witness chose the peer)"
+	case s.Claiming:
+		state += ", peer lost, waiting for the witness"
 	}
 	return fmt.Sprintf("%s; epoch %d at %v; %d outputs, %d performed; %d checkpoint epochs (%d bytes); %d divergences, %d repairs",
 		state, s.Epoch, s.Pos, s.Outputs, s.Performed, s.CheckpointEpochs, s.CheckpointBytes, s.Divergences, s.Repairs)

@@ -37,8 +37,8 @@ type Msg interface {
 }
 
 // Hello opens a link, sent by both sides. Its encoding is frozen (new
-// fields go at the end) so that any version can read a peer's Hello and
-// refuse it politely.
+// fields go at the end, by version) so that any version can read a peer's
+// Hello and refuse it politely.
 type Hello struct {
 	Version uint32 // ProtocolVersion of the sender
 	Role    Role
@@ -55,6 +55,20 @@ type Hello struct {
 	Kernel    Digest
 	Initrd    Digest
 	Cmdline   Digest
+
+	// Version 2 and later.
+
+	// Instance names this replica process (random, drawn at its start):
+	// the primary's and the backup's together name the pair, whose
+	// survivor the witness picks when the link is lost.
+	Instance Digest
+	// Witness is the SHA-256 of the witness address the replica claims
+	// at, zero for none: both sides must claim at the same witness.
+	Witness Digest
+	// Rest holds the fields of versions after 2, which this version
+	// cannot read: a Hello of any later version decodes, and is refused
+	// for its version.
+	Rest []byte
 }
 
 // Refuse ends a handshake, with the reason.
@@ -171,7 +185,13 @@ func (m Hello) appendBody(b []byte) []byte {
 	b = le64(b, uint64(m.WallClock))
 	b = append(b, m.Kernel[:]...)
 	b = append(b, m.Initrd[:]...)
-	return append(b, m.Cmdline[:]...)
+	b = append(b, m.Cmdline[:]...)
+	if m.Version < 2 {
+		return b
+	}
+	b = append(b, m.Instance[:]...)
+	b = append(b, m.Witness[:]...)
+	return append(b, m.Rest...)
 }
 
 func decodeHello(r *reader) Msg {
@@ -187,6 +207,16 @@ func decodeHello(r *reader) Msg {
 	m.Kernel = r.digest()
 	m.Initrd = r.digest()
 	m.Cmdline = r.digest()
+	if m.Version < 2 || r.bad {
+		return m
+	}
+	// The frozen part ends here: version 1 had nothing more.
+	m.Instance = r.digest()
+	m.Witness = r.digest()
+	if len(r.b) > 0 && !r.bad {
+		// Copied: the decoder reuses its buffer.
+		m.Rest = append([]byte(nil), r.take(len(r.b))...)
+	}
 	return m
 }
 

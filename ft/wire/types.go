@@ -171,6 +171,7 @@ const (
 	RefuseClock    RefuseReason = 7 // a different epoch clock
 	RefuseBusy     RefuseReason = 8 // the primary already has a backup
 	RefuseProtocol RefuseReason = 9 // the peer broke the protocol
+	RefuseWitness  RefuseReason = 10 // a different witness, or one side has none
 )
 
 func (r RefuseReason) String() string {
@@ -193,6 +194,8 @@ func (r RefuseReason) String() string {
 		return "busy"
 	case RefuseProtocol:
 		return "protocol error"
+	case RefuseWitness:
+		return "witness"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }

@@ -162,15 +162,15 @@ func (c Clock) String() string {
 type RefuseReason uint8
 
 const (
-	RefuseVersion  RefuseReason = 1 // a different protocol version
-	RefuseRole     RefuseReason = 2 // two primaries or two backups
-	RefuseKernel   RefuseReason = 3 // a different kernel (by hash)
-	RefuseInitrd   RefuseReason = 4 // a different initrd (by hash)
-	RefuseCmdline  RefuseReason = 5 // a different command line (by hash)
-	RefuseMemory   RefuseReason = 6 // a different memory size
-	RefuseClock    RefuseReason = 7 // a different epoch clock
-	RefuseBusy     RefuseReason = 8 // the primary already has a backup
-	RefuseProtocol RefuseReason = 9 // the peer broke the protocol
+	RefuseVersion  RefuseReason = 1  // a different protocol version
+	RefuseRole     RefuseReason = 2  // two primaries or two backups
+	RefuseKernel   RefuseReason = 3  // a different kernel (by hash)
+	RefuseInitrd   RefuseReason = 4  // a different initrd (by hash)
+	RefuseCmdline  RefuseReason = 5  // a different command line (by hash)
+	RefuseMemory   RefuseReason = 6  // a different memory size
+	RefuseClock    RefuseReason = 7  // a different epoch clock
+	RefuseBusy     RefuseReason = 8  // the primary already has a backup
+	RefuseProtocol RefuseReason = 9  // the peer broke the protocol
 	RefuseWitness  RefuseReason = 10 // a different witness, or one side has none
 )
 

@@ -214,17 +214,19 @@ func startIn(t testing.TB, ns string, args ...string) *proc {
 }
 
 // TestReplicaNetns runs a pair between two network namespaces joined by a
-// veth pair: a failover drill, then a cut link. With the link cut, the
+// veth pair: a failover drill, then a cut link. Without a witness, the
 // backup declares the primary dead after --timeout and takes over, while
-// the primary goes on unprotected: both finish the guest (split brain;
-// protection against it is not built yet, see README).
+// the primary goes on unprotected: both finish the guest (split brain).
+// With a witness in a third namespace, reachable from both over links of
+// their own, the same cut leaves exactly one replica running the guest;
+// the other stops, fenced.
 func TestReplicaNetns(t *testing.T) {
 	requireKVM(t)
 	if _, err := exec.LookPath("ip"); err != nil {
 		t.Skip("needs iproute2 (installed by .ci/run)")
 	}
 	suffix := fmt.Sprint(time.Now().UnixNano() % 100000)
-	nsA, nsB := "ftkvm-a"+suffix, "ftkvm-b"+suffix
+	nsA, nsB, nsW := "ftkvm-a"+suffix, "ftkvm-b"+suffix, "ftkvm-w"+suffix
 	vethA, vethB := "fta"+suffix, "ftb"+suffix
 	run := func(args ...string) {
 		t.Helper()
@@ -232,7 +234,7 @@ func TestReplicaNetns(t *testing.T) {
 			t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
 		}
 	}
-	for _, ns := range []string{nsA, nsB} {
+	for _, ns := range []string{nsA, nsB, nsW} {
 		run("ip", "netns", "add", ns)
 		ns := ns
 		t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
@@ -243,14 +245,39 @@ func TestReplicaNetns(t *testing.T) {
 	run("ip", "-n", nsB, "addr", "add", "10.77.0.2/24", "dev", vethB)
 	run("ip", "-n", nsA, "link", "set", vethA, "up")
 	run("ip", "-n", nsB, "link", "set", vethB, "up")
+	// The witness: one address (10.77.9.1, on its loopback), which each
+	// replica reaches over a link of its own, not over theirs.
+	const witnessAddr = "10.77.9.1:7500"
+	run("ip", "-n", nsW, "addr", "add", "10.77.9.1/32", "dev", "lo")
+	for i, ns := range []string{nsA, nsB} {
+		here, there := fmt.Sprintf("ftw%d%s", i, suffix), fmt.Sprintf("ftx%d%s", i, suffix)
+		run("ip", "link", "add", here, "netns", ns, "type", "veth", "peer", "name", there, "netns", nsW)
+		run("ip", "-n", ns, "addr", "add", fmt.Sprintf("10.77.%d.1/24", i+1), "dev", here)
+		run("ip", "-n", nsW, "addr", "add", fmt.Sprintf("10.77.%d.2/24", i+1), "dev", there)
+		run("ip", "-n", ns, "link", "set", here, "up")
+		run("ip", "-n", nsW, "link", "set", there, "up")
+		run("ip", "-n", ns, "route", "add", "10.77.9.1/32", "via", fmt.Sprintf("10.77.%d.2", i+1))
+	}
 
 	w := workloadNamed(t, "counter")
 	guest := []string{"--kernel", testosELF, "--mem", "32", "--cmdline", w.cmdline}
-	startNS := func() (p, b *proc) {
-		b = startIn(t, nsB, append([]string{"--log-level", "info", "backup", "--listen", "10.77.0.2:7400"}, guest...)...)
+	startNS := func(extra ...string) (p, b *proc) {
+		b = startIn(t, nsB, append(append([]string{"--log-level", "info", "backup", "--listen", "10.77.0.2:7400"}, guest...), extra...)...)
 		b.backupAddr()
-		p = startIn(t, nsA, append([]string{"--log-level", "info", "primary", "--backup", "10.77.0.2:7400"}, guest...)...)
+		p = startIn(t, nsA, append(append([]string{"--log-level", "info", "primary", "--backup", "10.77.0.2:7400"}, guest...), extra...)...)
 		return p, b
+	}
+	// cut starts a pair, lets it replicate a little, and cuts its link.
+	cut := func(extra ...string) (p, b result) {
+		pp, bp := startNS(extra...)
+		// Cut early: the primary's console lags its guest (outputs wait
+		// for acknowledgements), so waiting for lines could cut the link
+		// after the guest had ended (seen once in CI).
+		pp.waitUntil("the handshake", func() bool { return strings.Contains(pp.stderr(), "primary: replicating to") })
+		time.Sleep(300 * time.Millisecond)
+		run("ip", "-n", nsB, "link", "set", vethB, "down")
+		defer run("ip", "-n", nsB, "link", "set", vethB, "up")
+		return pp.wait(), bp.wait()
 	}
 
 	t.Run("failover", func(t *testing.T) {
@@ -266,14 +293,7 @@ func TestReplicaNetns(t *testing.T) {
 	})
 
 	t.Run("link cut", func(t *testing.T) {
-		p, b := startNS()
-		// Cut early: the primary's console lags its guest (outputs wait
-		// for acknowledgements), so waiting for lines could cut the link
-		// after the guest had ended (seen once in CI).
-		p.waitUntil("the handshake", func() bool { return strings.Contains(p.stderr(), "primary: replicating to") })
-		time.Sleep(300 * time.Millisecond)
-		run("ip", "-n", nsB, "link", "set", vethB, "down")
-		pres, bres := p.wait(), b.wait()
+		pres, bres := cut()
 		if !strings.Contains(bres.stderr, "nothing heard for 100ms") || !strings.Contains(bres.stderr, "taking over") {
 			t.Errorf("the backup did not take over after the timeout:\n%s", bres.stderr)
 		}
@@ -303,5 +323,59 @@ func TestReplicaNetns(t *testing.T) {
 			t.Fatalf("backup's numbering after the cut: %v", nums)
 		}
 		t.Logf("after the cut: primary status %d, backup status %d; both ran the guest to its end (split brain)", pres.status, bres.status)
+	})
+
+	wit := startIn(t, nsW, "witness", "--listen", witnessAddr)
+	wit.waitUntil("the witness", func() bool { return strings.Contains(wit.stderr(), "witness serving claims") })
+	t.Cleanup(wit.kill)
+
+	t.Run("link cut with a witness", func(t *testing.T) {
+		// Run until each side has won once (the race between the two
+		// claims decides), at most 6 times.
+		won := map[string]int{}
+		for round := 0; round < 6 && (won["primary"] == 0 || won["backup"] == 0); round++ {
+			pres, bres := cut("--witness", witnessAddr)
+			pf, bf := strings.Contains(pres.stderr, "ftkvm: fenced:"), strings.Contains(bres.stderr, "ftkvm: fenced:")
+			for _, r := range []result{pres, bres} {
+				if !strings.Contains(r.stderr, "the witness decides") {
+					t.Fatalf("a replica did not ask the witness:\n%s", r.stderr)
+				}
+			}
+			switch {
+			case bf && !pf && pres.status == 0:
+				// The primary goes on alone: its console is the whole
+				// output; the fenced backup performed nothing.
+				w.checkComplete(t, pres.stdout)
+				if bres.status != 125 || bres.stdout != "" || strings.Contains(bres.stderr, "taking over") {
+					t.Fatalf("fenced backup: status %d, took over or printed:\n%s\n%s", bres.status, bres.stdout, bres.stderr)
+				}
+				won["primary"]++
+			case pf && !bf && bres.status == 0:
+				// The backup took over; the fenced primary stopped: the
+				// two consoles joined at the seam are the whole output.
+				if pres.status != 125 || !strings.Contains(bres.stderr, "taking over") {
+					t.Fatalf("fenced primary status %d; backup:\n%s", pres.status, bres.stderr)
+				}
+				out, _ := mergeSeam(pres.stdout, bres)
+				w.checkComplete(t, out)
+				won["backup"]++
+			default:
+				t.Fatalf("want exactly one survivor: primary status %d fenced %v, backup status %d fenced %v\nprimary:\n%s\nbackup:\n%s",
+					pres.status, pf, bres.status, bf, pres.stderr, bres.stderr)
+			}
+		}
+		t.Logf("survivors: %v", won)
+	})
+
+	t.Run("failover with a witness", func(t *testing.T) {
+		p, b := startNS("--witness", witnessAddr)
+		p.waitLines(10)
+		p.kill()
+		res := b.wait()
+		out, _ := mergeSeam(p.stdout(), res)
+		if res.status != 0 || !strings.Contains(res.stderr, "the witness chose this replica") || !strings.Contains(res.stderr, "taking over") {
+			t.Fatalf("backup: status %d\n%s", res.status, res.stderr)
+		}
+		w.checkComplete(t, out)
 	})
 }

@@ -26,6 +26,7 @@ type cli struct {
 	Receive receiveCmd `cmd:"" help:"Wait for a guest migrating in, then run it with its console on the terminal."`
 	Primary primaryCmd `cmd:"" help:"Run a guest as the primary of a fault-tolerant pair, replicating to a backup."`
 	Backup  backupCmd  `cmd:"" help:"Wait for a primary and replicate its guest; take over when the primary dies."`
+	Witness witnessCmd `cmd:"" help:"Serve as the witness that decides which replica of a pair goes on when the two lose each other."`
 	Ctl     ctlCmd     `cmd:"" help:"Control a running ftkvm through its --api socket."`
 }
 
@@ -76,6 +77,8 @@ func dispatch(c *cli, ctx *kong.Context) (int, error) {
 	case *primaryCmd:
 		return cmd.run()
 	case *backupCmd:
+		return cmd.run()
+	case *witnessCmd:
 		return cmd.run()
 	case *ctlProtectCmd:
 		return c.Ctl.protect(cmd)

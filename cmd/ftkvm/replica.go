@@ -16,6 +16,7 @@ import (
 	"github.com/ftkvm/ftkvm/ft"
 	"github.com/ftkvm/ftkvm/ft/driver"
 	"github.com/ftkvm/ftkvm/ft/wire"
+	"github.com/ftkvm/ftkvm/ft/witness"
 	"github.com/ftkvm/ftkvm/vmm"
 	"github.com/ftkvm/ftkvm/vmm/api"
 )
@@ -26,6 +27,17 @@ type replicaFlags struct {
 	Device  string        `help:"KVM device." default:"/dev/kvm"`
 	Timeout time.Duration `help:"Declare the peer dead after this long without a message (heartbeats keep a quiet link alive)." default:"100ms"`
 	API     string        `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
+	Witness string        `help:"Address of the witness (ftkvm witness) that decides which replica goes on when the two lose each other; the loser stops. Both replicas must give the same address. Without one, a cut link lets both go on (split brain)." placeholder:"HOST:PORT"`
+}
+
+// fencing is the node's witness setting and the driver's client for it.
+func (f *replicaFlags) fencing() (ft.Digest, driver.Witness) {
+	if f.Witness == "" {
+		return ft.Digest{}, nil
+	}
+	// The handshake compares the address as given: both sides must
+	// claim at the same witness.
+	return sha256.Sum256([]byte(f.Witness)), witness.NewClient(f.Witness, time.Second)
 }
 
 type primaryCmd struct {
@@ -90,11 +102,13 @@ func (c *primaryCmd) run() (int, error) {
 			instrs = defaultEpochInstructions
 		}
 	}
+	wd, wc := c.fencing()
 	r := driver.New(driver.Options{
 		Node: ft.Config{Role: ft.RolePrimary, Policy: policy, Verify: c.Verify, Guest: identity(cfg),
-			EpochLength: c.EpochLength, EpochInstructions: instrs, Timeout: c.Timeout},
+			EpochLength: c.EpochLength, EpochInstructions: instrs, Timeout: c.Timeout, Witness: wd},
 		Console: os.Stdout,
 		Log:     logrus.StandardLogger(),
+		Witness: wc,
 	})
 	defer r.Close()
 	cfg.Env = r
@@ -129,10 +143,12 @@ func (c *backupCmd) run() (int, error) {
 		return 0, fmt.Errorf("backup: %w", err)
 	}
 	defer l.Close()
+	wd, wc := c.fencing()
 	r := driver.New(driver.Options{
-		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg), Timeout: c.Timeout},
+		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg), Timeout: c.Timeout, Witness: wd},
 		Console:          os.Stdout,
 		Log:              logrus.StandardLogger(),
+		Witness:          wc,
 		InjectDivergence: c.InjectDivergence,
 	})
 	defer r.Close()

@@ -12,6 +12,8 @@ package driver
 
 import (
 	"bytes"
+	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -37,11 +39,25 @@ type Options struct {
 	Console io.Writer
 	// Log receives the node's notes (link up, backup lost, failover...).
 	Log logrus.Ext1FieldLogger
+	// Witness answers the node's claims (ft.Config.Witness): which
+	// replica of the pair goes on when the two lose each other. Required
+	// when the node has a witness.
+	Witness Witness
 	// InjectDivergence, if > 0, corrupts one byte of a page the guest
 	// dirtied, on a backup, at the first verified epoch end at or after
 	// this epoch: a test's way to see a divergence caught and repaired.
 	InjectDivergence uint64
 }
+
+// Witness decides claims (package ft/witness's Client).
+type Witness interface {
+	Claim(ctx context.Context, c ft.Claim) (ft.Role, error)
+}
+
+// claimRetry is how long a claim waits before asking an unreachable
+// witness again. The guest waits meanwhile: going on without an answer
+// is what the witness is there to prevent.
+const claimRetry = 200 * time.Millisecond
 
 // Replica is one ftkvm replica: a node, its machine and its link.
 type Replica struct {
@@ -115,6 +131,10 @@ func New(opts Options) *Replica {
 	}
 	if opts.Console == nil {
 		opts.Console = io.Discard
+	}
+	if opts.Node.Witness != (ft.Digest{}) && opts.Node.Instance == (ft.Digest{}) {
+		// The pair's name at the witness must be new for every pair.
+		_, _ = rand.Read(opts.Node.Instance[:])
 	}
 	r := &Replica{
 		opts:     opts,
@@ -584,6 +604,9 @@ func (r *Replica) drain() {
 	if rd.Kick && r.kick != nil {
 		r.kick()
 	}
+	if rd.Claim != nil {
+		go r.claim(*rd.Claim)
+	}
 	for _, n := range rd.Notes {
 		r.noted(n)
 	}
@@ -624,8 +647,56 @@ func (r *Replica) noted(n ft.Note) {
 		f.Infof("replica: the guest ended on the primary with status %d", n.Status)
 	case ft.NoteProtocol:
 		f.Errorf("replica: %v", n.Err)
+	case ft.NoteClaim:
+		f.Warnf("replica: peer lost (%v); the guest waits while the witness decides which replica goes on", n.Err)
+	case ft.NoteFenced:
+		f.Errorf("replica: FENCED: %v", n.Err)
 	default:
 		f.Infof("replica: %v", n)
+	}
+}
+
+// claim asks the witness until it answers, then gives the node the
+// answer. The node's vCPU waits meanwhile.
+func (r *Replica) claim(c ft.Claim) {
+	w := r.opts.Witness
+	if w == nil {
+		r.mu.Lock()
+		r.setFatal(errors.New("replica: the peer is lost and the node asks a witness, but none is configured"))
+		r.cond.Broadcast()
+		r.mu.Unlock()
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		select {
+		case <-r.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	for warned := false; ; {
+		winner, err := w.Claim(ctx, c)
+		if err == nil {
+			r.mu.Lock()
+			r.node.Claimed(winner == c.Role)
+			r.drain()
+			r.mu.Unlock()
+			if winner == c.Role {
+				r.log.Warnf("replica: the witness chose this replica (the %v); it goes on with the guest", c.Role)
+			}
+			return
+		}
+		if !warned {
+			r.log.Errorf("replica: cannot reach the witness (%v); the guest waits, asking again every %v", err, claimRetry)
+			warned = true
+		}
+		select {
+		case <-r.done:
+			return
+		case <-time.After(claimRetry):
+		}
 	}
 }
 
@@ -731,7 +802,7 @@ func (r *Replica) Run() (int, error) {
 		// the backup: a backup told the guest ended stops without
 		// performing anything, so a primary dying between its goodbye and
 		// its last outputs would lose them.
-		for r.node.Role() == ft.RolePrimary && r.fatal == nil &&
+		for r.node.Role() == ft.RolePrimary && r.fatal == nil && !r.node.Status().Fenced &&
 			(r.node.Status().Held > 0 || len(r.perfQ) > 0 || r.perfBusy) {
 			r.cond.Wait()
 		}
@@ -874,6 +945,8 @@ func (r *Replica) Protect(addr string) error {
 	busy := r.link != nil
 	r.mu.Unlock()
 	switch {
+	case st.Claiming || st.Fenced:
+		return errors.New("this replica lost its peer and waits for the witness (or was fenced): it cannot take a backup now")
 	case st.Role != ft.RolePrimary:
 		return errors.New("this replica is a backup: only the primary can be protected")
 	case busy:

@@ -119,11 +119,32 @@
 // with it; the primary waits for that goodbye's ack so the backup does not
 // fail over instead.
 //
+// # Fencing
+//
+// Bressoud and Schneider assume a failure detector that is never wrong.
+// A cut link is not a dead peer, and without more both replicas would go
+// on with the guest (split brain). With Config.Witness, a replica that
+// loses its peer after the handshake acts as VMware FT does with its
+// test-and-set on shared storage: it asks the witness (Ready.Claim, with
+// the pair's name from both Hellos' Instance and the role it had) and does
+// nothing for the guest until the answer (Claimed): every vCPU call waits
+// (WaitWitness) where it stood, and a primary's held outputs stay held.
+// The witness answers the first claim of a pair with its claimant's role
+// and every later one the same. The winner goes on: a primary unprotected,
+// releasing its held outputs; a backup takes over as above. The loser
+// stops with ErrFenced and performs nothing more: a fenced primary's held
+// outputs are the promoted backup's to perform. No claim is made where
+// the peer cannot go on: a backup without the guest's state, after the
+// goodbye, or before the handshake. Both sides must name the same witness
+// (Hello.Witness, compared). An unreachable witness leaves the guest
+// waiting: availability is given up rather than consistency.
+//
 // # Messages (package ft/wire)
 //
 //	Hello              both, first: version, role, policy, clock, verify,
 //	                   started, memory size, wall clock, kernel/initrd/
-//	                   command-line hashes
+//	                   command-line hashes; from version 2 the replica's
+//	                   instance and the witness's hash
 //	Refuse             a refused handshake, or a protocol error: reason, text
 //	Record      (log)  P0: seq, epoch, position, kind, value
 //	EpochEnd    (log)  P2: seq, epoch, position, halt, events, hash
@@ -212,8 +233,7 @@
 //
 // # Not here yet
 //
-// Split-brain protection (a cut link makes both sides go on, see
-// TestSimCutLinkAtEveryMessage); flow control of the backup's log; batching
+// Flow control of the backup's log; batching
 // of console bytes into fewer Output records; pre-copy before a join's
 // full checkpoint; chunking of checkpoints larger than wire.DefaultMaxBody;
 // disk and network kinds.

@@ -35,6 +35,7 @@ func TestBadInput(t *testing.T) {
 	old[0x1fe], old[0x1ff] = 0x55, 0xaa
 	oldBz := write("old-bzimage", old)
 	bigInitrd := write("big-initrd", make([]byte, 5<<20))
+	notState := write("not-witness-state", []byte("pairs: many\n"))
 
 	for _, tc := range []struct {
 		name string
@@ -55,6 +56,9 @@ func TestBadInput(t *testing.T) {
 		{"unknown command", []string{"fly"}, "unexpected argument"},
 		{"no KVM device", []string{"run", "--kernel", testosELF, "--device", filepath.Join(dir, "kvm")}, "no such file"},
 		{"KVM device not KVM", []string{"run", "--kernel", testosELF, "--device", "/dev/null"}, "KVM_GET_API_VERSION"},
+		{"witness state not a state file", []string{"witness", "--listen", "127.0.0.1:0", "--state", notState}, "not a witness state file"},
+		{"witness state in a missing directory", []string{"witness", "--listen", "127.0.0.1:0", "--state", filepath.Join(dir, "missing", "state")}, "no such file"},
+		{"witness bad address", []string{"witness", "--listen", "no-such-host.invalid:99999"}, "witness:"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := ftkvm(t, time.Minute, "", tc.args...)

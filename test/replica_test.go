@@ -184,6 +184,8 @@ func TestReplicaRefusals(t *testing.T) {
 	}{
 		{"cmdline", []string{"--kernel", testosELF, "--mem", "32", "--cmdline", "workload=counter lines=1"}, "different command line"},
 		{"memory", []string{"--kernel", testosELF, "--mem", "64", "--cmdline", w.cmdline}, "different memory size"},
+		// The primary has no witness; a backup with one must not pair.
+		{"witness", []string{"--kernel", testosELF, "--mem", "32", "--cmdline", w.cmdline, "--witness", "127.0.0.1:1"}, "different witness"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := start(t, append([]string{"backup", "--listen", "127.0.0.1:0"}, tc.backup...)...)

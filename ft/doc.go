@@ -183,11 +183,14 @@
 //     hands them out, in order, by one goroutine; then Performed(seq).
 //   - Deliver: Timer events as Target.FireTimer(Value), UART events as
 //     Target.Receive(byte(Value)), in order.
-//   - Hash: SHA-256 of the vCPU registers and the guest pages dirtied
-//     since the last hash or checkpoint; clear the dirty state on Install
-//     too (the install's writes are not the guest's). Keep a separate
-//     accumulated bitmap for incremental checkpoints, which need every page
-//     dirtied since the last checkpoint.
+//   - Hash: SHA-256 of the vCPU registers and of all guest memory, which
+//     the driver keeps as a sum of per-page hashes and updates for every
+//     page that may have changed (dirtied by the guest, captured by a
+//     checkpoint, written by an install). Not of the dirty pages alone: a
+//     dirty log may name a page the guest did not write, on one replica
+//     and not the other. Keep a separate accumulated bitmap for
+//     incremental checkpoints, which need every page dirtied since the last
+//     checkpoint.
 //   - Checkpoint: at the kick point it is asked at (quiescent): Full is the
 //     complete state; otherwise the pages dirtied since the previous
 //     checkpoint plus all vCPU, device and machine state (halted, the

@@ -132,8 +132,8 @@ const (
 	// ActDeliver: deliver Action.Events into the machine, in order, now
 	// (vmm.Target.FireTimer, Receive), then call Continue.
 	ActDeliver
-	// ActHash: compute the state hash (vCPU registers and the guest pages
-	// dirtied since the last hash) and call Hashed.
+	// ActHash: compute the state hash (vCPU registers and guest memory)
+	// and call Hashed.
 	ActHash
 	// ActCheckpoint: capture the machine's state (Action.Full: complete,
 	// else the pages dirtied since the last checkpoint) and call

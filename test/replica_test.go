@@ -93,10 +93,11 @@ func TestReplicaDivergenceRepaired(t *testing.T) {
 	if m := regexp.MustCompile(`(\d+) divergences, (\d+) repairs`).FindStringSubmatch(bres.stderr); m == nil || m[1] == "0" || m[2] == "0" {
 		t.Errorf("backup counters: %v\n%s", m, bres.stderr)
 	}
-	// Without the injection. The exit clock leaves some divergence
-	// possible (RDTSC at ring 3 reads the host's TSC unseen), and once in
-	// a while a clean run of this ring-3 workload reports one: it must be
-	// repaired, and the output must be right.
+	// Without the injection: no divergence. (This workload reads no
+	// RDTSC, which at ring 3 would reach the guest unseen under the exit
+	// clock.) A run that reported one here was the hash's fault: it
+	// covered the pages the dirty log named, and this host's dirty log
+	// named on one replica a page no instruction wrote.
 	pr := startPair(t, w, "--verify")
 	res = pr.primary.wait()
 	if res.status != 0 {
@@ -107,10 +108,8 @@ func TestReplicaDivergenceRepaired(t *testing.T) {
 	if bres.status != 0 {
 		t.Fatalf("backup status %d\n%s", bres.status, bres.stderr)
 	}
-	if m := regexp.MustCompile(`(\d+) divergences, (\d+) repairs`).FindStringSubmatch(bres.stderr); m == nil || m[1] != m[2] {
-		t.Errorf("clean verify run: a divergence was not repaired: %v\n%s", m, bres.stderr)
-	} else if m[1] != "0" {
-		t.Logf("clean verify run: %s divergences, all repaired", m[1])
+	if m := regexp.MustCompile(`(\d+) divergences, (\d+) repairs`).FindStringSubmatch(bres.stderr); m == nil || m[1] != "0" {
+		t.Errorf("clean verify run: divergences reported: %v\n%s", m, bres.stderr)
 	}
 }
 

@@ -11,7 +11,8 @@ import (
 
 // WriteStateHash writes what two replicas compare at an epoch end to w
 // (a hash): the vCPU's general and special registers, then each page of
-// the dirty bitmap pages, with its number. Call it on the vCPU thread (At
+// the dirty bitmap pages, with its number (pages may be nil: the
+// registers only). Call it on the vCPU thread (At
 // or Halt): at an exit the registers are those of the exit, which both
 // replicas see alike. The XSAVE area is left out, because its XSTATE_BV
 // may differ for the same architectural state (see Quiescent).

@@ -107,6 +107,7 @@ type Replica struct {
 	// it drained are kept for the next incremental checkpoint.
 	scratch, accum []uint64
 	cp             vmm.Checkpoint
+	mh             *memHash // verify mode's hash of guest memory
 	injected       bool
 
 	linkBytes atomic.Int64 // bytes written to links
@@ -175,6 +176,7 @@ func (r *Replica) Attach(m *vmm.Machine) error {
 	r.m = m
 	r.scratch = make([]uint64, m.BitmapWords())
 	r.accum = make([]uint64, m.BitmapWords())
+	r.mh = newMemHash(m.Memory())
 	return nil
 }
 
@@ -493,8 +495,9 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 	}
 }
 
-// hash is the state hash of an epoch end: registers and the pages dirtied
-// since the last hash, which the next checkpoint must still carry.
+// hash is the state hash of an epoch end: the registers and all of guest
+// memory (memHash: the pages dirtied since the last hash are hashed
+// again). The dirtied pages are kept for the next checkpoint.
 func (r *Replica) hash() (ft.Digest, error) {
 	var d ft.Digest
 	if _, err := r.m.DirtyLog(r.scratch); err != nil {
@@ -507,10 +510,13 @@ func (r *Replica) hash() (ft.Digest, error) {
 		r.node.Status().Epoch >= r.opts.InjectDivergence {
 		r.injectDivergence()
 	}
+	r.mh.mark(r.scratch)
 	h := sha256.New()
-	if err := r.m.WriteStateHash(h, r.scratch); err != nil {
+	if err := r.m.WriteStateHash(h, nil); err != nil {
 		return d, fmt.Errorf("state hash: %w", err)
 	}
+	mem := r.mh.digest()
+	h.Write(mem[:])
 	copy(d[:], h.Sum(nil))
 	return d, nil
 }
@@ -534,6 +540,9 @@ func (r *Replica) capture(full bool) ([]byte, error) {
 	if err := r.m.CheckpointWith(&r.cp, vmm.CheckpointOptions{Full: full, Extra: r.accum}); err != nil {
 		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
+	// The checkpoint drained the dirty log: the verify hash must still
+	// see those pages.
+	r.mh.mark(r.cp.Dirty)
 	clear(r.accum)
 	var buf bytes.Buffer
 	if err := r.cp.Write(snapshot.NewWriter(&buf)); err != nil {
@@ -550,6 +559,9 @@ func (r *Replica) install(blob []byte) error {
 		}
 		return r.m.Memory(), nil
 	})
+	// The verify hash must see the pages the install wrote (the dirty
+	// log does not: the guest did not write them).
+	sr.Wrote = r.mh.markPage
 	st, err := sr.Read()
 	if err != nil {
 		return fmt.Errorf("install the primary's state: %w", err)
@@ -563,6 +575,7 @@ func (r *Replica) install(blob []byte) error {
 	if _, err := r.m.DirtyLog(r.scratch); err != nil {
 		return fmt.Errorf("install: %w", err)
 	}
+	r.mh.mark(r.scratch)
 	clear(r.accum)
 	return nil
 }

@@ -98,7 +98,7 @@ type EpochEnd struct {
 	Halt   bool
 	Events []Event
 	Verify bool   // Hash is set
-	Hash   Digest // vCPU registers and the guest pages dirtied in the epoch
+	Hash   Digest // vCPU registers and guest memory
 }
 
 // Checkpoint ends an epoch that has no replayable boundary (the guest ran

@@ -147,6 +147,8 @@ type StreamReader struct {
 	Memory func(h Header) ([]byte, error)
 	// Progress, if set, is called after each pages frame.
 	Progress func(bytesRead int64)
+	// Wrote, if set, is called with the number of each page written.
+	Wrote func(pfn uint64)
 }
 
 // NewStreamReader returns a reader of the stream r is positioned at.
@@ -204,6 +206,9 @@ func (s *StreamReader) Read() (*State, error) {
 					clear(dst)
 				} else {
 					copy(dst, pg.Data(i))
+				}
+				if s.Wrote != nil {
+					s.Wrote(pg.PFN(i))
 				}
 			}
 			pages += uint64(pg.N)

@@ -252,7 +252,8 @@ func (a replicaAPI) ReplicaStatus() api.ReplicaStatus {
 	s := a.r.Status()
 	return api.ReplicaStatus{
 		Role: s.Role.String(), Link: s.Link, Protected: s.Protected, Joining: s.Joining,
-		Replaying: s.Replaying, Diverged: s.Diverged, Epoch: s.Epoch, Position: s.Pos.String(),
+		Replaying: s.Replaying, Diverged: s.Diverged, Claiming: s.Claiming, Fenced: s.Fenced,
+		Epoch: s.Epoch, Position: s.Pos.String(),
 		Outputs: s.Outputs, Performed: s.Performed, Held: s.Held, LogSent: s.LogSent, LogAcked: s.LogAcked,
 		Backlog: s.Backlog, LinkBytes: a.r.LinkBytes(), Epochs: s.Epochs, CheckpointEpochs: s.CheckpointEpochs,
 		CheckpointBytes: s.CheckpointBytes, Divergences: s.Divergences, Repairs: s.Repairs,

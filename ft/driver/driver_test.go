@@ -1,9 +1,11 @@
 package driver
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -102,5 +104,78 @@ func TestDialNobody(t *testing.T) {
 	defer p.Close()
 	if err := p.Dial("127.0.0.1:1", 200*time.Millisecond); err == nil {
 		t.Fatal("dialled nobody")
+	}
+}
+
+// fakeWitness fails its first fails claims (an unreachable witness), then
+// answers with winner.
+type fakeWitness struct {
+	mu     sync.Mutex
+	fails  int
+	winner ft.Role
+	calls  []ft.Claim
+}
+
+func (w *fakeWitness) n() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.calls)
+}
+
+func (w *fakeWitness) Claim(_ context.Context, c ft.Claim) (ft.Role, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.calls = append(w.calls, c)
+	if len(w.calls) <= w.fails {
+		return 0, errors.New("connection refused")
+	}
+	return w.winner, nil
+}
+
+// A primary that loses its backup asks the witness, again and again while
+// it does not answer, and then goes on or is fenced as it says.
+func TestClaimAsksUntilTheWitnessAnswers(t *testing.T) {
+	for _, winner := range []ft.Role{ft.RolePrimary, ft.RoleBackup} {
+		t.Run("winner "+winner.String(), func(t *testing.T) {
+			id := ft.Identity{Kernel: ft.Digest{1}, MemSize: 32 << 20}
+			w := &fakeWitness{fails: 2, winner: winner}
+			wd := ft.Digest{0x77}
+			p := New(Options{Node: ft.Config{Role: ft.RolePrimary, Guest: id, Witness: wd}, Log: quietLog(), Witness: w})
+			b := New(Options{Node: ft.Config{Role: ft.RoleBackup, Guest: id, Witness: wd}, Log: quietLog()})
+			defer p.Close()
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			go b.Serve(l)
+			if err := p.Dial(l.Addr().String(), time.Second); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := p.WaitLink(10 * time.Second); err != nil {
+				t.Fatal(err)
+			}
+			b.Close() // the backup's end of the link closes
+			deadline := time.Now().Add(30 * time.Second)
+			for {
+				s := p.Status()
+				if !s.Claiming && (s.Fenced || !s.Link) && w.n() > w.fails {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("no answer taken: %v, %d claims", s, w.n())
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			w.mu.Lock()
+			calls := append([]ft.Claim(nil), w.calls...)
+			w.mu.Unlock()
+			if len(calls) != w.fails+1 || calls[0].Role != ft.RolePrimary || calls[0].Pair == (ft.Digest{}) || calls[0] != calls[len(calls)-1] {
+				t.Fatalf("claims %+v", calls)
+			}
+			if s := p.Status(); s.Fenced != (winner == ft.RoleBackup) {
+				t.Fatalf("witness chose the %v; primary status %v", winner, s)
+			}
+		})
 	}
 }

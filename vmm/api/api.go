@@ -49,6 +49,8 @@ type ReplicaStatus struct {
 	Joining   bool   `json:"joining"`
 	Replaying bool   `json:"replaying"` // promoted backup still replaying the log
 	Diverged  bool   `json:"diverged"`
+	Claiming  bool   `json:"claiming"` // the peer is lost; waiting for the witness
+	Fenced    bool   `json:"fenced"`   // the witness chose the peer
 	Epoch     uint64 `json:"epoch"`
 	Position  string `json:"position"`
 	Outputs   uint64 `json:"outputs"`

@@ -23,20 +23,19 @@ var (
 	testPrimaryID2, testBackupID2 = Digest{0xa3}, Digest{0xb4}
 )
 
+// fencedConfigs are a primary's and a backup's configurations, both
+// claiming at the same witness under the instance names given.
+func fencedConfigs(policy Policy, primary, backup Digest) (pc, bc Config) {
+	pc, bc = testConfig(RolePrimary, policy), testConfig(RoleBackup, policy)
+	pc.Witness, pc.Instance = testWitness, primary
+	bc.Witness, bc.Instance = testWitness, backup
+	return pc, bc
+}
+
 // fencedPair is pair() with both replicas claiming at the same witness.
 func fencedPair(t *testing.T, policy Policy) (p, b *replica) {
-	pc, bc := testConfig(RolePrimary, policy), testConfig(RoleBackup, policy)
-	pc.Witness, pc.Instance = testWitness, testPrimaryID
-	bc.Witness, bc.Instance = testWitness, testBackupID
-	p, b = newReplica(t, pc), newReplica(t, bc)
-	p.n.Connected()
-	b.n.Connected()
-	exchange(p, b)
-	if !p.n.Status().Protected || !b.n.Status().Link {
-		t.Fatalf("pair not set up: %v / %v", p.n.Status(), b.n.Status())
-	}
-	p.notes, b.notes = nil, nil
-	return p, b
+	pc, bc := fencedConfigs(policy, testPrimaryID, testBackupID)
+	return pairOf(t, pc, bc)
 }
 
 // lastClaim drains r and returns the claim it asks for, if any.
@@ -185,9 +184,7 @@ func TestFenceCallResumesWhereItStood(t *testing.T) {
 // what the backup held).
 func TestFenceOnlyWhereThePeerCouldGoOn(t *testing.T) {
 	t.Run("backup without state", func(t *testing.T) {
-		pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
-		pc.Witness, pc.Instance = testWitness, testPrimaryID
-		bc.Witness, bc.Instance = testWitness, testBackupID
+		pc, bc := fencedConfigs(OutputCommit, testPrimaryID, testBackupID)
 		p, b := newReplica(t, pc), newReplica(t, bc)
 		p.n.Point(pt(1, 0)) // the guest has run: the backup must wait for the full state
 		p.n.Connected()
@@ -244,13 +241,8 @@ func TestFencePairNames(t *testing.T) {
 		primary Digest
 		backup  Digest
 	}{{"first", testPrimaryID, testBackupID}, {"re-protected", testBackupID, testBackupID2}, {"another", testPrimaryID2, testBackupID}} {
-		pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
-		pc.Witness, pc.Instance = testWitness, tc.primary
-		bc.Witness, bc.Instance = testWitness, tc.backup
-		p, b := newReplica(t, pc), newReplica(t, bc)
-		p.n.Connected()
-		b.n.Connected()
-		exchange(p, b)
+		pc, bc := fencedConfigs(OutputCommit, tc.primary, tc.backup)
+		p, b := pairOf(t, pc, bc)
 		p.n.Disconnected()
 		b.n.Disconnected()
 		pcl, bcl := p.lastClaim(), b.lastClaim()
@@ -276,9 +268,7 @@ func TestFenceHandshake(t *testing.T) {
 		{"the same instance", func(c *Config) { c.Instance = testPrimaryID }, "this replica's own"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
-			pc.Witness, pc.Instance = testWitness, testPrimaryID
-			bc.Witness, bc.Instance = testWitness, testBackupID
+			pc, bc := fencedConfigs(OutputCommit, testPrimaryID, testBackupID)
 			tc.change(&bc)
 			p, b := newReplica(t, pc), newReplica(t, bc)
 			p.n.Connected()

@@ -92,6 +92,11 @@ func exchange(a, b *replica) {
 func pair(t testing.TB, policy Policy, verify bool) (p, b *replica) {
 	pc, bc := testConfig(RolePrimary, policy), testConfig(RoleBackup, policy)
 	pc.Verify = verify
+	return pairOf(t, pc, bc)
+}
+
+// pairOf is pair with the two configurations given.
+func pairOf(t testing.TB, pc, bc Config) (p, b *replica) {
 	p, b = newReplica(t, pc), newReplica(t, bc)
 	p.n.Connected()
 	b.n.Connected()

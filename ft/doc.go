@@ -134,8 +134,10 @@
 // releasing its held outputs; a backup takes over as above. The loser
 // stops with ErrFenced and performs nothing more: a fenced primary's held
 // outputs are the promoted backup's to perform. No claim is made where
-// the peer cannot go on: a backup without the guest's state, after the
-// goodbye, or before the handshake. Both sides must name the same witness
+// the peer cannot go on: a backup without the guest's state, a primary
+// whose backup is still joining (its full state not sent), after the
+// goodbye, or before the handshake. A backup that diverged and waits for
+// its repair claims one Timeout late, so that a live primary wins. Both sides must name the same witness
 // (Hello.Witness, compared). An unreachable witness leaves the guest
 // waiting: availability is given up rather than consistency.
 //

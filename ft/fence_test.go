@@ -1,6 +1,7 @@
 package ft
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/ftkvm/ftkvm/ft/wire"
@@ -179,30 +180,44 @@ func TestFenceCallResumesWhereItStood(t *testing.T) {
 }
 
 // A claim is made only where the peer could go on with the guest: not by
-// a backup with no state, nor after the goodbye, nor before the handshake;
-// the primary still claims when its backup was paired (it cannot know
-// what the backup held).
+// a backup with no state, nor by a primary whose backup is still joining
+// (the full state not sent), nor after the goodbye, nor before the
+// handshake. Once the full state is sent the primary claims: it cannot
+// know whether the backup holds it.
 func TestFenceOnlyWhereThePeerCouldGoOn(t *testing.T) {
-	t.Run("backup without state", func(t *testing.T) {
-		pc, bc := fencedConfigs(OutputCommit, testPrimaryID, testBackupID)
-		p, b := newReplica(t, pc), newReplica(t, bc)
-		p.n.Point(pt(1, 0)) // the guest has run: the backup must wait for the full state
-		p.n.Connected()
-		b.n.Connected()
-		exchange(p, b)
-		b.n.Disconnected()
-		p.n.Disconnected()
-		if c := b.lastClaim(); c != nil {
-			t.Fatalf("a backup without state claims %+v", c)
-		}
-		a := wantAction(t, "no state", b.n.Point(pt(1, 0)), ActStop)
-		if !isErr(a.Err, ErrNoState) {
-			t.Fatalf("err %v", a.Err)
-		}
-		if c := p.lastClaim(); c == nil {
-			t.Fatal("the primary of a paired backup must claim")
-		}
-	})
+	for _, sent := range []bool{false, true} {
+		t.Run(fmt.Sprintf("joining backup, full state sent %v", sent), func(t *testing.T) {
+			pc, bc := fencedConfigs(OutputCommit, testPrimaryID, testBackupID)
+			p, b := newReplica(t, pc), newReplica(t, bc)
+			wantGo(t, "the guest runs", p.n.Point(pt(1, 0))) // a backup must wait for the full state
+			p.n.Connected()
+			b.n.Connected()
+			exchange(p, b)
+			if sent {
+				wantAction(t, "full checkpoint", p.n.Point(kick(1, ms)), ActCheckpoint)
+				wantGo(t, "sent", p.n.Checkpointed([]byte("FULL")))
+				p.drain() // lost with the link
+			}
+			b.n.Disconnected()
+			p.n.Disconnected()
+			if c := b.lastClaim(); c != nil {
+				t.Fatalf("a backup without state claims %+v", c)
+			}
+			a := wantAction(t, "no state", b.n.Point(pt(1, 0)), ActStop)
+			if !isErr(a.Err, ErrNoState) {
+				t.Fatalf("err %v", a.Err)
+			}
+			c := p.lastClaim()
+			switch {
+			case sent && c == nil:
+				t.Fatal("the primary that sent the full state must claim")
+			case !sent && c != nil:
+				t.Fatalf("the primary of a backup still joining claims %+v", c)
+			case !sent:
+				wantGo(t, "the primary goes on", p.n.Point(pt(2, 2*ms)))
+			}
+		})
+	}
 	t.Run("after the goodbye", func(t *testing.T) {
 		p, b := fencedPair(t, OutputCommit)
 		wantWait(t, "primary's goodbye", p.n.Finish(3), WaitAck)
@@ -279,5 +294,35 @@ func TestFenceHandshake(t *testing.T) {
 				t.Fatalf("primary notes %v", p.notes)
 			}
 		})
+	}
+}
+
+// A backup that diverged and waits for its repair holds a state known to
+// be wrong: it claims one Timeout late, so that a primary still alive
+// (the link was cut) claims first and goes on with the right state.
+func TestFenceDivergedBackupClaimsLate(t *testing.T) {
+	pc, bc := fencedConfigs(OutputCommit, testPrimaryID, testBackupID)
+	pc.Verify = true
+	_, b := pairOf(t, pc, bc)
+	b.n.Tick(0)
+	b.step(wire.EpochEnd{Seq: 1, Epoch: 1, Pos: at(2), Verify: true, Hash: Digest{1}})
+	wantAction(t, "hash", b.n.Point(pt(2, 0)), ActHash)
+	wantWait(t, "diverged", b.n.Hashed(Digest{2}), WaitRepair)
+	b.drain()
+	b.n.Tick(10 * ms)
+	b.n.Disconnected()
+	if c := b.lastClaim(); c != nil {
+		t.Fatalf("a diverged backup claims at once: %+v", c)
+	}
+	if _, ok := b.hasNote(NoteClaim); !ok || !b.n.Status().Claiming {
+		t.Fatalf("notes %v", b.notes)
+	}
+	b.n.Tick(10*ms + 99*ms)
+	if c := b.lastClaim(); c != nil {
+		t.Fatal("claimed before a Timeout passed")
+	}
+	b.n.Tick(10*ms + 100*ms)
+	if c := b.lastClaim(); c == nil || c.Role != RoleBackup {
+		t.Fatalf("no claim a Timeout later: %v", c)
 	}
 }

@@ -74,6 +74,8 @@ type Node struct {
 	claiming bool   // the peer is lost; the witness has not answered
 	claimWhy error  // why the peer was declared lost
 	claimOut *Claim // to hand out in Ready
+	claimDue int64  // a diverged backup claims only from then on
+	claimed  bool   // the claim was handed out
 
 	// Produced, drained by Ready.
 	outbox    []wire.Msg
@@ -329,6 +331,7 @@ func (n *Node) Performed(seq uint64) {
 // dead, and kicks a vCPU whose epoch end is overdue.
 func (n *Node) Tick(now int64) {
 	n.observe(now)
+	n.askWitness()
 	if n.heard {
 		n.lastHeard, n.heard = now, false
 	}
@@ -381,8 +384,13 @@ func (n *Node) Step(m wire.Msg) {
 		err := fmt.Errorf("%w by the peer: %v: %s", ErrRefused, m.Reason, m.Text)
 		n.note(NoteRefused, err)
 		// A backup that refuses a running primary (a protocol error)
-		// then takes over: the primary asks the witness too.
-		n.dropLink(err)
+		// then takes over: the primary asks the witness too. A refusal
+		// in the handshake loses nothing.
+		var lost error
+		if n.link == linkUp {
+			lost = err
+		}
+		n.dropLink(lost)
 		if n.role == RoleBackup {
 			// Refused in the handshake, or cut off by a primary that goes
 			// on alone: either way there is nothing to take over.
@@ -455,7 +463,9 @@ func (n *Node) dropLink(why error) {
 	if n.role != RolePrimary {
 		return
 	}
-	if up && why != nil && n.fencing() {
+	// A backup still joining (the full state not sent) cannot take over:
+	// nothing to ask.
+	if up && why != nil && !n.joining && n.fencing() {
 		// Held outputs stay held: if the backup wins, it performs them.
 		n.protected, n.joining, n.repair = false, false, false
 		n.claim(why)
@@ -486,11 +496,28 @@ func (n *Node) fencing() bool {
 
 // claim asks the witness whether this replica goes on (Ready.Claim); the
 // vCPU waits until Claimed.
+//
+// A backup that diverged and waits for its repair claims one Timeout
+// late: its state is known to be wrong, so a primary that is alive (the
+// link was cut) claims first and goes on; only a dead primary leaves the
+// guest to it.
 func (n *Node) claim(why error) {
-	n.claiming, n.claimWhy = true, why
-	n.claimOut = &Claim{Pair: n.pair, Role: n.role}
+	n.claiming, n.claimWhy, n.claimed = true, why, false
+	n.claimDue = n.now
+	if n.role == RoleBackup && n.diverged {
+		n.claimDue = n.now + n.tout
+	}
 	n.kick = true // a guest computing without exits stops at a point and waits there
 	n.note(NoteClaim, why)
+	n.askWitness()
+}
+
+// askWitness hands the claim out once it is due.
+func (n *Node) askWitness() {
+	if n.claiming && !n.claimed && n.now >= n.claimDue {
+		n.claimOut = &Claim{Pair: n.pair, Role: n.role}
+		n.claimed = true
+	}
 }
 
 // Claimed gives the witness's answer to Ready.Claim: won, this replica

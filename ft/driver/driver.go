@@ -167,16 +167,30 @@ func (r *Replica) vnow() int64 { return r.vbase.Load() + r.clock() }
 // Attach gives the replica its machine: it turns the dirty log on, so that
 // checkpoints and state hashes see every page the guest writes from now
 // on. Call it before Run and before the machine runs.
+//
+// In verify mode (the primary's, which a backup learns from the
+// handshake) it also hashes all of guest memory once, here, without the
+// lock: at an epoch end, with the lock held, the driver's ticker could not
+// send heartbeats while a large memory is hashed, and the peer would time
+// out.
 func (r *Replica) Attach(m *vmm.Machine) error {
 	if err := m.EnableDirtyLog(); err != nil {
 		return err
+	}
+	r.mu.Lock()
+	verify := r.opts.Node.Verify || r.peer.Verify
+	r.mu.Unlock()
+	var mh *memHash
+	if verify {
+		mh = newMemHash(m.Memory())
+		mh.digest()
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.m = m
 	r.scratch = make([]uint64, m.BitmapWords())
 	r.accum = make([]uint64, m.BitmapWords())
-	r.mh = newMemHash(m.Memory())
+	r.mh = mh
 	return nil
 }
 
@@ -510,12 +524,21 @@ func (r *Replica) hash() (ft.Digest, error) {
 		r.node.Status().Epoch >= r.opts.InjectDivergence {
 		r.injectDivergence()
 	}
+	if r.mh == nil {
+		// Verify mode that Attach did not know of.
+		r.mh = newMemHash(r.m.Memory())
+	}
 	r.mh.mark(r.scratch)
 	h := sha256.New()
 	if err := r.m.WriteStateHash(h, nil); err != nil {
 		return d, fmt.Errorf("state hash: %w", err)
 	}
+	// Hashing many pages (after an install, or the first time) takes a
+	// while: the ticker and the link reader go on meanwhile, as while the
+	// vCPU waits. The vCPU thread alone touches memHash and the memory.
+	r.mu.Unlock()
 	mem := r.mh.digest()
+	r.mu.Lock()
 	h.Write(mem[:])
 	copy(d[:], h.Sum(nil))
 	return d, nil
@@ -537,12 +560,20 @@ func (r *Replica) injectDivergence() {
 
 // capture is a checkpoint at a quiescent point, as one stream.
 func (r *Replica) capture(full bool) ([]byte, error) {
+	// The checkpoint would drain the dirty log (a full one drops it): take
+	// it first, so that the verify hash sees those pages, and only those.
+	if _, err := r.m.DirtyLog(r.scratch); err != nil {
+		return nil, fmt.Errorf("checkpoint: %w", err)
+	}
+	for i, w := range r.scratch {
+		r.accum[i] |= w
+	}
+	if r.mh != nil {
+		r.mh.mark(r.scratch)
+	}
 	if err := r.m.CheckpointWith(&r.cp, vmm.CheckpointOptions{Full: full, Extra: r.accum}); err != nil {
 		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
-	// The checkpoint drained the dirty log: the verify hash must still
-	// see those pages.
-	r.mh.mark(r.cp.Dirty)
 	clear(r.accum)
 	var buf bytes.Buffer
 	if err := r.cp.Write(snapshot.NewWriter(&buf)); err != nil {
@@ -559,9 +590,11 @@ func (r *Replica) install(blob []byte) error {
 		}
 		return r.m.Memory(), nil
 	})
-	// The verify hash must see the pages the install wrote (the dirty
+	// The verify hash must see the pages the install changed (the dirty
 	// log does not: the guest did not write them).
-	sr.Wrote = r.mh.markPage
+	if r.mh != nil {
+		sr.Wrote = r.mh.markPage
+	}
 	st, err := sr.Read()
 	if err != nil {
 		return fmt.Errorf("install the primary's state: %w", err)
@@ -575,7 +608,9 @@ func (r *Replica) install(blob []byte) error {
 	if _, err := r.m.DirtyLog(r.scratch); err != nil {
 		return fmt.Errorf("install: %w", err)
 	}
-	r.mh.mark(r.scratch)
+	if r.mh != nil {
+		r.mh.mark(r.scratch)
+	}
 	clear(r.accum)
 	return nil
 }
@@ -663,7 +698,7 @@ func (r *Replica) noted(n ft.Note) {
 	case ft.NoteClaim:
 		f.Warnf("replica: peer lost (%v); the guest waits while the witness decides which replica goes on", n.Err)
 	case ft.NoteFenced:
-		f.Errorf("replica: FENCED: %v", n.Err)
+		f.Errorf("replica: %v; this replica stops", n.Err)
 	default:
 		f.Infof("replica: %v", n)
 	}

@@ -191,6 +191,9 @@ func (m Hello) appendBody(b []byte) []byte {
 	}
 	b = append(b, m.Instance[:]...)
 	b = append(b, m.Witness[:]...)
+	if m.Version == 2 {
+		return b // Rest belongs to later versions
+	}
 	return append(b, m.Rest...)
 }
 
@@ -213,7 +216,7 @@ func decodeHello(r *reader) Msg {
 	// The frozen part ends here: version 1 had nothing more.
 	m.Instance = r.digest()
 	m.Witness = r.digest()
-	if len(r.b) > 0 && !r.bad {
+	if m.Version > 2 && len(r.b) > 0 && !r.bad {
 		// Copied: the decoder reuses its buffer.
 		m.Rest = append([]byte(nil), r.take(len(r.b))...)
 	}

@@ -202,6 +202,13 @@ func TestDecodeErrors(t *testing.T) {
 	if _, err := DecodeBody(TypeHello, body); !errors.Is(err, ErrMalformed) {
 		t.Fatalf("bool 2: %v", err)
 	}
+	// Versions 1 and 2 have no fields after theirs; later ones may.
+	for _, v := range []uint32{1, 2} {
+		body := append(Hello{Version: v}.appendBody(nil), 0)
+		if _, err := DecodeBody(TypeHello, body); !errors.Is(err, ErrMalformed) {
+			t.Fatalf("version %d hello with a byte more: %v", v, err)
+		}
+	}
 }
 
 func crc32c(b []byte) uint32 { return crcOf(b) }

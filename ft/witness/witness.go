@@ -91,7 +91,7 @@ func strictJSON(b []byte, v any) error {
 	if err := d.Decode(v); err != nil {
 		return fmt.Errorf("%w: %v", ErrMalformed, err)
 	}
-	if d.More() {
+	if len(bytes.TrimSpace(b[d.InputOffset():])) > 0 {
 		return fmt.Errorf("%w: data after the object", ErrMalformed)
 	}
 	return nil
@@ -147,6 +147,10 @@ type Server struct {
 	mu    sync.Mutex
 	pairs map[ft.Digest]ft.Role
 	state *os.File // nil: decisions in memory only
+	size  int64    // bytes of state that hold whole, synced decisions
+	// broken: a failed write could not be undone; the file may hold a
+	// decision this process does not, so no claim is answered again.
+	broken error
 	// Log, if set, hears each decision.
 	Log func(format string, args ...any)
 }
@@ -184,8 +188,13 @@ func NewServer(statePath string) (*Server, error) {
 			f.Close()
 			return nil, fmt.Errorf("witness state %s: %w", statePath, err)
 		}
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("witness state %s: %w", statePath, err)
+		}
+		good = int64(len(stateHeader))
 	}
-	s.pairs, s.state = pairs, f
+	s.pairs, s.state, s.size = pairs, f, good
 	return s, nil
 }
 
@@ -200,6 +209,11 @@ func LoadState(r io.Reader) (map[ft.Digest]ft.Role, int64, error) {
 	for line := 1; ; line++ {
 		l, err := br.ReadString('\n')
 		if err == io.EOF {
+			if line == 1 && !strings.HasPrefix(stateHeader, l) {
+				// Not a state file whose header was cut short: do not
+				// truncate somebody else's file.
+				return nil, 0, fmt.Errorf("%w: not a witness state file (it starts %q)", ErrMalformed, firstBytes(l))
+			}
 			return pairs, good, nil // empty, or a last line cut short
 		}
 		if err != nil {
@@ -232,23 +246,43 @@ func LoadState(r io.Reader) (map[ft.Digest]ft.Role, int64, error) {
 	}
 }
 
+func firstBytes(s string) string {
+	if len(s) > 20 {
+		return s[:20] + "..."
+	}
+	return s
+}
+
 // Claim decides a claim: the first of a pair wins, and later claims of
 // the pair get the same winner. The decision is on disk (with a state
 // file) before Claim returns.
 func (s *Server) Claim(c ft.Claim) (ft.Role, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.broken != nil {
+		return 0, s.broken
+	}
 	if w, ok := s.pairs[c.Pair]; ok {
 		s.logf("witness: pair %x: the %v claims; the %v won already", c.Pair[:6], c.Role, w)
 		return w, nil
 	}
 	if s.state != nil {
-		if _, err := fmt.Fprintf(s.state, "%x %s\n", c.Pair[:], roleName(c.Role)); err != nil {
+		line := fmt.Sprintf("%x %s\n", c.Pair[:], roleName(c.Role))
+		_, err := s.state.WriteString(line)
+		if err == nil {
+			err = s.state.Sync()
+		}
+		if err != nil {
+			// Undo the part that may have been written, so that the
+			// file never holds a decision nobody was told.
+			if terr := s.state.Truncate(s.size); terr != nil {
+				s.broken = fmt.Errorf("the state file may hold an unanswered decision (%v, then %v): restart the witness", err, terr)
+			} else if _, serr := s.state.Seek(s.size, io.SeekStart); serr != nil {
+				s.broken = fmt.Errorf("the state file cannot be written (%v, then %v): restart the witness", err, serr)
+			}
 			return 0, fmt.Errorf("record the decision: %w", err)
 		}
-		if err := s.state.Sync(); err != nil {
-			return 0, fmt.Errorf("record the decision: %w", err)
-		}
+		s.size += int64(len(line))
 	}
 	s.pairs[c.Pair] = c.Role
 	s.logf("witness: pair %x: the %v claims first and goes on", c.Pair[:6], c.Role)

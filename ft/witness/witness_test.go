@@ -98,6 +98,7 @@ func TestStateFileErrors(t *testing.T) {
 	dir := t.TempDir()
 	for _, tc := range []struct{ name, content, want string }{
 		{"not a state file", "hello\n", "not a witness state file"},
+		{"a file without a newline", "some notes", "not a witness state file"},
 		{"bad role", stateHeader + strings.Repeat("ab", 32) + " nobody\n", "neither primary nor backup"},
 		{"bad pair", stateHeader + "xyz primary\n", "lower-case hex"},
 		{"decided twice", stateHeader + strings.Repeat("ab", 32) + " primary\n" + strings.Repeat("ab", 32) + " backup\n", "decided twice"},
@@ -107,6 +108,9 @@ func TestStateFileErrors(t *testing.T) {
 			os.WriteFile(path, []byte(tc.content), 0o644)
 			if _, err := NewServer(path); err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("got %v, want %q", err, tc.want)
+			}
+			if b, _ := os.ReadFile(path); string(b) != tc.content {
+				t.Fatalf("the file was changed to %q", b)
 			}
 		})
 	}
@@ -155,6 +159,8 @@ func TestDecodeAnswer(t *testing.T) {
 	}{
 		{`{"pair":"` + hexA + `","winner":"backup"}`, ft.RoleBackup, ""},
 		{`{"pair":"` + hexA + `","winner":"backup"} {}`, 0, "data after"},
+		{`{"pair":"` + hexA + `","winner":"backup"}}`, 0, "data after"},
+		{`{"pair":"` + hexA + `","winner":"backup"}` + "\n", ft.RoleBackup, ""},
 		{`{"pair":"` + hexA + `","winner":"both"}`, 0, "neither"},
 		{`{"pair":"` + strings.Repeat("ab", 32) + `","winner":"backup"}`, 0, "the claim was for"},
 		{`{"error":"disk full"}`, 0, "refused the claim: disk full"},
@@ -168,5 +174,22 @@ func TestDecodeAnswer(t *testing.T) {
 	}
 	if _, err := DecodeAnswer([]byte(`{}`), pairA); !errors.Is(err, ErrMalformed) {
 		t.Errorf("empty answer: %v", err)
+	}
+}
+
+// A decision that cannot be recorded is not answered, and a witness that
+// cannot undo a failed write answers no claim again: its file might hold
+// a decision nobody was told, and a restart reads the file.
+func TestStateWriteFailure(t *testing.T) {
+	s, err := NewServer(filepath.Join(t.TempDir(), "state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.state.Close() // the disk goes away
+	if w, err := s.Claim(ft.Claim{Pair: pairA, Role: ft.RolePrimary}); err == nil {
+		t.Fatalf("an unrecorded decision was answered: %v", w)
+	}
+	if _, err := s.Claim(ft.Claim{Pair: pairA, Role: ft.RoleBackup}); err == nil || !strings.Contains(err.Error(), "restart the witness") {
+		t.Fatalf("later claim: %v", err)
 	}
 }

@@ -147,7 +147,9 @@ type StreamReader struct {
 	Memory func(h Header) ([]byte, error)
 	// Progress, if set, is called after each pages frame.
 	Progress func(bytesRead int64)
-	// Wrote, if set, is called with the number of each page written.
+	// Wrote, if set, is called with the number of each page whose
+	// contents the stream changed (a page that already held them is left
+	// alone and not reported).
 	Wrote func(pfn uint64)
 }
 
@@ -202,12 +204,16 @@ func (s *StreamReader) Read() (*State, error) {
 			}
 			for i := 0; i < pg.N; i++ {
 				dst := mem[pg.PFN(i)*PageSize:][:PageSize]
-				if t == FrameZeroPages {
+				switch {
+				case s.Wrote == nil && t == FrameZeroPages:
 					clear(dst)
-				} else {
+				case s.Wrote == nil:
 					copy(dst, pg.Data(i))
-				}
-				if s.Wrote != nil {
+				case t == FrameZeroPages && !IsZero(dst):
+					clear(dst)
+					s.Wrote(pg.PFN(i))
+				case t == FramePages && !bytes.Equal(dst, pg.Data(i)):
+					copy(dst, pg.Data(i))
 					s.Wrote(pg.PFN(i))
 				}
 			}

@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -109,6 +110,12 @@ type Replica struct {
 	cp             vmm.Checkpoint
 	mh             *memHash // verify mode's hash of guest memory
 	injected       bool
+
+	// A promoted backup's replay, watched by the ticker (watchReplay).
+	stallEpoch  uint64
+	stallPos    ft.Position
+	stallSince  time.Time
+	stallWarned bool
 
 	linkBytes atomic.Int64 // bytes written to links
 	trace     bool         // log every action (log level trace)
@@ -345,6 +352,12 @@ func (r *Replica) Halt(p vmm.Point, t vmm.Target) error {
 		case a.Kind == ft.ActYield || t.Pending():
 			return nil
 		}
+		// Nothing woke the guest: offer the point again, but let the
+		// ticker, the link and the performer have the lock in between,
+		// or they would wait as long as the guest does.
+		r.mu.Unlock()
+		runtime.Gosched()
+		r.mu.Lock()
 	}
 }
 
@@ -806,13 +819,34 @@ func (r *Replica) ticker() {
 			}
 		}
 		r.node.Tick(r.clock())
-		if r.started && r.kick != nil && r.node.Status().Replaying {
+		if st := r.node.Status(); r.started && r.kick != nil && st.Replaying {
 			// A promoted backup goes live at its next point; a guest
 			// computing without exits would not reach one.
 			r.kick()
+			r.watchReplay(st)
 		}
 		r.drain()
 		r.mu.Unlock()
+	}
+}
+
+// replayStall is how long a promoted backup may replay without moving
+// before the driver says so: replaying a log takes no longer than running
+// it did.
+const replayStall = 30 * time.Second
+
+// watchReplay warns, once per position, when a promoted backup's replay
+// stands still: a hang must not be silent. mu is held.
+func (r *Replica) watchReplay(st ft.Status) {
+	now := time.Now()
+	if st.Epoch != r.stallEpoch || st.Pos != r.stallPos {
+		r.stallEpoch, r.stallPos, r.stallSince, r.stallWarned = st.Epoch, st.Pos, now, false
+		return
+	}
+	if !r.stallWarned && now.Sub(r.stallSince) >= replayStall {
+		r.stallWarned = true
+		r.log.Errorf("replica: the replay of the dead primary's log has not moved from epoch %d position %v for %v: %s",
+			st.Epoch, st.Pos, replayStall, r.node.Describe())
 	}
 }
 

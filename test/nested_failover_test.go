@@ -220,14 +220,7 @@ func TestNestedFailover(t *testing.T) {
 		GuestImages: true,
 		Commands:    []nested.Command{{Name: "linux-failover", Cmd: nestedFailoverScript(killAt, delayUS), Timeout: 16 * time.Minute}},
 	}
-	logNestedConsole(t, &cfg)
-	res, err := nested.Run(ctx, cfg)
-	if err != nil {
-		if res != nil {
-			t.Logf("L1 console:\n%s", res.Console)
-		}
-		t.Fatal(err)
-	}
+	res := runNested(ctx, t, cfg)
 	c := res.Command("linux-failover")
 	t.Logf("L1 boot %v, drill command %v, whole run %v", res.BootTime.Round(time.Second),
 		c.Duration.Round(time.Second), res.Elapsed.Round(time.Second))

@@ -145,17 +145,11 @@ func TestNestedMigrate(t *testing.T) {
 	// takes one to three minutes on these machines.
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
-	res, err := nested.Run(ctx, nested.Config{
+	res := runNested(ctx, t, nested.Config{
 		Files:       map[string]string{l1FTKVM: ftkvmBin},
 		GuestImages: true,
 		Commands:    []nested.Command{{Name: "linux-migrate", Cmd: nestedMigrateScript(), Timeout: 16 * time.Minute}},
 	})
-	if err != nil {
-		if res != nil {
-			t.Logf("L1 console:\n%s", res.Console)
-		}
-		t.Fatal(err)
-	}
 	c := res.Command("linux-migrate")
 	t.Logf("L1 boot %v, migration command %v, whole run %v", res.BootTime.Round(time.Second),
 		c.Duration.Round(time.Second), res.Elapsed.Round(time.Second))

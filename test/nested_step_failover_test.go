@@ -159,14 +159,7 @@ func TestNestedStepClockFailoverDrills(t *testing.T) {
 		GuestImages: true,
 		Commands:    []nested.Command{{Name: "probe", Cmd: l1FTKVM + " probe"}, {Name: "drills", Cmd: nestedStepDrillScript(fracs), Timeout: 20 * time.Minute}},
 	}
-	logNestedConsole(t, &cfg)
-	res, err := nested.Run(ctx, cfg)
-	if err != nil {
-		if res != nil {
-			t.Logf("L1 console:\n%s", res.Console)
-		}
-		t.Fatal(err)
-	}
+	res := runNested(ctx, t, cfg)
 	if p := res.Command("probe"); p == nil || !p.OK() || !strings.Contains(p.Output, "guests at every ring") {
 		t.Fatalf("the L1's KVM does not offer the step clock at every ring, which these drills need:\n%v", p)
 	}

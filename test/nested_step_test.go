@@ -25,7 +25,7 @@ func TestNestedStepClock(t *testing.T) {
 	stepRun := func(cmdline string) string {
 		return l1FTKVM + " --log-level info run --epoch step --kernel " + l1TestOS + " --mem 32 --cmdline '" + cmdline + "'"
 	}
-	res, err := nested.Run(ctx, nested.Config{
+	res := runNested(ctx, t, nested.Config{
 		Files: map[string]string{l1FTKVM: ftkvmBin, l1TestOS: testosELF},
 		Commands: []nested.Command{
 			{Name: "probe", Cmd: l1FTKVM + " probe"},
@@ -35,12 +35,6 @@ func TestNestedStepClock(t *testing.T) {
 			{Name: "step-ring3", Cmd: stepRun("workload=tsc samples=2 work=10 hz=19"), Timeout: 8 * time.Minute},
 		},
 	})
-	if err != nil {
-		if res != nil {
-			t.Logf("L1 console:\n%s", res.Console)
-		}
-		t.Fatal(err)
-	}
 	probe := res.Command("probe")
 	if probe == nil || !probe.OK() {
 		t.Fatalf("probe in L1: %v", probe)

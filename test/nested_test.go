@@ -89,6 +89,22 @@ func logNestedConsole(t *testing.T, cfg *nested.Config) {
 	cfg.Log = f
 }
 
+// runNested boots an L1 with cfg (its console copied as logNestedConsole
+// says) and runs its commands; a failure of the L1 itself ends the test
+// with the L1's console.
+func runNested(ctx context.Context, t *testing.T, cfg nested.Config) *nested.Result {
+	t.Helper()
+	logNestedConsole(t, &cfg)
+	res, err := nested.Run(ctx, cfg)
+	if err != nil {
+		if res != nil {
+			t.Logf("L1 console:\n%s", res.Console)
+		}
+		t.Fatal(err)
+	}
+	return res
+}
+
 func testosRun(cmdline string) string {
 	return fmt.Sprintf("%s run --kernel %s --mem 32 --cmdline '%s'", l1FTKVM, l1TestOS, cmdline)
 }
@@ -118,14 +134,7 @@ func TestNestedFTKVM(t *testing.T) {
 		GuestImages: true,
 		Commands:    cmds,
 	}
-	logNestedConsole(t, &cfg)
-	res, err := nested.Run(ctx, cfg)
-	if err != nil {
-		if res != nil {
-			t.Logf("L1 console:\n%s", res.Console)
-		}
-		t.Fatal(err)
-	}
+	res := runNested(ctx, t, cfg)
 	t.Logf("L1 boot %v, whole run %v", res.BootTime.Round(time.Second), res.Elapsed.Round(time.Second))
 	check := func(name string, want ...string) {
 		t.Helper()

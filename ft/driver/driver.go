@@ -543,7 +543,7 @@ func (r *Replica) hash() (ft.Digest, error) {
 	}
 	r.mh.mark(r.scratch)
 	h := sha256.New()
-	if err := r.m.WriteStateHash(h, nil); err != nil {
+	if err := r.m.WriteRegsHash(h); err != nil {
 		return d, fmt.Errorf("state hash: %w", err)
 	}
 	// Hashing many pages (after an install, or the first time) takes a

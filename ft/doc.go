@@ -206,6 +206,12 @@
 //     a byte typed: KindUART); Step each decoded message; Disconnected on
 //     EOF, a reset or a decoding error; Connected when a link is up (one
 //     at a time; refuse others with Refuse{RefuseBusy}).
+//   - A backup's accepted connection is a stranger until its first frame
+//     is a Hello that Admits accepts: only then Connected and Step(hello).
+//     A stranger (no hello in time, bytes that are not a frame, another
+//     message, an oversized frame, a hello the node refuses) gets a
+//     Refuse where the protocol allows and is closed; the backup goes on
+//     listening. Its going away is therefore never a lost primary.
 //   - Ready: send Messages in order on the link; Kick: call the kick
 //     function; Close: close the link after sending; Notes: log them.
 //   - Start the primary's guest only after the handshake (or with no

@@ -584,6 +584,22 @@ func (n *Node) stepHello(h wire.Hello) {
 	}
 }
 
+// Admits reports whether a peer whose Hello is h could complete the
+// handshake with this node now, and if not, the refusal's reason. The
+// backup's driver asks it of every connection before it makes one its
+// link (Connected, then Step with h): a stranger (a port scanner, a
+// health check, a foreign guest's primary) never becomes the peer, so its
+// going away is no loss of a primary.
+func (n *Node) Admits(h wire.Hello) (wire.RefuseReason, error) {
+	switch {
+	case n.link != linkDown:
+		return wire.RefuseBusy, errors.New("a link is up already")
+	case n.failed != nil:
+		return wire.RefuseBusy, fmt.Errorf("this replica has stopped: %v", n.failed)
+	}
+	return n.compatible(h)
+}
+
 // compatible reports why the peer cannot be our partner, if it cannot.
 func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
 	s := n.self

@@ -200,6 +200,15 @@ func NewReader(r io.Reader, maxBody int) *Reader {
 	return &Reader{r: r, d: NewDecoder(maxBody), buf: make([]byte, 64<<10)}
 }
 
+// SetMaxBody changes the bound on bodies (DefaultMaxBody if <= 0): a
+// handshake reads its hello under a small one, then lifts it.
+func (r *Reader) SetMaxBody(maxBody int) {
+	if maxBody <= 0 {
+		maxBody = DefaultMaxBody
+	}
+	r.d.maxBody = maxBody
+}
+
 // Read returns the next message. At the end of the stream it returns
 // io.EOF after a whole frame, ErrTruncated inside one (the partial frame
 // is dropped), and decoding errors as they are.

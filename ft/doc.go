@@ -141,12 +141,35 @@
 // (Hello.Witness, compared). An unreachable witness leaves the guest
 // waiting: availability is given up rather than consistency.
 //
+// # Handshake
+//
+// Each side sends a Hello when the link is up; the peer's decides. It is
+// refused (Refuse, with the reason, and the link closed) unless both run
+// the same protocol version and guest (kernel, initrd and command line by
+// SHA-256, memory size, epoch clock), name the same witness, and agree on
+// what of the host decides where delivery points fall. Those settings are
+// the primary's to decide, once; a backup adopts them or refuses:
+//   - Interrupt windows (Hello.Windows): the primary says whether its
+//     machine requests them; a backup says whether its KVM opens them at
+//     points the guest's execution defines (native ring 0). A primary
+//     that uses windows and a backup that cannot place them refuse each
+//     other; otherwise the backup's machine uses the primary's choice.
+//     Two replicas that each measured for themselves could count
+//     different exits.
+//   - The CPU (Hello.CPU, the CPUID table's SHA-256): compared, except
+//     for a backup joining a running guest, which installs the primary's
+//     CPUID with its state.
+//
+// The backup's driver asks Admits before a connection becomes the link,
+// so only a peer that would pass these checks is ever its primary.
+//
 // # Messages (package ft/wire)
 //
 //	Hello              both, first: version, role, policy, clock, verify,
 //	                   started, memory size, wall clock, kernel/initrd/
 //	                   command-line hashes; from version 2 the replica's
-//	                   instance and the witness's hash
+//	                   instance and the witness's hash; from version 3
+//	                   interrupt windows and the CPUID hash
 //	Refuse             a refused handshake, or a protocol error: reason, text
 //	Record      (log)  P0: seq, epoch, position, kind, value
 //	EpochEnd    (log)  P2: seq, epoch, position, halt, events, hash

@@ -173,7 +173,7 @@ func NewNode(cfg Config) *Node {
 	g := cfg.Guest
 	n.self = wire.Hello{Version: ProtocolVersion, Policy: cfg.Policy, Clock: g.Clock, Verify: cfg.Verify,
 		MemSize: g.MemSize, WallClock: g.WallClock, Kernel: g.Kernel, Initrd: g.Initrd, Cmdline: g.Cmdline,
-		Instance: cfg.Instance, Witness: cfg.Witness}
+		Instance: cfg.Instance, Witness: cfg.Witness, Windows: g.Windows, CPU: g.CPU}
 	return n
 }
 
@@ -633,6 +633,12 @@ func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
 			return "sha256 " + short(d)
 		}
 		return wire.RefuseWitness, fmt.Errorf("different witness: %s here, %s on the peer (both need the same --witness)", name(s.Witness), name(h.Witness))
+	case n.role == RoleBackup && h.Windows && !s.Windows:
+		return wire.RefuseWindows, fmt.Errorf("the primary requests interrupt windows, which this backup's KVM does not open at points the guest defines (guest ring 0 is emulated here); run the primary with --interrupt-windows off, or the backup on a host like the primary's")
+	case n.role == RolePrimary && s.Windows && !h.Windows:
+		return wire.RefuseWindows, fmt.Errorf("this primary requests interrupt windows, which the backup's KVM does not open at points the guest defines (guest ring 0 is emulated there); run the primary with --interrupt-windows off, or the backup on a host like the primary's")
+	case h.CPU != s.CPU && !(n.role == RoleBackup && h.Started) && !(n.role == RolePrimary && n.started):
+		return wire.RefuseCPU, fmt.Errorf("the guest would see a different CPU: CPUID sha256 %s here, %s on the peer (replicas need the same CPU model and KVM)", short(s.CPU), short(h.CPU))
 	case s.Witness != (Digest{}) && (h.Instance == (Digest{}) || h.Instance == s.Instance):
 		return wire.RefuseWitness, fmt.Errorf("the peer's instance name is %s: the pair cannot be named at the witness", name0(h.Instance))
 	}

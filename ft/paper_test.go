@@ -776,7 +776,9 @@ func TestHandshakeRefusals(t *testing.T) {
 		text   string
 	}{
 		{"protocol version 1", func(h *wire.Hello) { h.Version = 1 }, wire.RefuseVersion, "protocol version 1"},
-		{"a later protocol version", func(h *wire.Hello) { h.Version, h.Rest = 3, []byte("later fields") }, wire.RefuseVersion, "protocol version 3"},
+		{"a later protocol version", func(h *wire.Hello) { h.Version, h.Rest = 4, []byte("later fields") }, wire.RefuseVersion, "protocol version 4"},
+		{"protocol version 2", func(h *wire.Hello) { h.Version = 2 }, wire.RefuseVersion, "protocol version 2"},
+		{"cpu", func(h *wire.Hello) { h.CPU[0] = 0xee }, wire.RefuseCPU, "different CPU"},
 		{"witness on one side", func(h *wire.Hello) { h.Witness[0] = 0xee }, wire.RefuseWitness, "different witness: none here"},
 		{"kernel", func(h *wire.Hello) { h.Kernel[0] = 0xee }, wire.RefuseKernel, "different kernel"},
 		{"initrd", func(h *wire.Hello) { h.Initrd[0] = 0xee }, wire.RefuseInitrd, "different initrd"},
@@ -1245,5 +1247,68 @@ func TestJoiningBackupPromotesWithReceivedState(t *testing.T) {
 				t.Fatalf("installed %q", a.State)
 			}
 		})
+	}
+}
+
+// Handshake: interrupt windows are the primary's decision. A backup
+// whose host places them exactly adopts either choice (NoteLinkUp's Peer
+// carries it); one whose host cannot refuses a primary that uses them,
+// with one line on both sides, and a primary that uses them refuses it.
+func TestHandshakeWindows(t *testing.T) {
+	for _, tc := range []struct {
+		primary, backupCan bool
+		refused            bool
+	}{
+		{primary: false, backupCan: false},
+		{primary: false, backupCan: true},
+		{primary: true, backupCan: true},
+		{primary: true, backupCan: false, refused: true},
+	} {
+		t.Run(fmt.Sprintf("primary %v, backup can %v", tc.primary, tc.backupCan), func(t *testing.T) {
+			pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
+			pc.Guest.Windows, bc.Guest.Windows = tc.primary, tc.backupCan
+			p, b := newReplica(t, pc), newReplica(t, bc)
+			p.n.Connected()
+			b.n.Connected()
+			ph, bh := ofType[wire.Hello](p.drain())[0], ofType[wire.Hello](b.drain())[0]
+			p.step(bh)
+			b.step(ph)
+			pr, br := ofType[wire.Refuse](p.drain()), ofType[wire.Refuse](b.drain())
+			if !tc.refused {
+				if len(pr)+len(br) != 0 {
+					t.Fatalf("refused: %v %v", pr, br)
+				}
+				n, ok := b.hasNote(NoteLinkUp)
+				if !ok || n.Peer.Windows != tc.primary {
+					t.Fatalf("the backup did not learn the primary's choice: %v", b.notes)
+				}
+				return
+			}
+			for _, r := range [][]wire.Refuse{pr, br} {
+				if len(r) != 1 || r[0].Reason != wire.RefuseWindows || !contains(r[0].Text, "interrupt windows") {
+					t.Fatalf("refusals %v %v", pr, br)
+				}
+			}
+			if _, ok := b.hasNote(NoteLinkUp); ok {
+				t.Fatal("the backup paired")
+			}
+		})
+	}
+}
+
+// Handshake: a backup that joins a running guest installs the primary's
+// CPUID with its state, so a different CPU digest is no refusal there.
+func TestHandshakeJoinAdoptsCPU(t *testing.T) {
+	pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
+	bc.Guest.CPU[0] = 0xee
+	p, b := newReplica(t, pc), newReplica(t, bc)
+	p.n.started = true
+	p.n.Connected()
+	b.n.Connected()
+	ph, bh := ofType[wire.Hello](p.drain())[0], ofType[wire.Hello](b.drain())[0]
+	p.step(bh)
+	b.step(ph)
+	if r := append(ofType[wire.Refuse](p.drain()), ofType[wire.Refuse](b.drain())...); len(r) != 0 {
+		t.Fatalf("refused: %v", r)
 	}
 }

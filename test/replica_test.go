@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ftkvm/ftkvm/vmm"
 	"github.com/ftkvm/ftkvm/vmm/api"
 )
 
@@ -177,21 +178,32 @@ func TestReplicaRefusals(t *testing.T) {
 	requireKVM(t)
 	w := workloadNamed(t, "counter")
 	for _, tc := range []struct {
-		name   string
-		backup []string
-		want   string
+		name    string
+		backup  []string
+		want    string
+		primary []string // flags added to the primary's
 	}{
-		{"cmdline", []string{"--kernel", testosELF, "--mem", "32", "--cmdline", "workload=counter lines=1"}, "different command line"},
-		{"memory", []string{"--kernel", testosELF, "--mem", "64", "--cmdline", w.cmdline}, "different memory size"},
+		{"cmdline", []string{"--kernel", testosELF, "--mem", "32", "--cmdline", "workload=counter lines=1"}, "different command line", nil},
+		{"memory", []string{"--kernel", testosELF, "--mem", "64", "--cmdline", w.cmdline}, "different memory size", nil},
 		// The primary has no witness; a backup with one must not pair.
-		{"witness", []string{"--kernel", testosELF, "--mem", "32", "--cmdline", w.cmdline, "--witness", "127.0.0.1:1"}, "different witness"},
+		{"witness", []string{"--kernel", testosELF, "--mem", "32", "--cmdline", w.cmdline, "--witness", "127.0.0.1:1"}, "different witness", nil},
+		// The primary decides on interrupt windows; a backup whose KVM
+		// emulates guest ring 0 (this test's hosts: ftkvm probe) cannot
+		// place them at points the guest defines, and refuses.
+		{"interrupt windows", replicaArgs(w), "interrupt windows", []string{"--interrupt-windows", "on"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			// The mismatched backup refuses the primary, which fails with
 			// one line; the backup logs one line and goes on waiting for
 			// a primary of its own guest.
 			b := start(t, append([]string{"backup", "--listen", "127.0.0.1:0"}, tc.backup...)...)
-			p := ftkvm(t, time.Minute, "", append([]string{"primary", "--backup", b.backupAddr()}, replicaArgs(w)...)...)
+			if tc.name == "interrupt windows" {
+				if host, err := vmm.ProbeHost(""); err != nil || host.ExactWindows {
+					t.Skipf("this host's KVM runs guest ring 0 natively (%v): a backup here follows a primary's interrupt windows; ft.TestHandshakeWindows covers the refusal", err)
+				}
+			}
+			args := append([]string{"primary", "--backup", b.backupAddr()}, tc.primary...)
+			p := ftkvm(t, time.Minute, "", append(args, replicaArgs(w)...)...)
 			if p.status != 125 {
 				t.Fatalf("primary status %d\n%s", p.status, p.stderr)
 			}

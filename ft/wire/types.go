@@ -172,6 +172,8 @@ const (
 	RefuseBusy     RefuseReason = 8  // the primary already has a backup
 	RefuseProtocol RefuseReason = 9  // the peer broke the protocol
 	RefuseWitness  RefuseReason = 10 // a different witness, or one side has none
+	RefuseWindows  RefuseReason = 11 // the primary uses interrupt windows the backup cannot place exactly
+	RefuseCPU      RefuseReason = 12 // the guest would see a different CPU (CPUID)
 )
 
 func (r RefuseReason) String() string {
@@ -196,6 +198,10 @@ func (r RefuseReason) String() string {
 		return "protocol error"
 	case RefuseWitness:
 		return "witness"
+	case RefuseWindows:
+		return "interrupt windows"
+	case RefuseCPU:
+		return "cpu"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }

@@ -51,7 +51,10 @@ func TestStrangersDoNotPair(t *testing.T) {
 			log, hook := logtest.NewNullLogger()
 			log.SetLevel(logrus.DebugLevel)
 			id := ft.Identity{Kernel: ft.Digest{1}, MemSize: 32 << 20, WallClock: 42}
-			b := New(Options{Node: ft.Config{Role: ft.RoleBackup, Guest: id}, Log: log})
+			// A peer timeout a loaded test host cannot exceed by accident
+			// (it is also the silent stranger's time to say hello).
+			const tout = 3 * time.Second
+			b := New(Options{Node: ft.Config{Role: ft.RoleBackup, Guest: id, Timeout: tout}, Log: log})
 			defer b.Close()
 			l, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
@@ -81,7 +84,7 @@ func TestStrangersDoNotPair(t *testing.T) {
 				waitFor(t, func() bool { return strangerLines(hook) == 1 }, "one line about the stranger")
 			}
 
-			p := New(Options{Node: ft.Config{Role: ft.RolePrimary, Guest: id}, Log: quietLog()})
+			p := New(Options{Node: ft.Config{Role: ft.RolePrimary, Guest: id, Timeout: tout}, Log: quietLog()})
 			defer p.Close()
 			if err := p.Dial(l.Addr().String(), time.Second); err != nil {
 				t.Fatal(err)
@@ -133,7 +136,7 @@ func TestStrangersDoNotPair(t *testing.T) {
 // closed, and the real primary still pairs once a slot is free.
 func TestStrangerFlood(t *testing.T) {
 	id := ft.Identity{Kernel: ft.Digest{1}, MemSize: 32 << 20, WallClock: 42}
-	b := New(Options{Node: ft.Config{Role: ft.RoleBackup, Guest: id}, Log: quietLog()})
+	b := New(Options{Node: ft.Config{Role: ft.RoleBackup, Guest: id, Timeout: 3 * time.Second}, Log: quietLog()})
 	defer b.Close()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -149,18 +152,18 @@ func TestStrangerFlood(t *testing.T) {
 		}
 		conns = append(conns, c)
 	}
-	p := New(Options{Node: ft.Config{Role: ft.RolePrimary, Guest: id}, Log: quietLog()})
+	p := New(Options{Node: ft.Config{Role: ft.RolePrimary, Guest: id, Timeout: 3 * time.Second}, Log: quietLog()})
 	defer p.Close()
 	if err := p.Dial(l.Addr().String(), time.Second); err != nil {
 		t.Fatal(err)
 	}
 	// The primary may have been closed for want of a slot: a primary that
 	// gets no handshake in time dials again, as its operator would.
-	if _, err := p.WaitLink(3 * minHelloWait); err != nil {
+	if _, err := p.WaitLink(2 * 3 * time.Second); err != nil {
 		for _, c := range conns {
 			c.Close()
 		}
-		p2 := New(Options{Node: ft.Config{Role: ft.RolePrimary, Guest: id}, Log: quietLog()})
+		p2 := New(Options{Node: ft.Config{Role: ft.RolePrimary, Guest: id, Timeout: 3 * time.Second}, Log: quietLog()})
 		defer p2.Close()
 		if err := p2.Dial(l.Addr().String(), time.Second); err != nil {
 			t.Fatal(err)
@@ -242,7 +245,7 @@ func FuzzGreet(f *testing.F) {
 	f.Add(oversized())
 	id := ft.Identity{Kernel: ft.Digest{1}, MemSize: 32 << 20, WallClock: 42}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		b := New(Options{Node: ft.Config{Role: ft.RoleBackup, Guest: id}, Log: quietLog()})
+		b := New(Options{Node: ft.Config{Role: ft.RoleBackup, Guest: id, Timeout: 3 * time.Second}, Log: quietLog()})
 		defer b.Close()
 		here, there := net.Pipe()
 		go func() {

@@ -1,6 +1,6 @@
 // Package ft is ftkvm's replica-coordination protocol: Bressoud and
 // Schneider's hypervisor-based fault tolerance (ACM TOCS 14(1), 1996,
-// section 3), adapted to KVM as issue 5 describes, with what VMware FT,
+// section 3), adapted to KVM, with what VMware FT,
 // Remus and COLO learned (output commit, checkpoints, re-protection).
 //
 // It is a pure state machine in the manner of etcd's raft package: calls
@@ -15,8 +15,8 @@
 // # Positions and epochs
 //
 // A Position is (guest-caused exits since boot, instructions since the
-// last exit); the exit clock of issue 5 keeps the second at zero, the
-// exact clocks of issue 6 will set it. Point N is the moment after exit N
+// last exit); the exit clock keeps the second at zero, the exact clocks
+// (the step clock, vmm/step.go) set it. Point N is the moment after exit N
 // was handled, when vmm offers it (Environment.At). Environment reads and
 // outputs made while exit N is handled are at position N: they come before
 // point N. Kick points (vmm.PointKick) are host-timed: never a boundary.

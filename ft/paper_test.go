@@ -11,10 +11,10 @@ import (
 // One test per rule of the protocol, in the manner of etcd's
 // raft_paper_test.go. References are to Bressoud & Schneider,
 // "Hypervisor-based fault tolerance", ACM TOCS 14(1), 1996, section 3, and
-// to issue 5's adapted wording, quoted.
+// to the adapted wording of ft/doc.go.
 
 // Reference: Bressoud & Schneider, section 3, rule P0.
-// Issue 5: "P0, primary: an environment instruction's result is sent to
+// Rule P0 (ft/doc.go): "P0, primary: an environment instruction's result is sent to
 // the backup as [epoch, position, kind, value]."
 func TestP0PrimarySendsEnvironmentReads(t *testing.T) {
 	p, _ := pair(t, OutputCommit, false)
@@ -36,7 +36,7 @@ func TestP0PrimarySendsEnvironmentReads(t *testing.T) {
 }
 
 // Reference: Bressoud & Schneider, section 3, rule P1.
-// Issue 5: "P1, primary: an asynchronous event (PIT tick, UART byte) is
+// Rule P1 (ft/doc.go): "P1, primary: an asynchronous event (PIT tick, UART byte) is
 // buffered." It is never delivered in the middle of an epoch.
 func TestP1PrimaryBuffersAsyncEvents(t *testing.T) {
 	p, _ := pair(t, OutputCommit, false)
@@ -54,7 +54,7 @@ func TestP1PrimaryBuffersAsyncEvents(t *testing.T) {
 }
 
 // Reference: Bressoud & Schneider, section 3, rule P2.
-// Issue 5: "P2, primary: at the end of the epoch it sends the buffered
+// Rule P2 (ft/doc.go): "P2, primary: at the end of the epoch it sends the buffered
 // events, waits for the ack as the policy requires, delivers them, and
 // starts the next epoch." and "The primary ends an epoch at the first such
 // exit after its epoch length has passed."
@@ -92,7 +92,7 @@ func TestP2EpochEndsAtFirstExitAfterLength(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, epoch boundaries: "... or at once at HLT when events
+// Rule (ft/doc.go, epoch boundaries): "... or at once at HLT when events
 // are pending." With nothing to deliver the halted primary waits.
 func TestP2HaltEndsEpochAtOnce(t *testing.T) {
 	p, _ := pair(t, OutputCommit, false)
@@ -109,7 +109,7 @@ func TestP2HaltEndsEpochAtOnce(t *testing.T) {
 		wire.EpochEnd{Seq: 1, Epoch: 1, Pos: at(3), Halt: true, Events: []Event{timer(30)}})
 }
 
-// Reference: issue 5 leaves the epoch length's unit to us; ft/doc.go: "An
+// Rule (ft/doc.go, epochs): "An
 // epoch with nothing to deliver is not ended", except in verify mode,
 // where every epoch end compares the replicas' states.
 func TestP2EmptyEpochIsNotEnded(t *testing.T) {
@@ -170,7 +170,7 @@ func TestP1TimerEventsCoalesce(t *testing.T) {
 }
 
 // Reference: Bressoud & Schneider, section 3, rule P3.
-// Issue 5: "P3, backup: at an environment instruction it takes the value
+// Rule P3 (ft/doc.go): "P3, backup: at an environment instruction it takes the value
 // from the log, waiting if it has not arrived."
 func TestP3BackupTakesValueFromLog(t *testing.T) {
 	p, b := pair(t, OutputCommit, false)
@@ -186,7 +186,7 @@ func TestP3BackupTakesValueFromLog(t *testing.T) {
 	wantMsgs(t, "ack", b.drain(), wire.Ack{Seq: 1})
 }
 
-// Reference: issue 5, P3: "It verifies that position and kind match. A
+// Rule P3 (ft/doc.go): "It verifies that position and kind match. A
 // mismatch is a divergence." It is loud (a note, a count) and repaired
 // from the primary's state.
 func TestP3MismatchIsDivergence(t *testing.T) {
@@ -227,7 +227,7 @@ func TestP3MismatchIsDivergence(t *testing.T) {
 }
 
 // Reference: Bressoud & Schneider, section 3, rule P4.
-// Issue 5: "P4, backup: it ignores its own asynchronous events."
+// Rule P4 (ft/doc.go): "P4, backup: it ignores its own asynchronous events."
 func TestP4BackupIgnoresOwnAsyncEvents(t *testing.T) {
 	_, b := pair(t, OutputCommit, false)
 	b.n.Async(timer(1))
@@ -244,7 +244,7 @@ func TestP4BackupIgnoresOwnAsyncEvents(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, P4: "It absorbs outputs (UART transmit, and every
+// Rule P4 (ft/doc.go): "It absorbs outputs (UART transmit, and every
 // later device output) instead of performing them."
 func TestP4BackupAbsorbsOutputs(t *testing.T) {
 	p, b := pair(t, OutputCommit, false)
@@ -269,7 +269,7 @@ func TestP4BackupAbsorbsOutputs(t *testing.T) {
 }
 
 // Reference: Bressoud & Schneider, section 3, rule P5.
-// Issue 5: "P5, backup: at the epoch's end it delivers the primary's events
+// Rule P5 (ft/doc.go): "P5, backup: at the epoch's end it delivers the primary's events
 // at exactly that point."
 func TestP5BackupDeliversAtEpochEnd(t *testing.T) {
 	p, b := pair(t, OutputCommit, false)
@@ -361,7 +361,7 @@ func TestP5HaltWherePrimaryWentOnIsDivergence(t *testing.T) {
 	}
 }
 
-// Reference: REPLICATION-NOTES: a kick's point "depends on host timing. It
+// Rule (ft/doc.go, epochs): a kick's point "depends on host timing. It
 // must never count toward a position, and nothing may be injected there
 // while replicating."
 func TestKickPointIsNeverABoundary(t *testing.T) {
@@ -373,7 +373,7 @@ func TestKickPointIsNeverABoundary(t *testing.T) {
 	wantAction(t, "backup exit at it", b.n.Point(pt(10, 0)), ActDeliver)
 }
 
-// Reference: issue 5, output: "strict, the paper's: the primary waits for
+// Rule (ft/doc.go, output): "strict, the paper's: the primary waits for
 // the ack of each log record before going on."
 func TestStrictWaitsForEachRecord(t *testing.T) {
 	p, b := pair(t, Strict, false)
@@ -391,7 +391,7 @@ func TestStrictWaitsForEachRecord(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, output: "output-commit, VMware FT's output rule:
+// Rule (ft/doc.go, output): "output-commit, VMware FT's output rule:
 // records stream without waiting, and the primary waits for the ack only
 // before an output leaves the machine." The guest itself does not wait:
 // the output is held until the acknowledgement covers its own record.
@@ -425,7 +425,7 @@ func TestOutputCommitStreamsAndHoldsOutput(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, output: "Outputs carry sequence numbers, and the
+// Rule (ft/doc.go, output): "Outputs carry sequence numbers, and the
 // primary tells the backup which it has performed."
 func TestPerformedConfirmations(t *testing.T) {
 	p, b := pair(t, OutputCommit, false)
@@ -448,7 +448,7 @@ func TestPerformedConfirmations(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, epoch boundaries: "After a bound (default about
+// Rule (ft/doc.go, epoch boundaries): "After a bound (default about
 // 10-20 ms), the primary kicks the vCPU and ends the epoch with an
 // incremental checkpoint instead. The backup installs it, and the buffered
 // events are delivered after it, at the same state on both sides. Count
@@ -512,7 +512,7 @@ func TestKickPointWithoutOverdueEpoch(t *testing.T) {
 	wantAction(t, "unprotected overdue kick delivers", alone.n.Point(kick(3, 13*ms)), ActDeliver)
 }
 
-// Reference: issue 5: "The backup installs it, and the buffered events are
+// Rule (ft/doc.go): "The backup installs it, and the buffered events are
 // delivered after it." Installing needs a quiescent vCPU: at an exit the
 // backup yields to a kick point first; in Halt it installs at once.
 func TestBackupInstallsCheckpointThenDelivers(t *testing.T) {
@@ -556,7 +556,7 @@ func TestBackupInstallsCheckpointThenDelivers(t *testing.T) {
 	}
 }
 
-// Reference: issue 5: "Wire format: framed, versioned, checksummed, with
+// Rule (ft/doc.go): "Wire format: framed, versioned, checksummed, with
 // heartbeats." A quiet link carries heartbeats both ways.
 func TestHeartbeatsOnAQuietLink(t *testing.T) {
 	p, b := pair(t, OutputCommit, false)
@@ -574,7 +574,7 @@ func TestHeartbeatsOnAQuietLink(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, failure: "The backup declares the primary dead when
+// Rule (ft/doc.go, failure): "The backup declares the primary dead when
 // nothing arrives within a timeout (heartbeats; default 100 ms,
 // configurable), or when the connection breaks."
 func TestBackupDeclaresPrimaryDead(t *testing.T) {
@@ -607,7 +607,7 @@ func TestBackupDeclaresPrimaryDead(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, failure: "If the backup dies, the primary continues
+// Rule (ft/doc.go, failure): "If the backup dies, the primary continues
 // unprotected, says so in its log and status, and accepts a new backup."
 // Whatever waited for the backup goes on.
 func TestPrimaryContinuesUnprotectedWhenBackupDies(t *testing.T) {
@@ -637,7 +637,7 @@ func TestPrimaryContinuesUnprotectedWhenBackupDies(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, failure: "It replays everything it received and goes
+// Rule (ft/doc.go, failure): "It replays everything it received and goes
 // live where the log ends. Environment instructions become real there.
 // ... From the next epoch on it is the primary."
 func TestFailoverReplaysLogThenGoesLive(t *testing.T) {
@@ -682,7 +682,7 @@ func TestFailoverReplaysLogThenGoesLive(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, output: "A promoted backup performs only those not
+// Rule (ft/doc.go, output): "A promoted backup performs only those not
 // confirmed. Nothing is lost, and a duplicate can only be an output whose
 // confirmation was in flight." and failure: "Outstanding device operations
 // complete with an 'uncertain' outcome".
@@ -720,7 +720,7 @@ func TestFailoverRedoesUnconfirmedOutputs(t *testing.T) {
 	}
 }
 
-// Reference: REPLICATION-NOTES, failover: "If a message arrives only in
+// Rule (ft/doc.go, failover): "If a message arrives only in
 // part, the backup ignores the incomplete record. A record is applied only
 // when its checksum verifies."
 func TestFailoverIgnoresPartialRecord(t *testing.T) {
@@ -764,7 +764,7 @@ func TestBackupWithoutStateCannotPromote(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, surface: "The handshake refuses, with a clear
+// Rule (ft/doc.go, surface): "The handshake refuses, with a clear
 // message: a different protocol version; a different kernel, initrd or
 // command line (compared by hash); a different memory size." Both sides
 // say why, and a refused backup stops.
@@ -838,7 +838,7 @@ func TestHandshakeGivesPeerIdentity(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, divergence: "In --verify mode the primary sends, at
+// Rule (ft/doc.go, divergence): "In --verify mode the primary sends, at
 // each epoch end, a hash of its vCPU registers and of the guest pages
 // dirtied in the epoch; the backup compares. On a mismatch, a logged
 // divergence, the backup requests a checkpoint and continues from the
@@ -911,7 +911,7 @@ func TestVerifyDivergenceDetectedAndRepaired(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, failure: "Re-protection: a fresh ftkvm backup
+// Rule (ft/doc.go, failure): "Re-protection: a fresh ftkvm backup
 // --listen ADDR --join receives the running primary's state through live
 // transfer, then replicates." After its backup died the primary accepts a
 // new one: full state at the next kick point, then the log.
@@ -996,7 +996,7 @@ func TestReprotectionAfterFailover(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, surface: "When the guest ends normally on the
+// Rule (ft/doc.go, surface): "When the guest ends normally on the
 // primary, the backup exits with the same status." The primary makes sure
 // the goodbye arrived, so that the backup does not fail over instead.
 func TestGoodbyeStatus(t *testing.T) {
@@ -1175,7 +1175,7 @@ func TestBackupHearsAFrameStillArriving(t *testing.T) {
 	}
 }
 
-// Reference: issue 6 and the paper's section 3: with an exact clock the
+// Rule (ft/doc.go, positions) and the paper's section 3: with an exact clock the
 // epoch length is a number of instructions. An epoch ends at the first
 // point that many instructions after it began, whatever the time, and no
 // kick is ever asked for (every instruction is a point).

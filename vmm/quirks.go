@@ -11,7 +11,7 @@ import (
 // Interrupt windows and an emulated ring 0.
 //
 // On a KVM that emulates guest ring 0 (this project's development hosts,
-// kvm_pvm: see README), a requested interrupt window does not open at a
+// kvm_pvm: see docs/KVM-HOSTS.md), a requested interrupt window does not open at a
 // point of the guest's own choosing: the exit comes when the in-kernel
 // emulator happens to stop, which depends on host interrupts and
 // scheduling. Measured here: two runs of the same guest fed the same events

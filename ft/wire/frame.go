@@ -22,7 +22,7 @@ import (
 // The header has its own checksum so that a corrupt length is caught at
 // once, instead of making the decoder wait for bytes that will never come.
 // A frame is handed out only when both checksums verify: a record is
-// applied only when its checksum verifies (REPLICATION-NOTES, failover).
+// applied only when its checksum verifies (ft/doc.go, Failover).
 const (
 	HeaderSize   = 12
 	TrailerSize  = 4

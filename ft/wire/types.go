@@ -7,7 +7,7 @@ import (
 
 // Position is a point in the guest's instruction stream that both replicas
 // can find again: the number of guest-caused exits since the machine
-// started and, for the exact-epoch clocks of issue 6, the instructions
+// started and, for the exact-epoch clocks, the instructions
 // retired since the last of them. The exit clock keeps Instr at zero.
 // Positions compare lexicographically, Exits first.
 type Position struct {

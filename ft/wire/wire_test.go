@@ -98,7 +98,7 @@ func TestDecoderChunking(t *testing.T) {
 	}
 }
 
-// Reference: REPLICATION-NOTES, failover: "If a message arrives only in
+// Rule (ft/doc.go, failover): "If a message arrives only in
 // part, the backup ignores the incomplete record. A record is applied only
 // when its checksum verifies." Every proper prefix of a frame yields
 // nothing, and no error.

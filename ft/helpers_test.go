@@ -14,7 +14,9 @@ var testGuest = Identity{Kernel: Digest{1}, Initrd: Digest{2}, Cmdline: Digest{3
 const ms = int64(time.Millisecond)
 
 func testConfig(role Role, policy Policy) Config {
-	return Config{Role: role, Policy: policy, Guest: testGuest,
+	// Backups join a running guest where a test makes them (Join); the
+	// refusal without it has its own test.
+	return Config{Role: role, Policy: policy, Guest: testGuest, Join: role == RoleBackup,
 		EpochLength: time.Millisecond, KickAfter: 10 * time.Millisecond,
 		Heartbeat: 20 * time.Millisecond, Timeout: 100 * time.Millisecond}
 }

@@ -633,6 +633,8 @@ func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
 			return "sha256 " + short(d)
 		}
 		return wire.RefuseWitness, fmt.Errorf("different witness: %s here, %s on the peer (both need the same --witness)", name(s.Witness), name(h.Witness))
+	case n.role == RoleBackup && h.Started && !n.cfg.Join && !n.hasState:
+		return wire.RefuseJoin, fmt.Errorf("the primary's guest runs already: a backup receives its state only when started with --join")
 	case n.role == RoleBackup && h.Windows && !s.Windows:
 		return wire.RefuseWindows, fmt.Errorf("the primary requests interrupt windows, which this backup's KVM does not open at points the guest defines (guest ring 0 is emulated here); run the primary with --interrupt-windows off, or the backup on a host like the primary's")
 	case n.role == RolePrimary && s.Windows && !h.Windows:

@@ -1312,3 +1312,26 @@ func TestHandshakeJoinAdoptsCPU(t *testing.T) {
 		t.Fatalf("refused: %v", r)
 	}
 }
+
+// Handshake: a backup not told to join (Config.Join) refuses a primary
+// whose guest runs already, and the primary is told why.
+func TestHandshakeJoinOnlyWhenAsked(t *testing.T) {
+	pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
+	bc.Join = false
+	p, b := newReplica(t, pc), newReplica(t, bc)
+	p.n.started = true
+	p.n.Connected()
+	b.n.Connected()
+	ph, bh := ofType[wire.Hello](p.drain())[0], ofType[wire.Hello](b.drain())[0]
+	b.step(ph)
+	r := ofType[wire.Refuse](b.drain())
+	if len(r) != 1 || r[0].Reason != wire.RefuseJoin || !contains(r[0].Text, "--join") {
+		t.Fatalf("refusals %v", r)
+	}
+	_ = bh
+	p.step(r[0])
+	p.drain()
+	if _, ok := p.hasNote(NoteRefused); !ok {
+		t.Fatalf("primary notes %v", p.notes)
+	}
+}

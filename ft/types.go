@@ -60,6 +60,11 @@ type Config struct {
 	// divergence is seen within an epoch.
 	Verify bool
 	Guest  Identity
+	// Join (a backup): accept a primary whose guest runs already and
+	// receive its full state first. Without it such a primary is refused:
+	// a backup meant to boot alongside its primary must not silently wait
+	// for a whole memory's transfer instead.
+	Join bool
 
 	// EpochLength: an epoch ends at the first guest-caused exit at least
 	// this long after it began (virtual time, from Point.Now), if it has

@@ -141,7 +141,7 @@ func TestReplicaReprotect(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := api.NewClient(sock).Protect(ctx, b2.backupAddr()); err != nil {
-		t.Fatalf("protect: %v", err)
+		t.Fatalf("protect: %v\nfirst backup:\n%s", err, b1.stderr())
 	}
 	b1.waitUntil("protection", func() bool { return strings.Count(b1.stderr(), "protected: the backup holds") >= 1 })
 	st, err := api.NewClient(sock).Status(ctx)

@@ -44,7 +44,7 @@ type primaryCmd struct {
 	replicaFlags
 	Backup      string        `required:"" help:"Address of the backup (ftkvm backup --listen)." placeholder:"HOST:PORT"`
 	Policy      string        `help:"Output policy: strict (wait for the backup's ack of every log record) or output-commit (stream the log; hold only outputs until acknowledged)." enum:"strict,output-commit" default:"output-commit"`
-	Verify      bool          `help:"Send a hash of the vCPU registers and dirtied pages at every epoch end; the backup compares and repairs a divergence from the primary's state."`
+	Verify      bool          `help:"Send a SHA-256 of the vCPU registers and of all guest memory at every epoch end; the backup compares it with its own, reports a divergence and repairs it from the primary's full state."`
 	EpochLength time.Duration `help:"Epoch length (virtual time); an epoch ends at the first guest-caused exit after it." default:"1ms" name:"epoch-length"`
 	Connect     time.Duration `help:"How long to keep trying to reach the backup at start." default:"10s"`
 
@@ -55,7 +55,7 @@ type primaryCmd struct {
 type backupCmd struct {
 	replicaFlags
 	Listen           string `required:"" help:"Address to wait on for the primary." placeholder:"HOST:PORT"`
-	Join             bool   `help:"Join a primary whose guest already runs: receive its whole state first (ftkvm ctl protect on the primary starts it)."`
+	Join             bool   `help:"Accept a primary whose guest already runs and receive its whole state first (ftkvm ctl protect on the primary connects it). Without it, such a primary is refused."`
 	InjectDivergence uint64 `hidden:"" help:"Test only: corrupt a dirtied page at the first verified epoch end from this epoch on."`
 }
 
@@ -171,7 +171,7 @@ func (c *backupCmd) run() (int, error) {
 	}
 	wd, wc := c.fencing()
 	r := driver.New(driver.Options{
-		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg, host, host.ExactWindows), Timeout: c.Timeout, Witness: wd},
+		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg, host, host.ExactWindows), Timeout: c.Timeout, Witness: wd, Join: c.Join},
 		Console:          os.Stdout,
 		Log:              logrus.StandardLogger(),
 		Witness:          wc,
@@ -194,8 +194,8 @@ func (c *backupCmd) run() (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("backup: %w", err)
 	}
-	if peer.Started && !c.Join {
-		logrus.Infof("backup: the primary's guest runs already: receiving its state")
+	if peer.Started {
+		logrus.Infof("backup: joining: the primary's guest runs already; receiving its state")
 	}
 	// The RTC's base is the primary's, so both guests read the same
 	// wall-clock time.

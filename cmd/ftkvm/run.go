@@ -24,7 +24,7 @@ type guestFlags struct {
 	Initrd  string `help:"Initial ramdisk." type:"path"`
 	Cmdline string `help:"Kernel command line. For Linux kernels it adds to or overrides ftkvm's defaults (console=ttyS0 and lpj)."`
 	Mem     uint64 `help:"Guest memory in MiB (a multiple of 2)." default:"256"`
-	Epoch   string `help:"How positions in the guest's execution are counted: exit (guest-caused exits; full speed), step (single-step every instruction: exact instruction counts, RDTSC and friends served by ftkvm; ring-0 guests only on a KVM that emulates ring 0, see ftkvm probe), perf (hardware instruction counters; refused where there are none)." enum:"exit,step,perf" default:"exit"`
+	Epoch   string `help:"How positions in the guest's execution are counted: exit (guest-caused exits; full speed), step (single-step every instruction: exact instruction counts, RDTSC and friends served by ftkvm; ring-0 guests only on a KVM that emulates ring 0, see ftkvm probe), perf (hardware performance counters: not implemented yet, always refused with the reason)." enum:"exit,step,perf" default:"exit"`
 }
 
 // load reads the files and builds the machine configuration.

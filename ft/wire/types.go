@@ -174,6 +174,7 @@ const (
 	RefuseWitness  RefuseReason = 10 // a different witness, or one side has none
 	RefuseWindows  RefuseReason = 11 // the primary uses interrupt windows the backup cannot place exactly
 	RefuseCPU      RefuseReason = 12 // the guest would see a different CPU (CPUID)
+	RefuseJoin     RefuseReason = 13 // the primary's guest runs already, and the backup was not told to join
 )
 
 func (r RefuseReason) String() string {
@@ -202,6 +203,8 @@ func (r RefuseReason) String() string {
 		return "interrupt windows"
 	case RefuseCPU:
 		return "cpu"
+	case RefuseJoin:
+		return "join"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }

@@ -9,8 +9,10 @@ WORKLOAD ?= counter
 
 all: build testos
 
+REVISION := $(shell git describe --always --dirty 2>/dev/null)
+
 build:
-	CGO_ENABLED=0 $(GO) build -o $(BIN) ./cmd/ftkvm
+	CGO_ENABLED=0 $(GO) build -ldflags "-X main.revision=$(REVISION)" -o $(BIN) ./cmd/ftkvm
 
 testos:
 	$(MAKE) -s -C guest/testos

@@ -195,3 +195,6 @@ func (c Cap) String() string {
 	}
 	return "KVM_CAP_" + strconv.FormatUint(uint64(c), 10)
 }
+
+// MarshalText names the capability in JSON (KVM_CAP_...).
+func (c Cap) MarshalText() ([]byte, error) { return []byte(c.String()), nil }

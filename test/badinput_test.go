@@ -37,6 +37,8 @@ func TestBadInput(t *testing.T) {
 	bigInitrd := write("big-initrd", make([]byte, 5<<20))
 	notState := write("not-witness-state", []byte("pairs: many\n"))
 
+	usage := map[string]bool{"odd memory size": true, "memory size not a size": true, "unknown flag": true,
+		"missing kernel flag": true, "unknown command": true}
 	for _, tc := range []struct {
 		name string
 		args []string
@@ -51,6 +53,7 @@ func TestBadInput(t *testing.T) {
 		{"memory too small for kernel", []string{"run", "--kernel", testosELF, "--mem", "2"}, "too small"},
 		{"memory too small for initrd", []string{"run", "--kernel", testosELF, "--mem", "6", "--initrd", bigInitrd}, "too small"},
 		{"odd memory size", []string{"run", "--kernel", testosELF, "--mem", "3"}, "multiple of 2"},
+		{"memory size not a size", []string{"run", "--kernel", testosELF, "--mem", "2X"}, "not a size"},
 		{"unknown flag", []string{"run", "--kernel", testosELF, "--frobnicate"}, "unknown flag"},
 		{"missing kernel flag", []string{"run"}, "--kernel"},
 		{"unknown command", []string{"fly"}, "unexpected argument"},
@@ -62,8 +65,13 @@ func TestBadInput(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := ftkvm(t, time.Minute, "", tc.args...)
-			if r.status == 0 {
-				t.Fatalf("exit status 0; stderr:\n%s", r.stderr)
+			// Bad command-line usage exits 2, a failure of ftkvm 125.
+			want := 125
+			if usage[tc.name] {
+				want = 2
+			}
+			if r.status != want {
+				t.Fatalf("exit status %d, want %d; stderr:\n%s", r.status, want, r.stderr)
 			}
 			errLines := strings.Split(strings.TrimSpace(r.stderr), "\n")
 			if strings.Contains(r.stderr, "panic") || strings.Contains(r.stderr, "goroutine ") {

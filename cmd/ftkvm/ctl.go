@@ -19,7 +19,7 @@ type ctlCmd struct {
 
 	Pause    ctlPauseCmd    `cmd:"" help:"Pause the guest (its virtual time stands still)."`
 	Resume   ctlResumeCmd   `cmd:"" help:"Resume a paused guest."`
-	Status   ctlStatusCmd   `cmd:"" help:"Show the guest's state, pause times and bytes sent."`
+	Status   ctlStatusCmd   `cmd:"" help:"Show the guest's state, pause times and bytes sent. Exits 1 when a replica is not a protected pair (unprotected, joining, diverged, claiming, fenced), so a monitoring check can use it."`
 	Snapshot ctlSnapshotCmd `cmd:"" help:"Write a snapshot of the guest to FILE; the guest keeps running unless --stop."`
 	Migrate  ctlMigrateCmd  `cmd:"" help:"Migrate the guest live to an ftkvm receive at HOST:PORT; the source exits once the destination runs it."`
 	Protect  ctlProtectCmd  `cmd:"" help:"Bring a new backup (ftkvm backup --listen HOST:PORT --join) in beside a running primary."`
@@ -30,6 +30,32 @@ type ctlResumeCmd struct{}
 
 type ctlStatusCmd struct {
 	JSON bool `help:"Print the API's JSON answer."`
+}
+
+// exitUnhealthy is ctl status's exit status when a replica is not a
+// protected pair: a monitoring check fails on it.
+const exitUnhealthy = 1
+
+// unhealthy says why a replica is not a protected, healthy pair member,
+// or "" if it is (or the ftkvm is no replica at all).
+func unhealthy(rs *api.ReplicaStatus) string {
+	switch {
+	case rs == nil:
+		return ""
+	case rs.Fenced:
+		return "fenced"
+	case rs.Claiming:
+		return "the peer is lost and the witness is being asked"
+	case rs.Diverged:
+		return "diverged, waiting for the repair"
+	case rs.Joining:
+		return "a backup is joining"
+	case rs.Role == "primary" && !rs.Protected:
+		return "unprotected"
+	case rs.Role == "backup" && !rs.Link:
+		return "no link to the primary"
+	}
+	return ""
 }
 
 type ctlSnapshotCmd struct {
@@ -58,15 +84,22 @@ func (c *ctlCmd) status(s *ctlStatusCmd) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	code := 0
+	if unhealthy(st.Replica) != "" {
+		code = exitUnhealthy
+	}
 	if s.JSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
-		return 0, enc.Encode(st)
+		return code, enc.Encode(st)
 	}
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(w, "state\t%s\n", st.State)
 	if rs := st.Replica; rs != nil {
 		fmt.Fprintf(w, "replica\t%s\n", rs.Summary)
+		if why := unhealthy(rs); why != "" {
+			fmt.Fprintf(w, "health\tNOT PROTECTED: %s\n", why)
+		}
 		fmt.Fprintf(w, "log\t%d records sent, %d acknowledged, %d bytes on the link\n", rs.LogSent, rs.LogAcked, rs.LinkBytes)
 	}
 	fmt.Fprintf(w, "virtual time\t%v\n", time.Duration(st.VirtualTimeNs).Round(time.Microsecond))
@@ -86,7 +119,7 @@ func (c *ctlCmd) status(s *ctlStatusCmd) (int, error) {
 	if r := st.LastOperation; r != nil {
 		fmt.Fprintf(w, "last transfer\t%s\n", describe(r))
 	}
-	return 0, w.Flush()
+	return code, w.Flush()
 }
 
 // describe sums up a finished transfer.

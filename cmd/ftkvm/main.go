@@ -5,9 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime/debug"
 
 	"github.com/alecthomas/kong"
 	"github.com/sirupsen/logrus"
+
+	"github.com/ftkvm/ftkvm/ft"
+	"github.com/ftkvm/ftkvm/vmm/snapshot"
 )
 
 // Exit statuses of ftkvm itself. A guest that ends through the debug-exit
@@ -18,7 +22,9 @@ const (
 )
 
 type cli struct {
-	LogLevel string `help:"Log level: trace (every replica action), debug, info, warn, error." default:"warn" enum:"trace,debug,info,warn,error"`
+	LogLevel  string           `help:"Log level: trace (every replica action), debug, info, warn, error." default:"warn" enum:"trace,debug,info,warn,error"`
+	LogFormat string           `help:"Log format on stderr: text, or json (one object per line, for log collectors)." default:"text" enum:"text,json"`
+	Version   kong.VersionFlag `help:"Print ftkvm's version, its replication protocol version and its snapshot format version, and exit."`
 
 	Run     runCmd     `cmd:"" help:"Run a guest with its console on the terminal."`
 	Probe   probeCmd   `cmd:"" help:"Report what this host's KVM can do for ftkvm."`
@@ -36,6 +42,7 @@ func main() {
 		kong.Name("ftkvm"),
 		kong.Description("A fault-tolerant virtual machine monitor on Linux KVM."),
 		kong.UsageOnError(),
+		kong.Vars{"version": versionString()},
 		kong.Exit(func(code int) {
 			if code != 0 {
 				code = 2
@@ -54,7 +61,11 @@ func main() {
 	lvl, _ := logrus.ParseLevel(c.LogLevel)
 	logrus.SetLevel(lvl)
 	logrus.SetOutput(os.Stderr)
-	logrus.SetFormatter(&logrus.TextFormatter{DisableTimestamp: false, FullTimestamp: true})
+	if c.LogFormat == "json" {
+		logrus.SetFormatter(&logrus.JSONFormatter{})
+	} else {
+		logrus.SetFormatter(&logrus.TextFormatter{DisableTimestamp: false, FullTimestamp: true})
+	}
 
 	status, err := dispatch(&c, ctx)
 	if err != nil {
@@ -94,6 +105,39 @@ func dispatch(c *cli, ctx *kong.Context) (int, error) {
 		return c.Ctl.migrate(cmd)
 	}
 	return 0, errors.New("no command")
+}
+
+// revision is the source revision, set by the Makefile's build
+// (-ldflags -X main.revision=...) when Go's own VCS stamp is off.
+var revision string
+
+// versionString names this build: the module version or VCS revision Go
+// recorded, and the versions of what it speaks with other ftkvms.
+func versionString() string {
+	v := "(devel)"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		if bi.Main.Version != "" {
+			v = bi.Main.Version
+		}
+		var rev, dirty string
+		for _, s := range bi.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				rev = s.Value
+			case "vcs.modified":
+				if s.Value == "true" {
+					dirty = "+modified"
+				}
+			}
+		}
+		if rev != "" {
+			v += " " + rev[:min(12, len(rev))] + dirty
+		}
+	}
+	if revision != "" && v == "(devel)" {
+		v += " " + revision
+	}
+	return fmt.Sprintf("ftkvm %s (replication protocol %d, snapshot format %d)", v, ft.ProtocolVersion, snapshot.Version)
 }
 
 // fail prints one clear line and exits; it is the only way ftkvm reports a

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"text/tabwriter"
@@ -10,6 +11,7 @@ import (
 
 type probeCmd struct {
 	Device string `help:"KVM device." default:"/dev/kvm"`
+	JSON   bool   `help:"Print the findings as one JSON object."`
 }
 
 func yesNo(b bool) string {
@@ -23,6 +25,9 @@ func (c *probeCmd) run() (int, error) {
 	r, err := vmm.Probe(c.Device)
 	if err != nil {
 		return 0, err
+	}
+	if c.JSON {
+		return c.printJSON(r)
 	}
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(w, "device\t%s\n", r.Device)
@@ -56,6 +61,32 @@ func (c *probeCmd) run() (int, error) {
 	w.Flush()
 	if missing > 0 {
 		return 0, fmt.Errorf("%s lacks %d capabilities ftkvm requires", r.Device, missing)
+	}
+	return 0, nil
+}
+
+// printJSON prints the probe's findings and the epoch clocks' verdicts.
+func (c *probeCmd) printJSON(r *vmm.ProbeReport) (int, error) {
+	type verdict struct {
+		Usable bool   `json:"usable"`
+		Detail string `json:"detail"`
+	}
+	step, stepWhy := vmm.StepClockUsable(r)
+	perf, perfWhy := vmm.PerfClockUsable(r)
+	out := struct {
+		*vmm.ProbeReport
+		StepClock verdict `json:"step_clock"`
+		PerfClock verdict `json:"perf_clock"`
+	}{r, verdict{step, stepWhy}, verdict{perf, perfWhy}}
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(out); err != nil {
+		return 0, err
+	}
+	for _, cs := range r.Caps {
+		if cs.Required && cs.Value == 0 {
+			return 0, fmt.Errorf("%s lacks capabilities ftkvm requires", r.Device)
+		}
 	}
 	return 0, nil
 }

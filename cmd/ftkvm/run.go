@@ -23,16 +23,13 @@ type guestFlags struct {
 	Kernel  string `help:"Guest kernel: a PVH ELF (ELF32 or ELF64) or a Linux bzImage." required:"" type:"path"`
 	Initrd  string `help:"Initial ramdisk." type:"path"`
 	Cmdline string `help:"Kernel command line. For Linux kernels it adds to or overrides ftkvm's defaults (console=ttyS0 and lpj)."`
-	Mem     uint64 `help:"Guest memory in MiB (a multiple of 2)." default:"256"`
+	Mem     memMiB `help:"Guest memory: MiB, or a size with a K, M, G or T suffix (1G = 1024 MiB); a multiple of 2 MiB." default:"256" placeholder:"SIZE"`
 	Epoch   string `help:"How positions in the guest's execution are counted: exit (guest-caused exits; full speed), step (single-step every instruction: exact instruction counts, RDTSC and friends served by ftkvm; ring-0 guests only on a KVM that emulates ring 0, see ftkvm probe), perf (hardware performance counters: not implemented yet, always refused with the reason)." enum:"exit,step,perf" default:"exit"`
 }
 
 // load reads the files and builds the machine configuration.
 func (g *guestFlags) load() (vmm.Config, error) {
 	var cfg vmm.Config
-	if g.Mem < 2 || g.Mem%2 != 0 || g.Mem > 1<<20 {
-		return cfg, fmt.Errorf("--mem %d: need a multiple of 2 MiB between 2 and %d", g.Mem, 1<<20)
-	}
 	kernel, err := os.ReadFile(g.Kernel)
 	if err != nil {
 		return cfg, fmt.Errorf("kernel: %w", err)
@@ -58,7 +55,7 @@ func (g *guestFlags) load() (vmm.Config, error) {
 		Kernel:    kernel,
 		Initrd:    initrd,
 		Cmdline:   cmdline,
-		MemSize:   g.Mem << 20,
+		MemSize:   uint64(g.Mem) << 20,
 		WallClock: time.Now(),
 		Epoch:     epoch,
 	}, nil

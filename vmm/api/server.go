@@ -63,6 +63,12 @@ func Listen(path string, m *vmm.Machine) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
+	// The socket controls the guest (pause, snapshot, migrate): only its
+	// owner may connect.
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
 	s := &Server{m: m, path: path, l: l}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /vm", s.status)

@@ -5,9 +5,10 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strconv"
 	"strings"
-	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
 	"github.com/ftkvm/ftkvm/devices"
 	"github.com/ftkvm/ftkvm/kvm"
@@ -299,57 +300,54 @@ func (m *Machine) ctlDone() bool {
 
 // WriteTable prints the profile as aligned tables for a person: totals,
 // then exit reasons, devices and ports by cost, then interrupts. Times are
-// shown in ms with their share of the wall time; µs per exit is the
-// average cost of one exit (in KVM_RUN before it, and in ftkvm after).
+// shown in ms with their share of the wall time; µs/exit is the average
+// cost of one exit (in KVM_RUN before it, and in ftkvm after).
 func (p ExitProfile) WriteTable(w io.Writer) error {
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	e := &errWriter{w: tw}
+	e := &errWriter{w: w}
 	wall := p.WallNs
 	e.printf("exit profile: %s wall, %d exits (%.0f/s)\n", fmtDur(wall), p.Exits, perSec(p.Exits, wall))
-	e.printf("\twhere\tms\t%%wall\t\n")
-	e.printf("\tin KVM_RUN\t%s\t%s\t\n", ms(p.RunNs), pct(p.RunNs, wall))
-	e.printf("\tftkvm handling exits\t%s\t%s\t\n", ms(p.HandleNs), pct(p.HandleNs, wall))
-	e.printf("\thalted (idle)\t%s\t%s\t\n", ms(p.HaltNs), pct(p.HaltNs, wall))
-	e.printf("\tother\t%s\t%s\t\n", ms(p.OtherNs), pct(p.OtherNs, wall))
-	e.printf("\n")
-	e.printf("\treason\texits\t%%exits\trun ms\thandle ms\tµs/exit run\tµs/exit handle\t%%wall\t\n")
+	e.table(1, []string{"where", "ms", "%wall"}, [][]string{
+		{"in KVM_RUN", ms(p.RunNs), pct(p.RunNs, wall)},
+		{"ftkvm handling exits", ms(p.HandleNs), pct(p.HandleNs, wall)},
+		{fmt.Sprintf("halted (idle, %d waits)", p.Halts), ms(p.HaltNs), pct(p.HaltNs, wall)},
+		{"other", ms(p.OtherNs), pct(p.OtherNs, wall)},
+	})
+	rows := make([][]string, 0, len(p.Reasons))
 	for _, r := range p.Reasons {
-		e.printf("\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t\n", strings.TrimPrefix(r.Reason, "KVM_EXIT_"), r.Exits,
+		rows = append(rows, []string{strings.TrimPrefix(r.Reason, "KVM_EXIT_"), strconv.FormatUint(r.Exits, 10),
 			pctU(r.Exits, p.Exits), ms(r.RunNs), ms(r.HandleNs), us(r.RunNs, r.Exits), us(r.HandleNs, r.Exits),
-			pct(r.RunNs+r.HandleNs, wall))
+			pct(r.RunNs+r.HandleNs, wall)})
 	}
+	e.printf("\n")
+	e.table(1, []string{"reason", "exits", "%exits", "run ms", "handle ms", "µs/exit run", "µs/exit handle", "%wall"}, rows)
 	if len(p.Devices) > 0 {
-		e.printf("\n")
-		e.printf("\tdevice\trange\texits\treads\twrites\trun ms\thandle ms\tµs/exit handle\t%%wall\t\n")
+		rows = rows[:0]
 		for _, d := range p.Devices {
-			rng := ""
+			rng := d.Bus
 			if d.Size > 0 {
 				rng = fmt.Sprintf("%s %#x-%#x", d.Bus, d.Base, d.Base+d.Size-1)
-			} else {
-				rng = d.Bus
 			}
-			e.printf("\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%s\t%s\t\n", d.Device, rng, d.Exits, d.Reads, d.Writes,
-				ms(d.RunNs), ms(d.HandleNs), us(d.HandleNs, d.Exits), pct(d.RunNs+d.HandleNs, wall))
+			rows = append(rows, []string{d.Device, rng, strconv.FormatUint(d.Exits, 10), strconv.FormatUint(d.Reads, 10),
+				strconv.FormatUint(d.Writes, 10), ms(d.RunNs), ms(d.HandleNs), us(d.HandleNs, d.Exits), pct(d.RunNs+d.HandleNs, wall)})
 		}
+		e.printf("\n")
+		e.table(2, []string{"device", "range", "exits", "reads", "writes", "run ms", "handle ms", "µs/exit handle", "%wall"}, rows)
 	}
 	if len(p.Ports) > 0 {
-		e.printf("\n")
-		e.printf("\tport\tdevice\tin\tout\t\n")
+		rows = rows[:0]
 		for _, pp := range p.Ports {
-			e.printf("\t%#x\t%s\t%d\t%d\t\n", pp.Port, pp.Device, pp.Reads, pp.Writes)
+			rows = append(rows, []string{fmt.Sprintf("%#x", pp.Port), pp.Device, strconv.FormatUint(pp.Reads, 10), strconv.FormatUint(pp.Writes, 10)})
 		}
+		e.printf("\n")
+		e.table(2, []string{"port", "device", "in", "out"}, rows)
 	}
-	e.printf("\n")
 	vecs := make([]string, 0, len(p.Vectors))
 	for _, v := range p.Vectors {
 		vecs = append(vecs, fmt.Sprintf("%#x:%d", v.Vector, v.Count))
 	}
-	e.printf("interrupts injected: %d (by vector: %s); windows requested: %d; kicks requested: %d\n",
+	e.printf("\ninterrupts injected: %d (by vector: %s); windows requested: %d; kicks requested: %d\n",
 		p.Injected, orNone(strings.Join(vecs, " ")), p.WindowsRequested, p.KickRequests)
-	if e.err != nil {
-		return e.err
-	}
-	return tw.Flush()
+	return e.err
 }
 
 // errWriter keeps the first write error.
@@ -361,6 +359,31 @@ type errWriter struct {
 func (e *errWriter) printf(format string, args ...any) {
 	if e.err == nil {
 		_, e.err = fmt.Fprintf(e.w, format, args...)
+	}
+}
+
+// table prints rows under a header, indented by two spaces: the first
+// left columns (names) aligned left, the others (numbers) right.
+func (e *errWriter) table(left int, header []string, rows [][]string) {
+	width := make([]int, len(header))
+	for _, r := range append([][]string{header}, rows...) {
+		for i, c := range r {
+			width[i] = max(width[i], utf8.RuneCountInString(c))
+		}
+	}
+	for _, r := range append([][]string{header}, rows...) {
+		var b strings.Builder
+		b.WriteString(" ")
+		for i, c := range r {
+			pad := strings.Repeat(" ", width[i]-utf8.RuneCountInString(c))
+			b.WriteString(" ")
+			if i < left {
+				b.WriteString(c + pad)
+			} else {
+				b.WriteString(" " + pad + c)
+			}
+		}
+		e.printf("%s\n", strings.TrimRight(b.String(), " "))
 	}
 }
 

@@ -173,7 +173,7 @@ func TestExitProfileTable(t *testing.T) {
 		`(?m)^exit profile: 2s wall, 1500 exits \(750/s\)$`,
 		`(?m)^ +in KVM_RUN +1200\.0 +60\.0 *$`,
 		`(?m)^ +ftkvm handling exits +500\.0 +25\.0 *$`,
-		`(?m)^ +halted \(idle\) +250\.0 +12\.5 *$`,
+		`(?m)^ +halted \(idle, 7 waits\) +250\.0 +12\.5 *$`,
 		`(?m)^ +other +50\.0 +2\.5 *$`,
 		// reason, exits, %exits, run ms, handle ms, µs/exit run and handle, %wall
 		`(?m)^ +IO +1000 +66\.7 +1000\.0 +400\.0 +1000\.0 +400\.0 +70\.0 *$`,

@@ -29,7 +29,8 @@ type ctlPauseCmd struct{}
 type ctlResumeCmd struct{}
 
 type ctlStatusCmd struct {
-	JSON bool `help:"Print the API's JSON answer."`
+	JSON      bool `help:"Print the API's JSON answer."`
+	ExitStats bool `help:"Also print the exit profile (and a replica's profile) as tables, as --exit-stats does at the end of a run." name:"exit-stats"`
 }
 
 type ctlSnapshotCmd struct {
@@ -86,7 +87,22 @@ func (c *ctlCmd) status(s *ctlStatusCmd) (int, error) {
 	if r := st.LastOperation; r != nil {
 		fmt.Fprintf(w, "last transfer\t%s\n", describe(r))
 	}
-	return 0, w.Flush()
+	if err := w.Flush(); err != nil || !s.ExitStats {
+		return 0, err
+	}
+	if p := st.ExitProfile; p != nil {
+		fmt.Println()
+		if err := p.WriteTable(os.Stdout); err != nil {
+			return 0, err
+		}
+	} else {
+		fmt.Println("\nexit profile: not read (the vCPU thread was busy or the guest stopped)")
+	}
+	if rs := st.Replica; rs != nil && rs.Profile != nil {
+		fmt.Println()
+		return 0, rs.Profile.WriteTable(os.Stdout)
+	}
+	return 0, nil
 }
 
 // describe sums up a finished transfer.

@@ -159,6 +159,8 @@ type ExitProfile struct {
 	Devices []DeviceProfile `json:"devices"`
 	Ports   []PortProfile   `json:"ports"`
 
+	// Injected counts interrupts injected here (Stats.Injected is the
+	// guest's whole life, and an installed checkpoint replaces it).
 	Injected         uint64          `json:"injected"`
 	Vectors          []VectorProfile `json:"vectors"`
 	WindowsRequested uint64          `json:"windows_requested"`
@@ -212,7 +214,6 @@ func (m *Machine) ExitProfile() ExitProfile {
 		WallNs:           p.wallNs,
 		HaltNs:           p.haltNs,
 		Halts:            p.halts,
-		Injected:         m.Stats.Injected,
 		WindowsRequested: p.windows,
 		KickRequests:     m.kicks.Load(),
 	}
@@ -283,6 +284,7 @@ func (m *Machine) ExitProfile() ExitProfile {
 	for v, n := range p.vectors {
 		if n != 0 {
 			r.Vectors = append(r.Vectors, VectorProfile{Vector: uint8(v), Count: n})
+			r.Injected += n
 		}
 	}
 	return r

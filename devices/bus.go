@@ -154,3 +154,15 @@ func (b *Bus) Lookup(addr uint64) (Registration, bool) {
 	}
 	return Registration{Name: e.name, Base: e.base, Size: e.size}, true
 }
+
+// Index returns the position of the registration containing addr in
+// Registrations' order, or -1 if none does. It does not allocate: the exit
+// profile (vmm) calls it on every port or MMIO exit to count per device.
+// Indices are stable only while nothing new is registered.
+func (b *Bus) Index(addr uint64) int {
+	i := b.upper(addr)
+	if i == 0 || addr-b.entries[i-1].base >= b.entries[i-1].size {
+		return -1
+	}
+	return i - 1
+}

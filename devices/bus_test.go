@@ -196,3 +196,35 @@ func TestBusNoAlloc(t *testing.T) {
 		t.Fatalf("%v allocations per run, want 0", allocs)
 	}
 }
+
+func TestBusIndex(t *testing.T) {
+	b := NewBus()
+	for _, r := range []struct {
+		base, size uint64
+		name       string
+	}{{0x3f8, 8, "com1"}, {0x20, 2, "pic"}, {0x70, 2, "rtc"}} {
+		if err := b.Register(r.base, r.size, r.name, &recDev{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	regs := b.Registrations()
+	for _, tc := range []struct {
+		addr uint64
+		name string // "" for unmapped
+	}{
+		{0x1f, ""}, {0x20, "pic"}, {0x21, "pic"}, {0x22, ""}, {0x70, "rtc"}, {0x71, "rtc"},
+		{0x3f7, ""}, {0x3f8, "com1"}, {0x3ff, "com1"}, {0x400, ""}, {0, ""}, {^uint64(0), ""},
+	} {
+		i := b.Index(tc.addr)
+		got := ""
+		if i >= 0 {
+			got = regs[i].Name
+		}
+		if got != tc.name {
+			t.Errorf("Index(%#x) = %d (%q), want %q", tc.addr, i, got, tc.name)
+		}
+	}
+	if n := testing.AllocsPerRun(100, func() { b.Index(0x3fd) }); n != 0 {
+		t.Fatalf("Index allocates %.0f times", n)
+	}
+}

@@ -90,6 +90,7 @@ func (c *control) finish() {
 // of the pause loop. Any goroutine. It is also the kick the environment
 // gets in Start.
 func (m *Machine) kick() {
+	m.kicks.Add(1)
 	m.kvcpu.Kick()
 	select {
 	case m.ctl.wake <- struct{}{}:

@@ -37,6 +37,8 @@ func (m *Machine) Run() (int, error) {
 		return 0, fmt.Errorf("start environment: %w", err)
 	}
 	defer m.env.Stop()
+	m.prof.runAt = m.prof.now()
+	defer func() { m.prof.wallNs = m.prof.now() - m.prof.runAt }()
 	// The first KVM_RUN returns at once: a kick point before any guest
 	// code runs, where the environment learns the timer deadline (of a
 	// fresh boot or an installed snapshot). Without it, a guest computing
@@ -58,7 +60,11 @@ func (m *Machine) Run() (int, error) {
 		if m.halted {
 			// The guest waits in HLT. Halt returns when an interrupt is
 			// pending, or early when a control request needs the thread.
-			if err := m.env.Halt(m.point, m); err != nil {
+			h := m.prof.now()
+			err := m.env.Halt(m.point, m)
+			m.prof.halts++
+			m.prof.haltNs += m.prof.now() - h
+			if err != nil {
 				return 0, err
 			}
 			if m.stopped {
@@ -85,14 +91,18 @@ func (m *Machine) Run() (int, error) {
 			}
 			m.stepEnter()
 		}
+		t0 := m.prof.now()
 		reason, err := m.vcpu.Run()
+		t1 := m.prof.now()
 		if err != nil {
 			return 0, err
 		}
 		if m.step != nil {
 			m.stepRan(reason)
 		}
-		if err := m.exit(reason); err != nil {
+		err = m.exit(reason)
+		m.prof.record(reason, t0, t1, m.prof.now())
+		if err != nil {
 			return 0, err
 		}
 		if m.stopped {
@@ -218,6 +228,7 @@ func (m *Machine) inject() {
 		vec := m.pic.Acknowledge()
 		if err := m.vcpu.Interrupt(vec); err == nil {
 			m.Stats.Injected++
+			m.prof.vectors[vec]++
 			if m.step != nil {
 				m.step.injected, m.step.vector = true, vec
 			}
@@ -226,6 +237,9 @@ func (m *Machine) inject() {
 		return
 	}
 	if !m.noWindows {
+		if run.RequestInterruptWindow == 0 && !m.prof.off {
+			m.prof.windows++
+		}
 		run.RequestInterruptWindow = 1
 	}
 }
@@ -235,6 +249,8 @@ func (m *Machine) handleIO() {
 	data := m.vcpu.IOData()
 	size := int(io.Size)
 	port := uint64(io.Port)
+	m.prof.access(&m.prof.pio, m.pio, port, io.Direction == kvm.IOOut)
+	m.prof.port(io.Port, io.Direction == kvm.IOOut)
 	for off := 0; off+size <= len(data); off += size {
 		chunk := data[off : off+size]
 		if io.Direction == kvm.IOOut {
@@ -248,6 +264,7 @@ func (m *Machine) handleIO() {
 func (m *Machine) handleMMIO() {
 	mm := m.run.MMIO()
 	n := min(int(mm.Len), len(mm.Data))
+	m.prof.access(&m.prof.mmio, m.mmio, mm.PhysAddr, mm.IsWrite != 0)
 	if mm.IsWrite != 0 {
 		m.mmio.Write(mm.PhysAddr, mm.Data[:n])
 	} else {

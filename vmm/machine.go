@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/ftkvm/ftkvm/devices"
@@ -94,6 +95,9 @@ type Machine struct {
 	Stats Stats
 
 	step *stepper // the step clock's state; nil with the exit clock
+
+	prof  profile       // the exit profile (profile.go); vCPU thread only
+	kicks atomic.Uint64 // kicks requested (kick), from any goroutine
 }
 
 // Exit statuses that are not the guest's own debug-exit byte.
@@ -156,6 +160,7 @@ func newMachine(cfg *Config) (_ *Machine, err error) {
 	}
 	m := &Machine{env: cfg.Env, quiescent: true}
 	m.ctl.init()
+	m.prof.init()
 	defer func() {
 		if err != nil {
 			m.Close()

@@ -29,7 +29,8 @@ type ctlPauseCmd struct{}
 type ctlResumeCmd struct{}
 
 type ctlStatusCmd struct {
-	JSON bool `help:"Print the API's JSON answer."`
+	JSON      bool `help:"Print the API's JSON answer."`
+	ExitStats bool `help:"Also print the exit profile (and a replica's profile) as tables, as --exit-stats does at the end of a run." name:"exit-stats"`
 }
 
 // exitUnhealthy is ctl status's exit status when a replica is not a
@@ -119,7 +120,24 @@ func (c *ctlCmd) status(s *ctlStatusCmd) (int, error) {
 	if r := st.LastOperation; r != nil {
 		fmt.Fprintf(w, "last transfer\t%s\n", describe(r))
 	}
-	return code, w.Flush()
+	if err := w.Flush(); err != nil || !s.ExitStats {
+		return code, err
+	}
+	if p := st.ExitProfile; p != nil {
+		fmt.Println()
+		if err := p.WriteTable(os.Stdout); err != nil {
+			return code, err
+		}
+	} else {
+		fmt.Println("\nexit profile: not read (the vCPU thread was busy or the guest stopped)")
+	}
+	if rs := st.Replica; rs != nil && rs.Profile != nil {
+		fmt.Println()
+		if err := rs.Profile.WriteTable(os.Stdout); err != nil {
+			return code, err
+		}
+	}
+	return code, nil
 }
 
 // describe sums up a finished transfer.

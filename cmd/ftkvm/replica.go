@@ -24,10 +24,11 @@ import (
 // replicaFlags are shared by primary and backup.
 type replicaFlags struct {
 	guestFlags
-	Device  string        `help:"KVM device." default:"/dev/kvm"`
-	Timeout time.Duration `help:"Declare the peer dead after this long without a message (heartbeats keep a quiet link alive)." default:"100ms"`
-	API     string        `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
-	Witness string        `help:"Address of the witness (ftkvm witness) that decides which replica goes on when the two lose each other; the loser stops. Both replicas must give the same address. Without one, a cut link lets both go on (split brain)." placeholder:"HOST:PORT"`
+	Device    string        `help:"KVM device." default:"/dev/kvm"`
+	Timeout   time.Duration `help:"Declare the peer dead after this long without a message (heartbeats keep a quiet link alive)." default:"100ms"`
+	API       string        `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
+	ExitStats bool          `help:"When the guest stops, print its exit profile and the replica profile (how epochs ended; capture, install, hash and send costs) on stderr. docs/PROFILE.md explains them." name:"exit-stats"`
+	Witness   string        `help:"Address of the witness (ftkvm witness) that decides which replica goes on when the two lose each other; the loser stops. Both replicas must give the same address. Without one, a cut link lets both go on (split brain)." placeholder:"HOST:PORT"`
 }
 
 // fencing is the node's witness setting and the driver's client for it.
@@ -152,7 +153,7 @@ func (c *primaryCmd) run() (int, error) {
 		return 0, fmt.Errorf("backup %s: %w", c.Backup, err)
 	}
 	logrus.Infof("primary: replicating to %s (policy %s)", c.Backup, c.Policy)
-	return runReplica(m, r, c.API)
+	return runReplica(m, r, c.API, c.ExitStats)
 }
 
 func (c *backupCmd) run() (int, error) {
@@ -214,12 +215,12 @@ func (c *backupCmd) run() (int, error) {
 	if err := r.Attach(m); err != nil {
 		return 0, err
 	}
-	return runReplica(m, r, c.API)
+	return runReplica(m, r, c.API, c.ExitStats)
 }
 
 // runReplica runs a replica's machine with its console on the terminal,
 // like runGuest, and the control API if apiPath is set.
-func runReplica(m *vmm.Machine, r *driver.Replica, apiPath string) (int, error) {
+func runReplica(m *vmm.Machine, r *driver.Replica, apiPath string, exitStats bool) (int, error) {
 	var srv *api.Server
 	if apiPath != "" {
 		var err error
@@ -263,6 +264,10 @@ func runReplica(m *vmm.Machine, r *driver.Replica, apiPath string) (int, error) 
 		"epochs": st.Epochs, "checkpoint_epochs": st.CheckpointEpochs, "checkpoint_bytes": st.CheckpointBytes,
 		"divergences": st.Divergences, "repairs": st.Repairs, "log_records": st.LogSent, "link_bytes": r.LinkBytes(),
 	}).Info("replica stopped: ", st)
+	if exitStats {
+		restore()
+		printExitProfile(m, r)
+	}
 	switch {
 	case errors.Is(err, vmm.ErrQuit):
 		restore()
@@ -286,9 +291,11 @@ func (a replicaAPI) ReplicaStatus() api.ReplicaStatus {
 		Outputs: s.Outputs, Performed: s.Performed, Held: s.Held, LogSent: s.LogSent, LogAcked: s.LogAcked,
 		Backlog: s.Backlog, LinkBytes: a.r.LinkBytes(), Epochs: s.Epochs, CheckpointEpochs: s.CheckpointEpochs,
 		CheckpointBytes: s.CheckpointBytes, Divergences: s.Divergences, Repairs: s.Repairs,
-		Promotions: s.Promotions, Summary: s.String(),
+		Promotions: s.Promotions, Summary: s.String(), Profile: ptr(a.r.Profile()),
 	}
 }
+
+func ptr[T any](v T) *T { return &v }
 
 func (a replicaAPI) Protect(addr string) error { return a.r.Protect(addr) }
 

@@ -18,9 +18,10 @@ import (
 )
 
 type restoreCmd struct {
-	File   string `arg:"" help:"Snapshot file (from ftkvm ctl snapshot)." type:"path"`
-	Device string `help:"KVM device." default:"/dev/kvm"`
-	API    string `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
+	File      string `arg:"" help:"Snapshot file (from ftkvm ctl snapshot)." type:"path"`
+	Device    string `help:"KVM device." default:"/dev/kvm"`
+	API       string `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
+	ExitStats bool   `help:"When the guest stops, print its exit profile (exits and time per exit reason, device and port; interrupts; kicks) on stderr. docs/PROFILE.md explains it." name:"exit-stats"`
 }
 
 // emptyMachine builds the machine a snapshot or a migration is loaded into.
@@ -40,13 +41,14 @@ func (c *restoreCmd) run() (int, error) {
 	}
 	m := t.(*vmm.Machine)
 	defer m.Close()
-	return runGuest(m, env, c.API)
+	return runGuest(m, env, c.API, c.ExitStats)
 }
 
 type receiveCmd struct {
-	Listen string `required:"" help:"Address to wait on for a migration (port 0: any free port; the address is printed)." placeholder:"HOST:PORT"`
-	Device string `help:"KVM device." default:"/dev/kvm"`
-	API    string `help:"Serve the control API (HTTP+JSON) on this unix socket once the guest runs." name:"api" placeholder:"SOCKET"`
+	Listen    string `required:"" help:"Address to wait on for a migration (port 0: any free port; the address is printed)." placeholder:"HOST:PORT"`
+	Device    string `help:"KVM device." default:"/dev/kvm"`
+	API       string `help:"Serve the control API (HTTP+JSON) on this unix socket once the guest runs." name:"api" placeholder:"SOCKET"`
+	ExitStats bool   `help:"When the guest stops, print its exit profile (exits and time per exit reason, device and port; interrupts; kicks) on stderr. docs/PROFILE.md explains it." name:"exit-stats"`
 	// Connections that are not a migration (scanners, health checks) are
 	// logged and ignored, so without a bound the wait is forever.
 	Timeout time.Duration `help:"Give up (status 125) if no migration has begun within this long; 0 waits forever. Connections that are not a migration are logged and ignored."`
@@ -114,5 +116,5 @@ func (c *receiveCmd) run() (int, error) {
 	m := t.(*vmm.Machine)
 	defer m.Close()
 	fmt.Fprintf(os.Stderr, "ftkvm: received the guest from %s\n", from)
-	return runGuest(m, env, c.API)
+	return runGuest(m, env, c.API, c.ExitStats)
 }

@@ -63,8 +63,9 @@ func (g *guestFlags) load() (vmm.Config, error) {
 
 type runCmd struct {
 	guestFlags
-	Device string `help:"KVM device." default:"/dev/kvm"`
-	API    string `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
+	Device    string `help:"KVM device." default:"/dev/kvm"`
+	API       string `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
+	ExitStats bool   `help:"When the guest stops, print its exit profile (exits and time per exit reason, device and port; interrupts; kicks) on stderr. docs/PROFILE.md explains it." name:"exit-stats"`
 }
 
 func (c *runCmd) run() (int, error) {
@@ -84,14 +85,15 @@ func (c *runCmd) run() (int, error) {
 		return 0, fmt.Errorf("%s: %w", c.Kernel, err)
 	}
 	defer m.Close()
-	return runGuest(m, env, c.API)
+	return runGuest(m, env, c.API, c.ExitStats)
 }
 
 // runGuest runs a machine with its console on the terminal, and the control
 // API if apiPath is set, and returns ftkvm's exit status: the guest's
 // debug-exit byte, exitQuit, or 0 when the control API stopped the guest
 // because it lives on elsewhere (a migration, a snapshot with --stop).
-func runGuest(m *vmm.Machine, env *vmm.LiveEnv, apiPath string) (int, error) {
+// With exitStats it prints the exit profile on stderr when the guest stops.
+func runGuest(m *vmm.Machine, env *vmm.LiveEnv, apiPath string, exitStats bool) (int, error) {
 	var srv *api.Server
 	if apiPath != "" {
 		var err error
@@ -133,6 +135,10 @@ func runGuest(m *vmm.Machine, env *vmm.LiveEnv, apiPath string) (int, error) {
 		"steps": s.Steps, "emulated": s.Emulated,
 		"elapsed": time.Since(start).Round(time.Millisecond),
 	}).Info("guest stopped: ", m.StopReason())
+	if exitStats {
+		restore() // the tables go to a terminal in its normal mode
+		printExitProfile(m, nil)
+	}
 	switch {
 	case errors.Is(err, vmm.ErrQuit):
 		restore()

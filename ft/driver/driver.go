@@ -117,8 +117,9 @@ type Replica struct {
 	stallSince  time.Time
 	stallWarned bool
 
-	linkBytes atomic.Int64 // bytes written to links
-	trace     bool         // log every action (log level trace)
+	linkBytes atomic.Int64   // bytes written to links
+	prof      replicaProfile // profile.go
+	trace     bool           // log every action (log level trace)
 }
 
 // LinkBytes is the number of bytes sent to peers so far.
@@ -483,7 +484,9 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 				r.wakeReq = false
 				return a, errWoken
 			}
+			t := time.Now()
 			r.cond.Wait()
+			r.prof.waits[min(int(a.Wait), len(r.prof.waits)-1)].add(t, 0)
 			a = r.node.Continue()
 		case ft.ActDeliver:
 			for _, ev := range a.Events {
@@ -499,21 +502,27 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 			r.noteDeadline(r.m)
 			a = r.node.Continue()
 		case ft.ActHash:
+			t := time.Now()
 			h, err := r.hash()
+			r.prof.hash.add(t, 0)
 			if err != nil {
 				return a, err
 			}
 			a = r.node.Hashed(h)
 		case ft.ActCheckpoint:
+			t := time.Now()
 			blob, err := r.capture(a.Full)
 			if err != nil {
 				return a, err
 			}
+			r.prof.capture.add(t, len(blob))
 			a = r.node.Checkpointed(blob)
 		case ft.ActInstall:
+			t := time.Now()
 			if err := r.install(a.State); err != nil {
 				return a, err
 			}
+			r.prof.install.add(t, len(a.State))
 			r.noteDeadline(r.m)
 			a = r.node.Continue()
 		default:
@@ -634,7 +643,13 @@ func (r *Replica) drain() {
 	rd := r.node.Ready()
 	if l := r.link; l != nil {
 		for _, m := range rd.Messages {
-			l.send(wire.Marshal(m))
+			var t time.Time
+			if m.Type() == wire.TypeCheckpoint {
+				t = time.Now() // only a checkpoint's encoding is worth a clock read
+			}
+			f := wire.Marshal(m)
+			r.prof.sentMsg(m, len(f), t)
+			l.send(f)
 		}
 		if rd.Close {
 			l.closeAfterSend()

@@ -86,8 +86,12 @@ func (l *link) writer() {
 		l.mu.Unlock()
 		if len(batch) > 0 {
 			bufs := net.Buffers(batch)
+			t := time.Now()
 			n, err := bufs.WriteTo(l.conn)
 			l.r.linkBytes.Add(n)
+			l.r.prof.writes.Add(1)
+			l.r.prof.writeNs.Add(int64(time.Since(t)))
+			l.r.prof.writeBytes.Add(n)
 			if err != nil {
 				l.broken()
 				return
@@ -122,6 +126,7 @@ func (l *link) reader() {
 		if r.trace {
 			r.log.Tracef("replica: received %v %+v", m.Type(), m)
 		}
+		r.prof.recvMsg(m)
 		r.node.Step(m)
 		r.drain()
 		r.mu.Unlock()

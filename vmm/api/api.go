@@ -13,6 +13,7 @@
 package api
 
 import (
+	"github.com/ftkvm/ftkvm/ft/driver"
 	"github.com/ftkvm/ftkvm/vmm"
 	"github.com/ftkvm/ftkvm/vmm/migrate"
 )
@@ -39,6 +40,9 @@ type Status struct {
 	LastOperation *Result `json:"last_operation,omitempty"`
 	// Replica is set for a primary or backup (ftkvm primary, backup).
 	Replica *ReplicaStatus `json:"replica,omitempty"`
+	// ExitProfile is the vCPU loop's exit profile (docs/PROFILE.md);
+	// absent when the vCPU thread was busy or the guest has stopped.
+	ExitProfile *vmm.ExitProfile `json:"exit_profile,omitempty"`
 }
 
 // ReplicaStatus is a fault-tolerant replica's state (package ft's Status).
@@ -68,6 +72,9 @@ type ReplicaStatus struct {
 	Repairs          uint64 `json:"repairs"`
 	Promotions       uint64 `json:"promotions"`
 	Summary          string `json:"summary"`
+	// Profile is the replica profile (docs/PROFILE.md): how epochs ended
+	// and what capture, install, hashes and the link cost.
+	Profile *driver.ReplicaProfile `json:"profile,omitempty"`
 }
 
 // ProtectRequest asks a primary to bring in a backup waiting at

@@ -63,6 +63,21 @@ func TestAPI(t *testing.T) {
 	if err != nil || st.State != "running" {
 		t.Fatalf("status: %+v %v", st, err)
 	}
+	// The exit profile comes with the status, read on the vCPU thread
+	// together with Stats: its port exits are Stats'.
+	if p := st.ExitProfile; p == nil || p.WallNs <= 0 {
+		t.Fatalf("status without an exit profile: %+v", st.ExitProfile)
+	} else {
+		var io uint64
+		for _, r := range p.Reasons {
+			if r.Reason == "KVM_EXIT_IO" {
+				io = r.Exits
+			}
+		}
+		if io != st.Stats.IOExits {
+			t.Fatalf("exit profile has %d port exits, Stats %d", io, st.Stats.IOExits)
+		}
+	}
 	if err := c.SetState(ctx, "Resumed"); err == nil || !strings.Contains(err.Error(), "not paused") {
 		t.Fatalf("resume a running guest: %v", err)
 	}

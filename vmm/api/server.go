@@ -124,12 +124,13 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 	type snap struct {
 		stats vmm.Stats
 		now   int64
+		prof  vmm.ExitProfile
 	}
 	got := make(chan snap, 1)
 	done := make(chan error, 1)
 	go func() {
 		done <- s.m.Do(func(m *vmm.Machine) error {
-			got <- snap{m.Stats, m.VirtualTime()}
+			got <- snap{m.Stats, m.VirtualTime(), m.ExitProfile()}
 			return nil
 		})
 	}()
@@ -144,7 +145,7 @@ func (s *Server) status(w http.ResponseWriter, r *http.Request) {
 	}
 	select {
 	case sn := <-got:
-		st.Stats, st.VirtualTimeNs = sn.stats, sn.now
+		st.Stats, st.VirtualTimeNs, st.ExitProfile = sn.stats, sn.now, &sn.prof
 	default:
 	}
 	cs := s.m.ControlStats()

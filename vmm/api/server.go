@@ -252,7 +252,15 @@ func (s *Server) transfer(w http.ResponseWriter, kind, target string, run func(p
 		}
 		return
 	}
-	defer s.opMu.Unlock()
+	// Unlocked before the last event is written, not after: a client
+	// that reads the result and at once sends its next request must not
+	// find the operation still under way.
+	locked := true
+	defer func() {
+		if locked {
+			s.opMu.Unlock()
+		}
+	}()
 	if !s.m.ControlStats().Running {
 		writeFault(w, http.StatusConflict, "%v", vmm.ErrNotRunning)
 		return
@@ -282,14 +290,15 @@ func (s *Server) transfer(w http.ResponseWriter, kind, target string, run func(p
 		Kind: kind, Target: target, Bytes: res.Bytes, Pages: res.Pages, Rounds: res.Rounds,
 		DirtyAtStop: res.Dirty, PauseNs: int64(res.Pause), TotalNs: int64(res.Total), Stopped: stopped,
 	}
+	last := Event{Result: out}
 	if err != nil {
 		out.Error = err.Error()
-		s.last.Store(out)
-		emit(Event{Error: err.Error()})
-		return
+		last = Event{Error: err.Error()}
 	}
 	s.last.Store(out)
-	emit(Event{Result: out})
+	locked = false
+	s.opMu.Unlock()
+	emit(last)
 }
 
 func (s *Server) snapshot(w http.ResponseWriter, r *http.Request) {

@@ -68,6 +68,11 @@ func main() {
 	}
 
 	status, err := dispatch(&c, ctx)
+	var ue usageError
+	if errors.As(err, &ue) {
+		fmt.Fprintf(os.Stderr, "ftkvm: %v\n", err)
+		os.Exit(2)
+	}
 	if err != nil {
 		fail(err)
 	}
@@ -139,6 +144,13 @@ func versionString() string {
 	}
 	return fmt.Sprintf("ftkvm %s (replication protocol %d, snapshot format %d)", v, ft.ProtocolVersion, snapshot.Version)
 }
+
+// usageError is bad command-line usage found after parsing (flags that
+// exclude each other, a malformed address): exit status 2, like the
+// parser's own errors.
+type usageError struct{ error }
+
+func (u usageError) Unwrap() error { return u.error }
 
 // fail prints one clear line and exits; it is the only way ftkvm reports a
 // fatal error (never a panic).

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ftkvm/ftkvm/ft"
+	"github.com/ftkvm/ftkvm/ft/arbiter"
 	"github.com/ftkvm/ftkvm/ft/driver"
 	"github.com/ftkvm/ftkvm/ft/wire"
 	"github.com/ftkvm/ftkvm/ft/witness"
@@ -28,17 +29,34 @@ type replicaFlags struct {
 	Timeout   time.Duration `help:"Declare the peer dead after this long without a message (heartbeats keep a quiet link alive)." default:"100ms"`
 	API       string        `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
 	ExitStats bool          `help:"When the guest stops, print its exit profile and the replica profile (how epochs ended; capture, install, hash and send costs) on stderr. docs/PROFILE.md explains them." name:"exit-stats"`
-	Witness   string        `help:"Address of the witness (ftkvm witness) that decides which replica goes on when the two lose each other; the loser stops. Both replicas must give the same address. Without one, a cut link lets both go on (split brain)." placeholder:"HOST:PORT"`
+	Witness   string        `help:"Address of the witness (ftkvm witness) that decides which replica goes on when the two lose each other; the loser stops. Both replicas must give the same address. Without a witness or an arbiter, a cut link lets both go on (split brain)." placeholder:"HOST:PORT"`
+	Arbiter   string        `help:"Decide as --witness does, on an etcd cluster: etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (one key per pair under PREFIX, default /ftkvm). Both replicas must name the same cluster and prefix." placeholder:"URL"`
 }
 
-// fencing is the node's witness setting and the driver's client for it.
-func (f *replicaFlags) fencing() (ft.Digest, driver.Witness) {
-	if f.Witness == "" {
-		return ft.Digest{}, nil
+// fencing is the node's witness setting and the driver's client for it:
+// the built-in witness (--witness) or an etcd cluster (--arbiter). The
+// handshake compares the setting's hash, so both replicas must name the
+// same one.
+func (f *replicaFlags) fencing() (ft.Digest, driver.Witness, error) {
+	switch {
+	case f.Witness != "" && f.Arbiter != "":
+		return ft.Digest{}, nil, usageError{errors.New("--witness and --arbiter: give one of them")}
+	case f.Witness != "":
+		// The address as given: both sides must claim at the same witness.
+		return sha256.Sum256([]byte(f.Witness)), witness.NewClient(f.Witness, time.Second), nil
+	case f.Arbiter != "":
+		ep, err := arbiter.Parse(f.Arbiter)
+		if err != nil {
+			return ft.Digest{}, nil, usageError{err}
+		}
+		a, err := arbiter.New(ep)
+		if err != nil {
+			return ft.Digest{}, nil, err
+		}
+		a.Log = logrus.Warnf
+		return sha256.Sum256([]byte(ep.String())), a, nil
 	}
-	// The handshake compares the address as given: both sides must
-	// claim at the same witness.
-	return sha256.Sum256([]byte(f.Witness)), witness.NewClient(f.Witness, time.Second)
+	return ft.Digest{}, nil, nil
 }
 
 type primaryCmd struct {
@@ -125,7 +143,10 @@ func (c *primaryCmd) run() (int, error) {
 	// backup adopts the decision (or refuses it) in the handshake.
 	windows := cfg.Epoch == vmm.EpochExit && (c.InterruptWindows == "on" || c.InterruptWindows == "auto" && host.ExactWindows)
 	cfg.Windows = windowsMode(windows)
-	wd, wc := c.fencing()
+	wd, wc, err := c.fencing()
+	if err != nil {
+		return 0, err
+	}
 	r := driver.New(driver.Options{
 		Node: ft.Config{Role: ft.RolePrimary, Policy: policy, Verify: c.Verify, Guest: identity(cfg, host, windows),
 			EpochLength: c.EpochLength, EpochInstructions: instrs, Timeout: c.Timeout, Witness: wd},
@@ -170,7 +191,10 @@ func (c *backupCmd) run() (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	wd, wc := c.fencing()
+	wd, wc, err := c.fencing()
+	if err != nil {
+		return 0, err
+	}
 	r := driver.New(driver.Options{
 		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg, host, host.ExactWindows), Timeout: c.Timeout, Witness: wd, Join: c.Join},
 		Console:          os.Stdout,

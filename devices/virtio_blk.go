@@ -142,6 +142,9 @@ type Block struct {
 	Reads, Writes, Flushes, IOErrors, Unsupported, Malformed uint64
 }
 
+// Path is the image's file name.
+func (b *Block) Path() string { return b.img.path }
+
 // NewBlock returns a virtio-blk device over img; id is its serial number
 // (GET_ID, at most 20 bytes are used).
 func NewBlock(img *DiskImage, id string) *Block {

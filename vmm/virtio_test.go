@@ -154,3 +154,11 @@ func TestACPIInGuestMemory(t *testing.T) {
 		t.Fatalf("after S5: stopped %v status %d reason %q", m.stopped, m.exitStatus, m.StopReason())
 	}
 }
+
+func TestCaptureRefusedWithDisks(t *testing.T) {
+	m, _ := newDiskMachine(t)
+	var s snapshot.State
+	if err := m.CaptureState(&s); err != ErrDisksNotCaptured {
+		t.Fatalf("CaptureState of a machine with a disk: %v, want ErrDisksNotCaptured", err)
+	}
+}

@@ -242,26 +242,39 @@ func newBlkStreams(chain []Desc) blkStreams {
 	return s
 }
 
-// each calls fn for the parts of the readable (write=false) or writable
-// stream in [off, off+n), in order, with their guest addresses; it stops at
-// fn's first error.
-func (s blkStreams) each(write bool, off, n uint64, fn func(gpa, streamOff, n uint64) error) error {
-	pos := uint64(0)
-	for _, d := range s.chain {
-		if d.Write != write {
+// blkSegs iterates over the parts of the readable (write false) or
+// writable stream in [off, end), in order: next sets gpa (guest address),
+// at (offset from off) and n (length). It is a value type, so serving a
+// request does not allocate.
+type blkSegs struct {
+	chain      []Desc
+	write      bool
+	off, end   uint64
+	i          int
+	pos        uint64
+	gpa, at, n uint64
+}
+
+func (s blkStreams) segs(write bool, off, n uint64) blkSegs {
+	return blkSegs{chain: s.chain, write: write, off: off, end: off + n}
+}
+
+func (it *blkSegs) next() bool {
+	for it.i < len(it.chain) {
+		d := it.chain[it.i]
+		it.i++
+		if d.Write != it.write {
 			continue
 		}
-		dl := uint64(d.Len)
-		if pos+dl > off && pos < off+n {
-			start := max(off, pos)
-			end := min(off+n, pos+dl)
-			if err := fn(d.Addr+start-pos, start-off, end-start); err != nil {
-				return err
-			}
+		pos, dl := it.pos, uint64(d.Len)
+		it.pos += dl
+		if pos+dl > it.off && pos < it.end {
+			start, end := max(it.off, pos), min(it.end, pos+dl)
+			it.gpa, it.at, it.n = d.Addr+start-pos, start-it.off, end-start
+			return true
 		}
-		pos += dl
 	}
-	return nil
+	return false
 }
 
 // serve carries out one request and returns the number of bytes written to
@@ -276,10 +289,9 @@ func (b *Block) serve(mem GuestMemory, chain []Desc) uint32 {
 	}
 	g := mem.Bytes()
 	var hdr [blkHeaderSize]byte
-	_ = s.each(false, 0, blkHeaderSize, func(gpa, off, n uint64) error {
-		copy(hdr[off:off+n], g[gpa:gpa+n])
-		return nil
-	})
+	for it := s.segs(false, 0, blkHeaderSize); it.next(); {
+		copy(hdr[it.at:it.at+it.n], g[it.gpa:it.gpa+it.n])
+	}
 	typ := binary.LittleEndian.Uint32(hdr[0:])
 	sector := binary.LittleEndian.Uint64(hdr[8:])
 	dataIn := s.nWrite - 1 // device-writable bytes before the status byte
@@ -293,28 +305,26 @@ func (b *Block) serve(mem GuestMemory, chain []Desc) uint32 {
 			status = VIRTIO_BLK_S_IOERR
 			break
 		}
-		err := s.each(true, 0, dataIn, func(gpa, off, n uint64) error {
-			_, err := b.img.f.ReadAt(g[gpa:gpa+n], int64(sector*blkSectorSize+off))
-			mem.MarkDirty(gpa, n)
-			return err
-		})
-		if err != nil {
-			status = VIRTIO_BLK_S_IOERR
-			break
-		}
 		written = dataIn
+		for it := s.segs(true, 0, dataIn); it.next(); {
+			_, err := b.img.f.ReadAt(g[it.gpa:it.gpa+it.n], int64(sector*blkSectorSize+it.at))
+			mem.MarkDirty(it.gpa, it.n)
+			if err != nil {
+				status, written = VIRTIO_BLK_S_IOERR, 0
+				break
+			}
+		}
 	case VIRTIO_BLK_T_OUT:
 		b.Writes++
 		if b.img.readOnly || !b.inRange(sector, dataOut) {
 			status = VIRTIO_BLK_S_IOERR
 			break
 		}
-		err := s.each(false, blkHeaderSize, dataOut, func(gpa, off, n uint64) error {
-			_, err := b.img.f.WriteAt(g[gpa:gpa+n], int64(sector*blkSectorSize+off))
-			return err
-		})
-		if err != nil {
-			status = VIRTIO_BLK_S_IOERR
+		for it := s.segs(false, blkHeaderSize, dataOut); it.next(); {
+			if _, err := b.img.f.WriteAt(g[it.gpa:it.gpa+it.n], int64(sector*blkSectorSize+it.at)); err != nil {
+				status = VIRTIO_BLK_S_IOERR
+				break
+			}
 		}
 	case VIRTIO_BLK_T_FLUSH:
 		b.Flushes++
@@ -324,13 +334,11 @@ func (b *Block) serve(mem GuestMemory, chain []Desc) uint32 {
 			}
 		}
 	case VIRTIO_BLK_T_GET_ID:
-		n := min(dataIn, VIRTIO_BLK_ID_BYTES)
-		_ = s.each(true, 0, n, func(gpa, off, n uint64) error {
-			copy(g[gpa:gpa+n], b.id[off:])
-			mem.MarkDirty(gpa, n)
-			return nil
-		})
-		written = n
+		written = min(dataIn, VIRTIO_BLK_ID_BYTES)
+		for it := s.segs(true, 0, written); it.next(); {
+			copy(g[it.gpa:it.gpa+it.n], b.id[it.at:])
+			mem.MarkDirty(it.gpa, it.n)
+		}
 	default:
 		b.Unsupported++
 		status = VIRTIO_BLK_S_UNSUPP
@@ -339,11 +347,10 @@ func (b *Block) serve(mem GuestMemory, chain []Desc) uint32 {
 		b.IOErrors++
 	}
 	// The status byte is the last device-writable byte.
-	_ = s.each(true, s.nWrite-1, 1, func(gpa, _, _ uint64) error {
-		g[gpa] = status
-		mem.MarkDirty(gpa, 1)
-		return nil
-	})
+	for it := s.segs(true, s.nWrite-1, 1); it.next(); {
+		g[it.gpa] = status
+		mem.MarkDirty(it.gpa, 1)
+	}
 	return uint32(written + 1)
 }
 

@@ -268,7 +268,13 @@ func (t *MMIOTransport) Write(offset uint64, data []byte) {
 			t.unhandled++
 			return
 		}
-		q.Ready = v&1 != 0
+		ready := v&1 != 0
+		if ready && !q.Ready {
+			// A queue (re)enabled starts at the beginning of its
+			// rings, which the driver has just zeroed (§2.7.13.1).
+			q.LastAvail, q.UsedIdx = 0, 0
+		}
+		q.Ready = ready
 	case VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_DESC_HIGH,
 		VIRTIO_MMIO_QUEUE_DRIVER_LOW, VIRTIO_MMIO_QUEUE_DRIVER_HIGH,
 		VIRTIO_MMIO_QUEUE_DEVICE_LOW, VIRTIO_MMIO_QUEUE_DEVICE_HIGH:

@@ -218,6 +218,25 @@ func TestMMIODeviceErrorNeedsReset(t *testing.T) {
 	}
 }
 
+func TestMMIOQueueReenabledStartsAtZero(t *testing.T) {
+	d, _, _ := newNullDriver(t)
+	d.setup(1 << VIRTIO_F_VERSION_1)
+	d.submit(buf{tqBufs, 16, false})
+	d.notify()
+	d.w32(VIRTIO_MMIO_QUEUE_READY, 0)
+	if d.r32(VIRTIO_MMIO_QUEUE_READY) != 0 {
+		t.Fatal("queue still ready")
+	}
+	clear(d.mem.b[tqAvail : tqAvail+0x2000])
+	d.avail, d.used, d.next = 0, 0, 0
+	d.w32(VIRTIO_MMIO_QUEUE_READY, 1)
+	d.submit(buf{tqBufs, 16, false})
+	d.notify()
+	if u := d.takeUsed(); len(u) != 1 || u[0][0] != 0 {
+		t.Fatalf("used %v after re-enabling, want head 0 in slot 0", u)
+	}
+}
+
 func TestMMIOStateRoundTrip(t *testing.T) {
 	d, _, _ := newNullDriver(t)
 	d.setup(1 << VIRTIO_F_VERSION_1)

@@ -164,7 +164,7 @@ func LoadPVH(mem, image, initrd []byte, cmdline string) (*Entry, error) {
 	putU32(si[4:], startInfoVersion)
 	putU64(si[16:], 0) // modlist_paddr, set below
 	putU64(si[24:], cmdlineAddr)
-	putU64(si[32:], 0) // rsdp_paddr: no ACPI
+	putU64(si[32:], 0) // rsdp_paddr: SetRSDP (acpi.go) fills it in
 	if len(initrd) > 0 {
 		addr, err := placeInitrd(mem, kernelEnd, uint64(len(initrd)), uint64(len(mem)))
 		if err != nil {

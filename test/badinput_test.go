@@ -36,6 +36,9 @@ func TestBadInput(t *testing.T) {
 	oldBz := write("old-bzimage", old)
 	bigInitrd := write("big-initrd", make([]byte, 5<<20))
 	notState := write("not-witness-state", []byte("pairs: many\n"))
+	smallDisk := write("small.img", make([]byte, 100))
+	oddDisk := write("odd.img", make([]byte, 1000))
+	disk := write("disk.img", make([]byte, 4096))
 
 	usage := map[string]bool{"odd memory size": true, "memory size not a size": true, "unknown flag": true,
 		"missing kernel flag": true, "unknown command": true}
@@ -59,6 +62,15 @@ func TestBadInput(t *testing.T) {
 		{"unknown command", []string{"fly"}, "unexpected argument"},
 		{"no KVM device", []string{"run", "--kernel", testosELF, "--device", filepath.Join(dir, "kvm")}, "no such file"},
 		{"KVM device not KVM", []string{"run", "--kernel", testosELF, "--device", "/dev/null"}, "KVM_GET_API_VERSION"},
+		{"missing disk image", []string{"run", "--kernel", testosELF, "--disk", filepath.Join(dir, "missing.img")}, "no such file"},
+		{"disk image too small", []string{"run", "--kernel", testosELF, "--disk", smallDisk}, "smaller than one 512-byte sector"},
+		{"disk image of partial sectors", []string{"run", "--kernel", testosELF, "--disk", oddDisk}, "not a whole number of 512-byte sectors"},
+		{"disk image that is a directory", []string{"run", "--kernel", testosELF, "--disk", dir + ",ro"}, "not a regular file"},
+		{"unknown disk option", []string{"run", "--kernel", testosELF, "--disk", disk + ",rw"}, `unknown option "rw"`},
+		{"one disk image twice", []string{"run", "--kernel", testosELF, "--disk", disk, "--disk", disk}, "in use by another process"},
+		{"too many disks", []string{"run", "--kernel", testosELF, "--disk", disk + ",ro", "--disk", disk + ",ro", "--disk", disk + ",ro",
+			"--disk", disk + ",ro", "--disk", disk + ",ro", "--disk", disk + ",ro"}, "at most 5 virtio devices"},
+		{"memory over the virtio windows", []string{"run", "--kernel", testosELF, "--mem", "4096", "--disk", disk}, "overlaps the virtio-mmio windows"},
 		{"witness state not a state file", []string{"witness", "--listen", "127.0.0.1:0", "--state", notState}, "not a witness state file"},
 		{"witness state in a missing directory", []string{"witness", "--listen", "127.0.0.1:0", "--state", filepath.Join(dir, "missing", "state")}, "no such file"},
 		{"witness bad address", []string{"witness", "--listen", "no-such-host.invalid:99999"}, "witness:"},

@@ -39,6 +39,8 @@ type Config struct {
 	// (quirks.go). WindowsAuto decides by measuring this KVM; replicas set
 	// it explicitly, to the primary's decision (ft/doc.go, "Handshake").
 	Windows Windows
+	// Disks are virtio-blk devices, in order (virtio.go).
+	Disks []Disk
 }
 
 // Stats counts what the vCPU loop did; it is part of a snapshot's machine
@@ -63,6 +65,8 @@ type Machine struct {
 	reset     *devices.ResetControl
 	i8042     *devices.I8042
 	debugExit *devices.DebugExit
+	acpiPM    *devices.ACPIPM
+	virtio    []*virtioDev
 
 	// tscOffset makes the guest's TSC MSR read tscOffset + virtual ns.
 	tscOffset uint64
@@ -127,6 +131,9 @@ func New(cfg Config) (_ *Machine, err error) {
 	}
 	if err = m.setCPUID(DeterministicCPUID(supported)); err != nil {
 		return nil, err
+	}
+	if err = m.writeACPI(entry); err != nil {
+		return nil, fmt.Errorf("ACPI tables: %w", err)
 	}
 	if err = setupCPU(m.vcpu, entry); err != nil {
 		return nil, err
@@ -290,7 +297,10 @@ func (m *Machine) wireDevices(cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("wire devices: %w", err)
 	}
-	return nil
+	if err := m.wireACPI(); err != nil {
+		return err
+	}
+	return m.wireVirtio(cfg)
 }
 
 func (m *Machine) stop(status int, reason string) {
@@ -320,6 +330,7 @@ func (m *Machine) Close() error {
 		errs = append(errs, m.mem.Close())
 		m.mem = nil
 	}
+	errs = append(errs, m.closeVirtio())
 	return errors.Join(errs...)
 }
 

@@ -96,6 +96,9 @@ func (m *Machine) CaptureState(s *snapshot.State) error {
 	if !m.quiescent {
 		return errNotQuiescent
 	}
+	if len(m.virtio) > 0 {
+		return ErrDisksNotCaptured
+	}
 	if s.Header.Kind == 0 {
 		s.Header.Kind = snapshot.KindSnapshot
 	}

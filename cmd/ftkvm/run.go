@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -63,14 +64,18 @@ func (g *guestFlags) load() (vmm.Config, error) {
 
 type runCmd struct {
 	guestFlags
-	Device    string `help:"KVM device." default:"/dev/kvm"`
-	API       string `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
-	ExitStats bool   `help:"When the guest stops, print its exit profile (exits and time per exit reason, device and port; interrupts; kicks) on stderr. docs/PROFILE.md explains it." name:"exit-stats"`
+	Disk      []string `help:"A raw disk image for a virtio-blk device (/dev/vda, /dev/vdb, ... in order); add ,ro for a read-only disk. Repeatable." placeholder:"FILE[,ro]" sep:"none"`
+	Device    string   `help:"KVM device." default:"/dev/kvm"`
+	API       string   `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
+	ExitStats bool     `help:"When the guest stops, print its exit profile (exits and time per exit reason, device and port; interrupts; kicks) on stderr. docs/PROFILE.md explains it." name:"exit-stats"`
 }
 
 func (c *runCmd) run() (int, error) {
 	cfg, err := c.load()
 	if err != nil {
+		return 0, err
+	}
+	if cfg.Disks, err = parseDisks(c.Disk); err != nil {
 		return 0, err
 	}
 	env := vmm.NewLiveEnv(nil)
@@ -79,13 +84,36 @@ func (c *runCmd) run() (int, error) {
 	cfg.KVMPath = c.Device
 	m, err := vmm.New(cfg)
 	if err != nil {
-		if errors.Is(err, vmm.ErrNoPerfCounters) {
+		var de *vmm.DiskError
+		switch {
+		case errors.Is(err, vmm.ErrNoPerfCounters):
 			return 0, fmt.Errorf("--epoch perf: %w", err)
+		case errors.As(err, &de):
+			return 0, fmt.Errorf("--disk: %w", err)
 		}
 		return 0, fmt.Errorf("%s: %w", c.Kernel, err)
 	}
 	defer m.Close()
 	return runGuest(m, env, c.API, c.ExitStats)
+}
+
+// parseDisks parses --disk values: FILE or FILE,ro.
+func parseDisks(flags []string) ([]vmm.Disk, error) {
+	var disks []vmm.Disk
+	for _, f := range flags {
+		path, opt, hasOpt := strings.Cut(f, ",")
+		d := vmm.Disk{Path: path}
+		switch {
+		case path == "":
+			return nil, fmt.Errorf("--disk %q: no file name (FILE or FILE,ro)", f)
+		case hasOpt && opt == "ro":
+			d.ReadOnly = true
+		case hasOpt:
+			return nil, fmt.Errorf("--disk %q: unknown option %q (FILE or FILE,ro)", f, opt)
+		}
+		disks = append(disks, d)
+	}
+	return disks, nil
 }
 
 // runGuest runs a machine with its console on the terminal, and the control
@@ -135,6 +163,13 @@ func runGuest(m *vmm.Machine, env *vmm.LiveEnv, apiPath string, exitStats bool) 
 		"steps": s.Steps, "emulated": s.Emulated,
 		"elapsed": time.Since(start).Round(time.Millisecond),
 	}).Info("guest stopped: ", m.StopReason())
+	for _, d := range m.DiskStats() {
+		logrus.WithFields(logrus.Fields{
+			"reads": d.Reads, "writes": d.Writes, "flushes": d.Flushes, "ioerrors": d.IOErrors,
+			"unsupported": d.Unsupported, "malformed": d.Malformed, "device_errors": d.DeviceErrors,
+			"unhandled": d.Unhandled,
+		}).Info("disk ", d.Path)
+	}
 	if exitStats {
 		restore() // the tables go to a terminal in its normal mode
 		printExitProfile(m, nil)

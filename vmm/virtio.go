@@ -1,0 +1,121 @@
+package vmm
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/ftkvm/ftkvm/devices"
+)
+
+// virtio-mmio devices (docs/DEVICES.md): window n at virtioMMIOBase + n *
+// 0x1000, on 8259 line virtioIRQs[n], described to the guest in the DSDT.
+
+// Disk is a raw disk image for a virtio-blk device.
+type Disk struct {
+	Path     string
+	ReadOnly bool
+}
+
+const virtioMMIOBase = 0xd0000000
+
+// virtioIRQs are the 8259 lines free on ftkvm's PC (0 PIT, 1 keyboard, 2
+// cascade, 4 COM1, 8 RTC, 9 SCI, 12 mouse, 13 FPU; 3, 6 and 7 are left to
+// COM2, the floppy and the 8259's spurious IRQ 7).
+var virtioIRQs = []int{5, 10, 11, 14, 15}
+
+// virtioDev is one device in its window.
+type virtioDev struct {
+	base uint64
+	irq  int
+	t    *devices.MMIOTransport
+	blk  *devices.Block     // for a disk
+	img  *devices.DiskImage // closed with the machine
+}
+
+// guestMemory is guest RAM as devices see it: writes they make are marked
+// dirty (dirty.go).
+type guestMemory struct{ m *Machine }
+
+func (g guestMemory) Bytes() []byte           { return g.m.mem.Bytes() }
+func (g guestMemory) MarkDirty(gpa, n uint64) { g.m.MarkDirty(gpa, n) }
+
+// wireVirtio opens the disks and puts a virtio-blk device for each in its
+// window.
+func (m *Machine) wireVirtio(cfg Config) error {
+	if len(cfg.Disks) == 0 {
+		return nil
+	}
+	if len(cfg.Disks) > len(virtioIRQs) {
+		return &DiskError{fmt.Errorf("%d disks: ftkvm has interrupt lines for at most %d virtio devices", len(cfg.Disks), len(virtioIRQs))}
+	}
+	if m.mem.Size() > virtioMMIOBase {
+		return &DiskError{fmt.Errorf("guest memory of %d MiB overlaps the virtio-mmio windows at %#x: use at most %d MiB with --disk",
+			m.mem.Size()>>20, virtioMMIOBase, virtioMMIOBase>>20)}
+	}
+	for i, d := range cfg.Disks {
+		img, err := devices.OpenDiskImage(d.Path, d.ReadOnly)
+		if err != nil {
+			return &DiskError{err}
+		}
+		// The serial number is the disk's position: the same on every
+		// replica, whatever the image's file name there.
+		blk := devices.NewBlock(img, fmt.Sprintf("ftkvm-disk%d", i))
+		v := &virtioDev{base: virtioMMIOBase + uint64(i)*devices.VirtioMMIOWindow, irq: virtioIRQs[i], blk: blk, img: img}
+		m.virtio = append(m.virtio, v)
+		v.t = devices.NewMMIOTransport(blk, guestMemory{m}, m.pic, v.irq)
+		if err := m.mmio.Register(v.base, devices.VirtioMMIOWindow, fmt.Sprintf("virtio-blk%d", i), v.t); err != nil {
+			return fmt.Errorf("wire disk %s: %w", d.Path, err)
+		}
+	}
+	return nil
+}
+
+// ErrDisksNotCaptured refuses to capture a machine with virtio devices:
+// the snapshot format does not carry their transports' state yet, so a
+// snapshot, migration or checkpoint of it would lose requests in flight
+// and the driver's queue setup.
+var ErrDisksNotCaptured = errors.New("the guest has virtio disks, whose device state snapshots, migration and replication do not carry yet")
+
+// DiskError is a disk image that cannot be used (missing, unreadable, too
+// small, in use).
+type DiskError struct{ Err error }
+
+func (e *DiskError) Error() string { return e.Err.Error() }
+func (e *DiskError) Unwrap() error { return e.Err }
+
+// closeVirtio closes the disk images.
+func (m *Machine) closeVirtio() error {
+	var errs []error
+	for _, v := range m.virtio {
+		if v.img != nil {
+			errs = append(errs, v.img.Close())
+			v.img = nil
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// DiskStats is one disk's request counters (diagnostics).
+type DiskStats struct {
+	Path                                                     string
+	Reads, Writes, Flushes, IOErrors, Unsupported, Malformed uint64
+	DeviceErrors, Unhandled                                  uint64
+}
+
+// DiskStats returns the disks' counters. Call it when Run has returned or
+// on the vCPU thread.
+func (m *Machine) DiskStats() []DiskStats {
+	var out []DiskStats
+	for _, v := range m.virtio {
+		if v.blk == nil {
+			continue
+		}
+		b := v.blk
+		out = append(out, DiskStats{
+			Path: v.blk.Path(), Reads: b.Reads, Writes: b.Writes, Flushes: b.Flushes,
+			IOErrors: b.IOErrors, Unsupported: b.Unsupported, Malformed: b.Malformed,
+			DeviceErrors: v.t.Errors(), Unhandled: v.t.Unhandled(),
+		})
+	}
+	return out
+}

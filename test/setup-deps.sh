@@ -1,14 +1,15 @@
 #!/bin/sh
 # Installs what ftkvm needs on a Debian machine, quietly and only once.
 #   setup-deps.sh build   gcc, make and binutils build the test guest
-#   setup-deps.sh test    also iproute2 and etcd (a real etcd cluster for
-#                         the arbiter's tests), and qemu, busybox, cpio
+#   setup-deps.sh test    also iproute2, etcd (a real etcd cluster for
+#                         the arbiter's tests), acpica-tools (iasl checks
+#                         the ACPI tables), and qemu, busybox, cpio
 #                         and xz for the nested test tier and the Linux
 #                         guest images
 # Go modules come through `go mod download`.
 set -eu
 pkgs="gcc make binutils"
-[ "${1:-test}" = test ] && pkgs="$pkgs iproute2 etcd-server"
+[ "${1:-test}" = test ] && pkgs="$pkgs iproute2 etcd-server acpica-tools"
 need=""
 for p in $pkgs; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need="$need $p"

@@ -472,7 +472,9 @@ func (n *Node) dropLink(why error) {
 		return
 	}
 	n.backupGone()
-	if why != nil && n.op.kind != opStopped {
+	// A link that breaks before the handshake lost no backup: there was
+	// none (the driver reports the failed handshake).
+	if why != nil && up && n.op.kind != opStopped {
 		n.note(NoteBackupLost, why)
 	}
 }

@@ -2,15 +2,18 @@
 package main
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"os"
 	"runtime/debug"
+	"sync"
 
 	"github.com/alecthomas/kong"
 	"github.com/sirupsen/logrus"
 
 	"github.com/ftkvm/ftkvm/ft"
+	"github.com/ftkvm/ftkvm/ft/secure"
 	"github.com/ftkvm/ftkvm/vmm/snapshot"
 )
 
@@ -25,6 +28,9 @@ type cli struct {
 	LogLevel  string           `help:"Log level: trace (every replica action), debug, info, warn, error." default:"warn" enum:"trace,debug,info,warn,error"`
 	LogFormat string           `help:"Log format on stderr: text, or json (one object per line, for log collectors)." default:"text" enum:"text,json"`
 	Version   kong.VersionFlag `help:"Print ftkvm's version, its replication protocol version and its snapshot format version, and exit."`
+	TLSCert   string           `help:"Certificate (PEM) this ftkvm presents on its links: replication, re-protection, migration, the witness. With --tls-key and --tls-ca the links use mutual TLS; without, they are plain (and unauthenticated)." name:"tls-cert" type:"path" placeholder:"FILE"`
+	TLSKey    string           `help:"The certificate's private key (PEM)." name:"tls-key" type:"path" placeholder:"FILE"`
+	TLSCA     string           `help:"CA certificate(s) (PEM): a peer's certificate must chain to one of them." name:"tls-ca" type:"path" placeholder:"FILE"`
 
 	Run     runCmd     `cmd:"" help:"Run a guest with its console on the terminal."`
 	Probe   probeCmd   `cmd:"" help:"Report what this host's KVM can do for ftkvm."`
@@ -68,6 +74,13 @@ func main() {
 		logrus.SetFormatter(&logrus.TextFormatter{DisableTimestamp: false, FullTimestamp: true})
 	}
 
+	if c.TLSCert != "" || c.TLSKey != "" || c.TLSCA != "" {
+		cfg, err := secure.Load(c.TLSCert, c.TLSKey, c.TLSCA)
+		if err != nil {
+			fail(err)
+		}
+		linkTLS = cfg
+	}
 	status, err := dispatch(&c, ctx)
 	var ue usageError
 	if errors.As(err, &ue) {
@@ -147,6 +160,17 @@ func versionString() string {
 	}
 	return fmt.Sprintf("ftkvm %s (replication protocol %d, snapshot format %d)", v, ft.ProtocolVersion, snapshot.Version)
 }
+
+// linkTLS is the mutual-TLS configuration of every link this ftkvm makes
+// or accepts, nil for plain links (--tls-cert, --tls-key, --tls-ca).
+var linkTLS *tls.Config
+
+// warnPlain says once that a command's links are plain.
+var warnPlain = sync.OnceFunc(func() {
+	if linkTLS == nil {
+		logrus.Warn("links are not authenticated or encrypted (no --tls-cert, --tls-key, --tls-ca): anyone who can reach them can talk to this ftkvm")
+	}
+})
 
 // usageError is bad command-line usage found after parsing (flags that
 // exclude each other, a malformed address): exit status 2, like the

@@ -44,6 +44,9 @@ func (f *replicaFlags) fencing() (ft.Digest, driver.Witness, error) {
 		return ft.Digest{}, nil, usageError{errors.New("--witness and --arbiter: give one of them")}
 	case f.Witness != "":
 		// The address as given: both sides must claim at the same witness.
+		if linkTLS != nil {
+			return sha256.Sum256([]byte(f.Witness)), witness.NewTLSClient(f.Witness, time.Second, linkTLS), nil
+		}
 		return sha256.Sum256([]byte(f.Witness)), witness.NewClient(f.Witness, time.Second), nil
 	case f.Arbiter != "":
 		ep, err := arbiter.Parse(f.Arbiter)
@@ -154,6 +157,7 @@ func (c *primaryCmd) run() (int, error) {
 		Console: os.Stdout,
 		Log:     logrus.StandardLogger(),
 		Witness: wc,
+		TLS:     linkTLS,
 	})
 	defer r.Close()
 	cfg.Env = r
@@ -175,6 +179,7 @@ func (c *primaryCmd) run() (int, error) {
 		return 0, fmt.Errorf("backup %s: %w", c.Backup, err)
 	}
 	logrus.Infof("primary: replicating to %s (policy %s)", c.Backup, c.Policy)
+	warnPlain()
 	if err := serveMetrics(c.Metrics, machineCollector{m: m, r: r}); err != nil {
 		return 0, err
 	}
@@ -204,6 +209,7 @@ func (c *backupCmd) run() (int, error) {
 		Console:          os.Stdout,
 		Log:              logrus.StandardLogger(),
 		Witness:          wc,
+		TLS:              linkTLS,
 		InjectDivergence: c.InjectDivergence,
 	})
 	defer r.Close()
@@ -223,6 +229,7 @@ func (c *backupCmd) run() (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("backup: %w", err)
 	}
+	warnPlain()
 	if peer.Started {
 		logrus.Infof("backup: joining: the primary's guest runs already; receiving its state")
 	}
@@ -259,6 +266,7 @@ func runReplica(m *vmm.Machine, r *driver.Replica, apiPath string, exitStats boo
 			return 0, err
 		}
 		srv.SetReplica(replicaAPI{r})
+		srv.SetTLS(linkTLS)
 		defer srv.Shutdown(time.Second)
 	}
 	console, restore, err := openConsole()

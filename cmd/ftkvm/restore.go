@@ -66,6 +66,7 @@ func (c *receiveCmd) run() (int, error) {
 		}
 	}
 	fmt.Fprintf(os.Stderr, "ftkvm: waiting for a migration on %s\n", l.Addr())
+	warnPlain()
 	// Until the guest runs, SIGINT and SIGTERM abandon the wait; the source
 	// keeps its guest.
 	sigs := make(chan os.Signal, 1)
@@ -92,6 +93,7 @@ func (c *receiveCmd) run() (int, error) {
 		Stranger: func(from net.Addr, err error) {
 			logrus.Warnf("receive: a connection from %v was not a migration (%v); still waiting", from, err)
 		},
+		TLS: linkTLS,
 	})
 	view.finish()
 	signal.Stop(sigs)

@@ -132,6 +132,7 @@ func runGuest(m *vmm.Machine, env *vmm.LiveEnv, apiPath string, exitStats bool) 
 		if srv, err = api.Listen(apiPath, m); err != nil {
 			return 0, err
 		}
+		srv.SetTLS(linkTLS)
 	}
 	console, restore, err := openConsole()
 	if err != nil {

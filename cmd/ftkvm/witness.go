@@ -36,6 +36,8 @@ func (c *witnessCmd) run() (int, error) {
 		return 0, fmt.Errorf("witness: %w", err)
 	}
 	srv := s.HTTPServer()
+	srv.TLSConfig = linkTLS
+	warnPlain()
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
 	defer signal.Stop(sigs)
@@ -44,7 +46,11 @@ func (c *witnessCmd) run() (int, error) {
 		_ = srv.Close()
 	}()
 	fmt.Fprintf(os.Stderr, "ftkvm: witness serving claims on %s\n", l.Addr())
-	if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	serve := srv.Serve
+	if linkTLS != nil {
+		serve = func(l net.Listener) error { return srv.ServeTLS(l, "", "") }
+	}
+	if err := serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return 0, fmt.Errorf("witness: %w", err)
 	}
 	fmt.Fprintln(os.Stderr, "ftkvm: witness stopped")

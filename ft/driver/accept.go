@@ -21,6 +21,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ftkvm/ftkvm/ft/secure"
 	"github.com/ftkvm/ftkvm/ft/wire"
 )
 
@@ -83,9 +84,17 @@ func (r *Replica) greet(conn net.Conn) {
 		r.log.Infof("replica: refused a connection from %v: this backup already serves a primary", from)
 		return
 	}
+	wait := max(r.opts.Node.Timeout, minHelloWait)
+	if r.opts.TLS != nil {
+		tc, err := secure.Server(conn, r.opts.TLS, wait)
+		if err != nil {
+			r.log.Warnf("replica: a connection from %v is not this backup's primary (%v); still waiting for it", from, err)
+			return
+		}
+		conn = tc
+	}
 	rx := new(atomic.Int64)
 	rd := wire.NewReader(countingReader{conn, rx}, maxHello)
-	wait := max(r.opts.Node.Timeout, minHelloWait)
 	_ = conn.SetReadDeadline(time.Now().Add(wait))
 	m, err := rd.Read()
 	_ = conn.SetReadDeadline(time.Time{})

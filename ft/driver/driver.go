@@ -15,6 +15,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -27,6 +28,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/ftkvm/ftkvm/ft"
+	"github.com/ftkvm/ftkvm/ft/secure"
 	"github.com/ftkvm/ftkvm/ft/wire"
 	"github.com/ftkvm/ftkvm/vmm"
 	"github.com/ftkvm/ftkvm/vmm/snapshot"
@@ -44,6 +46,10 @@ type Options struct {
 	// replica of the pair goes on when the two lose each other. Required
 	// when the node has a witness.
 	Witness Witness
+	// TLS, if set, authenticates and encrypts the link (package
+	// ft/secure): the peer must present a certificate from its CA, or the
+	// connection is closed before anything of the guest is exchanged.
+	TLS *tls.Config
 	// InjectDivergence, if > 0, corrupts one byte of a page the guest
 	// dirtied, on a backup, at the first verified epoch end at or after
 	// this epoch: a test's way to see a divergence caught and repaired.
@@ -972,6 +978,11 @@ func (r *Replica) Dial(addr string, wait time.Duration) error {
 		conn, err := net.DialTimeout("tcp", addr, time.Second)
 		if err == nil {
 			setupTCP(conn)
+			if r.opts.TLS != nil {
+				if conn, err = secure.Client(conn, r.opts.TLS, 10*time.Second); err != nil {
+					return fmt.Errorf("the backup at %s: %w", addr, err)
+				}
+			}
 			return r.Connect(conn)
 		}
 		if time.Now().After(deadline) {

@@ -1,12 +1,14 @@
 package driver
 
 import (
+	"fmt"
 	"io"
 	"net"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/ftkvm/ftkvm/ft"
 	"github.com/ftkvm/ftkvm/ft/wire"
 )
 
@@ -116,6 +118,15 @@ func (l *link) reader() {
 		}
 		if err != nil {
 			r.log.Debugf("replica: link: %v", err)
+			select {
+			case <-r.linkUp:
+			default:
+				// Closed before any handshake succeeded: the command
+				// waiting for its peer (WaitLink) fails now, saying so.
+				if r.refused == nil {
+					r.refused = fmt.Errorf("%w: the peer closed the connection before its hello (not an ftkvm replica, or one with other TLS settings?): %v", ft.ErrRefused, err)
+				}
+			}
 			r.link = nil
 			r.node.Disconnected()
 			r.drain()

@@ -3,6 +3,7 @@ package witness
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net/http"
@@ -13,19 +14,32 @@ import (
 
 // Client asks a witness.
 type Client struct {
-	Addr string // host:port
-	HTTP *http.Client
+	Addr   string // host:port
+	HTTP   *http.Client
+	scheme string // http, or https with mutual TLS
 }
 
 // NewClient returns a client of the witness at addr whose requests time
 // out after timeout.
 func NewClient(addr string, timeout time.Duration) *Client {
-	return &Client{Addr: addr, HTTP: &http.Client{Timeout: timeout}}
+	return &Client{Addr: addr, HTTP: &http.Client{Timeout: timeout}, scheme: "http"}
+}
+
+// NewTLSClient is NewClient over mutual TLS with cfg (package ft/secure):
+// the witness must present a certificate from cfg's CA, and this client
+// presents its own.
+func NewTLSClient(addr string, timeout time.Duration, cfg *tls.Config) *Client {
+	tr := &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: false}
+	return &Client{Addr: addr, HTTP: &http.Client{Timeout: timeout, Transport: tr}, scheme: "https"}
 }
 
 // Claim asks the witness which role of c's pair goes on.
 func (c *Client) Claim(ctx context.Context, cl ft.Claim) (ft.Role, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+c.Addr+ClaimPath, bytes.NewReader(EncodeRequest(cl)))
+	scheme := c.scheme
+	if scheme == "" {
+		scheme = "http"
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, scheme+"://"+c.Addr+ClaimPath, bytes.NewReader(EncodeRequest(cl)))
 	if err != nil {
 		return 0, fmt.Errorf("witness %s: %w", c.Addr, err)
 	}

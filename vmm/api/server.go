@@ -2,6 +2,7 @@ package api
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -30,7 +31,12 @@ type Server struct {
 	last       atomic.Pointer[Result]
 	bytesSent  atomic.Int64
 	replica    atomic.Pointer[replicaBox]
+	tls        atomic.Pointer[tls.Config] // for outgoing migrations (SetTLS)
 }
+
+// SetTLS makes outgoing migrations use mutual TLS with cfg (package
+// ft/secure).
+func (s *Server) SetTLS(cfg *tls.Config) { s.tls.Store(cfg) }
 
 // Replica is a fault-tolerant replica serving its status and protect
 // requests through the API.
@@ -346,7 +352,7 @@ func (s *Server) migrate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.transfer(w, "migration", req.Destination, func(progress func(migrate.Progress)) (migrate.Result, bool, error) {
-		res, err := migrate.Send(s.m, req.Destination, migrate.Options{Bandwidth: req.Bandwidth, Progress: progress})
+		res, err := migrate.Send(s.m, req.Destination, migrate.Options{Bandwidth: req.Bandwidth, Progress: progress, TLS: s.tls.Load()})
 		stopped := err == nil || errors.Is(err, migrate.ErrUncertain)
 		if err != nil {
 			err = fmt.Errorf("migration to %s: %w", req.Destination, err)

@@ -5,6 +5,7 @@ package migrate
 
 import (
 	"bufio"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"math/bits"
@@ -30,6 +31,9 @@ type Options struct {
 	MaxPause time.Duration
 	// Bandwidth caps the transfer in bytes per second (0: no cap).
 	Bandwidth int64
+	// TLS, if set, authenticates and encrypts a live migration's
+	// connection (package ft/secure).
+	TLS *tls.Config
 	// Progress, if set, is called now and then from Save's goroutine.
 	Progress func(Progress)
 }

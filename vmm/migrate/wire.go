@@ -2,6 +2,7 @@ package migrate
 
 import (
 	"bufio"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/ftkvm/ftkvm/ft/secure"
 	"github.com/ftkvm/ftkvm/vmm"
 	"github.com/ftkvm/ftkvm/vmm/snapshot"
 )
@@ -59,6 +61,11 @@ func Send(m *vmm.Machine, addr string, opts Options) (res Result, err error) {
 	conn, err := net.DialTimeout("tcp", addr, DialTimeout)
 	if err != nil {
 		return res, err
+	}
+	if opts.TLS != nil {
+		if conn, err = secure.Client(conn, opts.TLS, DialTimeout); err != nil {
+			return res, err
+		}
 	}
 	defer conn.Close()
 	fr := snapshot.NewReader(bufio.NewReader(conn))
@@ -153,6 +160,9 @@ type ReceiveOptions struct {
 	// Stranger, if set, is told of every connection that was not a
 	// migration (from, and why), after it was closed.
 	Stranger func(from net.Addr, err error)
+	// TLS, if set, requires mutual TLS (package ft/secure): a connection
+	// without a certificate from its CA is a stranger.
+	TLS *tls.Config
 }
 
 // maxGreeting is how many connections may be sending their hello at once;
@@ -203,6 +213,17 @@ func Receive(l net.Listener, build Build, progress func(int64), opts ReceiveOpti
 			}
 			go func() {
 				defer func() { <-slots }()
+				from := conn.RemoteAddr()
+				if opts.TLS != nil {
+					tc, err := secure.Server(conn, opts.TLS, opts.HelloTimeout)
+					if err != nil {
+						if opts.Stranger != nil {
+							opts.Stranger(from, err)
+						}
+						return
+					}
+					conn = tc
+				}
 				g, err := greet(conn, opts.HelloTimeout, &busy)
 				if err != nil {
 					conn.Close()

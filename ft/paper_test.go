@@ -496,6 +496,62 @@ func TestCheckpointEpochAfterKickBound(t *testing.T) {
 	}
 }
 
+// A guest computing without exits gets its timer ticks only through kicks
+// and checkpoints. With the default kick bound they come faster than a
+// 100 Hz timer's ticks, so its tick count keeps up with virtual time: the
+// driver posts the timer again after each delivery while the deadline is
+// still due, and the PIT delivers one edge per event (devices.PIT.Fire),
+// as this loop models. Time is driven explicitly, one driver tick per ms.
+func TestTimerTicksKeepUpWithoutExits(t *testing.T) {
+	for _, policy := range []Policy{Strict, OutputCommit} {
+		t.Run(policy.String(), func(t *testing.T) {
+			pc, bc := testConfig(RolePrimary, policy), testConfig(RoleBackup, policy)
+			pc.KickAfter, bc.KickAfter = 0, 0 // the defaults
+			p, b := pairOf(t, pc, bc)
+			const period, span = 10 * ms, 1000 * ms
+			deadline, posted, ticks := period, int64(-1), int64(0)
+			wantGo(t, "exit", p.n.Point(pt(1, 0)))
+			for now := int64(0); now <= span; now += ms {
+				if now >= deadline && posted != deadline {
+					p.n.Async(timer(now))
+					posted = deadline
+				}
+				kicks := p.kicks
+				p.n.Tick(now)
+				exchange(p, b)
+				if p.kicks == kicks {
+					continue
+				}
+				// The vCPU leaves KVM_RUN: a kick point.
+				a := p.n.Point(kick(1, now))
+				for a.Kind != ActGo {
+					switch a.Kind {
+					case ActCheckpoint:
+						a = p.n.Checkpointed([]byte("S"))
+					case ActWait:
+						exchange(p, b)
+						a = p.n.Continue()
+					case ActDeliver:
+						for _, e := range a.Events {
+							if e.Kind == wire.KindTimer && int64(e.Value) >= deadline {
+								ticks++
+								deadline += period
+								posted = -1
+							}
+						}
+						a = p.n.Continue()
+					default:
+						t.Fatalf("unexpected %v", a)
+					}
+				}
+			}
+			if want := span / period; ticks < want*95/100 {
+				t.Fatalf("%d ticks delivered in %d ms of a %d ms timer, want about %d", ticks, span/ms, period/ms, want)
+			}
+		})
+	}
+}
+
 // A kick point whose epoch end is not overdue is no boundary and no
 // checkpoint; an unprotected primary delivers there like a lone VMM.
 func TestKickPointWithoutOverdueEpoch(t *testing.T) {

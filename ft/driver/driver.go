@@ -496,6 +496,11 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 			}
 			// A tick moves the deadline: learn the next one now, since
 			// a guest computing without exits offers no point to see it.
+			// The PIT catches up one edge per tick, and holds one back
+			// while the PIC holds the previous edge: a deadline that is
+			// still due (the same one, or the next) is posted again, so
+			// that every tick is delivered at a later epoch end.
+			r.posted = noDeadline
 			r.noteDeadline(r.m)
 			a = r.node.Continue()
 		case ft.ActHash:

@@ -15,11 +15,12 @@ import (
 // few ticks; the test compares the two clocks over at least 10 s of guest
 // time. It is a ratio of two guest clocks, not a timed assertion.
 
-// The clock workload as the tests run it: a sample every 25 ticks of a
-// 100 Hz timer, 60 samples (about 20 s of guest time). A sample costs the
-// guest about a third of a second here (its CMOS reads run at ring 0,
-// which this KVM emulates, with interrupts off): closer samples would
-// leave the guest no time with interrupts on to take its ticks in.
+// The clock workload as the tests run it: the issue's, a sample every
+// hz/2 ticks of a 100 Hz timer, 45 samples (about 22 s of guest time). A
+// sample costs the guest about a third of a second here (its CMOS reads
+// run at ring 0, which this KVM emulates, with interrupts off): samples
+// much closer would leave the guest too little time with interrupts on to
+// take its ticks in, alone or replicated.
 const (
 	clockHz      = 100
 	clockCmdline = "workload=clock hz=100 samples=45"

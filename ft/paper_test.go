@@ -155,8 +155,9 @@ func TestP2UARTBytesBeyondRoomStayBuffered(t *testing.T) {
 	}
 }
 
-// Timer events coalesce: the PIT's Fire(now) delivers every edge due by
-// now, so only the latest time matters.
+// Timer events coalesce: an epoch end gives the guest one tick (the PIT's
+// Fire(now) delivers one edge due by now and keeps later ones due for the
+// driver to post again), so only the latest time matters.
 func TestP1TimerEventsCoalesce(t *testing.T) {
 	p, _ := pair(t, OutputCommit, false)
 	p.n.Async(timer(100))

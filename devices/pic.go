@@ -155,6 +155,19 @@ func (p *PIC) SetIRQ(line int, level bool) {
 // requests arriving through IR2.
 func (p *PIC) HasInterrupt() bool { return p.master.pending() >= 0 }
 
+// Holds reports whether an edge on ISA line 0-7 of the master still waits
+// for the CPU: its IRR bit is set and the line is not masked. Another edge
+// now would merge with it. A masked line holds nothing: the guest does not
+// take its interrupts.
+func (p *PIC) Holds(line int) bool {
+	if line < 0 || line >= 8 || line == picCascadeLine {
+		return false
+	}
+	c := &p.master
+	bit := uint8(1) << line
+	return c.irr&^c.imr&bit != 0 && c.elcr&bit == 0
+}
+
 // Acknowledge performs the INTA cycle and returns the vector: ICW2 base +
 // line of the highest-priority request, whose ISR bit is set (unless AEOI)
 // and whose IRR bit is cleared (edge mode). With no request it returns the

@@ -590,13 +590,23 @@ func (p *PIT) Deadline() (int64, bool) {
 
 // Fire delivers counter 0's rising edge due at or before now: an edge on
 // IRQ0 (SetIRQ(0, true) then SetIRQ(0, false)). In modes 2 and 3 the next
-// deadline becomes the first period boundary after now (edges missed in
-// between are coalesced); one-shot modes have no further deadline. Fire is
-// a no-op if there is no deadline or now is before it. It does not read the
-// clock: the result depends only on now.
+// deadline is the edge after the one delivered, even if it is due by now
+// too: a tick delivered late is not lost, the environment delivers the next
+// one at its next point until the guest caught up (as KVM's in-kernel PIT
+// reinjects). Edges more than pitMaxLag behind now are coalesced, as an
+// 8259A merges edges the CPU has not taken: a guest that could not take its
+// ticks for that long gets a bounded burst. One-shot modes have no further
+// deadline. Fire is a no-op if there is no deadline or now is before it, and
+// also while the interrupt controller still holds IRQ0's previous edge
+// (irqHolder): a second edge would merge with it and be lost, so the
+// deadline stays due. It does not read the clock: the result depends only
+// on now and on the devices' state.
 func (p *PIT) Fire(now int64) {
 	dl, ok := p.Deadline()
 	if !ok || now < dl {
+		return
+	}
+	if h, ok := p.irq.(irqHolder); ok && h.Holds(0) {
 		return
 	}
 	p.irq.SetIRQ(0, true)
@@ -606,11 +616,28 @@ func (p *PIT) Fire(now int64) {
 	case 2, 3:
 		n := c.applyPending(c.ticksAt(now))
 		N := int64(c.count)
-		c.irqEdge = (n/N + 1) * N
+		next := c.irqEdge + N
+		if c.irqEdge < 0 {
+			// A new count took effect after the delivered edge: its
+			// first period boundary is next (edges of the old count
+			// after the delivered one coalesce into it).
+			next = 0
+		}
+		// At most lag edges stay due (those at or before n).
+		lag := max(pitTicks(pitMaxLag)/N, 1)
+		c.irqEdge = max(next, (n/N+1-lag)*N)
 	default:
 		c.irqArmed = false
 	}
 }
+
+// pitMaxLag bounds the catch-up of Fire: ticks older than this (virtual
+// ns) when they are delivered coalesce.
+const pitMaxLag = int64(1e9)
+
+// irqHolder is an interrupt controller that tells whether a line's last
+// edge still waits for the CPU to take it (PIC.Holds).
+type irqHolder interface{ Holds(line int) bool }
 
 // Read implements Device for port 0x61.
 func (s *pitSpeaker) Read(offset uint64, data []byte) {

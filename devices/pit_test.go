@@ -124,12 +124,18 @@ func TestPITMode2(t *testing.T) {
 	if dl, ok := p.Deadline(); !ok || dl != 5000+83810 {
 		t.Fatalf("Deadline = %d %v, want %d", dl, ok, 5000+83810)
 	}
-	// Firing late coalesces: the next deadline is the first period
-	// boundary after now.
-	p.Fire(5000 + 293334) // tick 350
-	eqEvents(t, "fire", r.take(), []irqEvent{{0, true}, {0, false}})
-	if dl, ok := p.Deadline(); !ok || dl != 5000+335239 {
-		t.Fatalf("Deadline = %d %v, want %d (tick 400)", dl, ok, 5000+335239)
+	// Firing late catches up: each Fire delivers one edge, and the
+	// deadline is the next edge even when it is due already.
+	for _, next := range []int64{200, 300, 400} {
+		p.Fire(5000 + 293334) // tick 350
+		eqEvents(t, "fire", r.take(), []irqEvent{{0, true}, {0, false}})
+		if dl, ok := p.Deadline(); !ok || dl != 5000+pitNanos(next) {
+			t.Fatalf("Deadline = %d %v, want %d (tick %d)", dl, ok, 5000+pitNanos(next), next)
+		}
+	}
+	p.Fire(5000 + 293334)
+	if ev := r.take(); len(ev) != 0 {
+		t.Fatalf("caught up, yet Fire raised %v", ev)
 	}
 	p.Fire(5000 + 335239)
 	if dl, _ := p.Deadline(); dl != 5000+pitNanos(500) {
@@ -534,5 +540,60 @@ func TestPITState(t *testing.T) {
 	bad.Channels[1].RW = 0
 	if err := b.SetState(bad); err == nil {
 		t.Fatal("SetState accepted RW 0")
+	}
+}
+
+// A late tick is not lost: every edge of counter 0 reaches the CPU, one
+// per acknowledgement, however late the environment fires (up to
+// pitMaxLag). The PIT and PIC are the machine's: an edge while the PIC
+// still holds the previous one would merge with it, so Fire waits.
+func TestPITCatchUpThroughPIC(t *testing.T) {
+	const N = 11932 // 100 Hz
+	period := pitNanos(N)
+	for _, tc := range []struct {
+		name      string
+		late      int64 // virtual ns past the first edge when Fire starts
+		mask      bool  // IRQ0 masked at the PIC
+		wantTicks int64 // interrupts the CPU takes by the end
+	}{
+		{"on time", 0, false, 1},
+		{"late by 5.5 periods", 5*period + period/2, false, 6},
+		{"late by 3 s", 3e9, false, pitTicks(1e9)/N + 1}, // the due edge, then pitMaxLag of edges
+		{"masked", 5*period + period/2, true, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := &fakeClock{}
+			pic := NewPIC()
+			out(pic.Master(), 0, 0x11)             // ICW1
+			out(pic.Master(), 1, 0x20, 0x04, 0x01) // ICW2-4: vectors 0x20
+			if tc.mask {
+				out(pic.Master(), 1, 0x01) // OCW1: IRQ0 masked
+			}
+			p := NewPIT(c, pic)
+			out(p, 3, 0x34) // counter 0, mode 2
+			load16(p, 0, N)
+			now := period + tc.late
+			var ticks int64
+			for i := 0; i < 1000; i++ {
+				// The environment fires at every point while the deadline
+				// is due; the CPU takes the interrupt every other point.
+				if dl, ok := p.Deadline(); ok && dl <= now {
+					p.Fire(now)
+				}
+				if i%2 == 1 && pic.HasInterrupt() {
+					if v := pic.Acknowledge(); v != 0x20 {
+						t.Fatalf("vector %#x", v)
+					}
+					out(pic.Master(), 0, 0x20) // EOI
+					ticks++
+				}
+			}
+			if ticks != tc.wantTicks {
+				t.Errorf("the CPU took %d ticks, want %d", ticks, tc.wantTicks)
+			}
+			if dl, ok := p.Deadline(); !ok || dl <= now {
+				t.Errorf("deadline %d %v, want after %d", dl, ok, now)
+			}
+		})
 	}
 }

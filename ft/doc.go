@@ -41,7 +41,12 @@
 //   - P0 (p0Read): an environment read's value goes to the backup as a
 //     Record [epoch, position, kind, value].
 //   - P1 (p1Buffer): asynchronous events are buffered, never delivered
-//     mid-epoch. Timer events coalesce; UART bytes beyond the receiver's
+//     mid-epoch. Timer events coalesce into one, which gives the guest one
+//     tick: the PIT keeps the ticks it could not deliver yet due (it
+//     catches up one edge per timer event, and holds one while the PIC
+//     still holds the last), and the driver posts the timer again while
+//     its deadline is due, so late ticks arrive at later epoch ends and
+//     none is lost. UART bytes beyond the receiver's
 //     room stay for a later epoch.
 //   - P2 (p2EndEpoch): at the epoch's end it sends the events (EpochEnd),
 //     waits for the ack as the policy requires, delivers them and starts
@@ -225,8 +230,10 @@
 //   - ActYield: call the kick function and return from At or Halt.
 //   - ActStop: make Run return (Status, or Err).
 //   - Tick at least every millisecond with the driver's clock; Async the
-//     events it sees (the PIT deadline passed: KindTimer with the time;
-//     a byte typed: KindUART); Step each decoded message; Disconnected on
+//     events it sees (the PIT deadline passed: KindTimer with the time,
+//     once per deadline; a deadline a delivery left in place because the
+//     PIC held the last tick is posted again once the guest took that
+//     tick, or when it ran a tick without exits; a byte typed: KindUART); Step each decoded message; Disconnected on
 //     EOF, a reset or a decoding error; Connected when a link is up (one
 //     at a time; refuse others with Refuse{RefuseBusy}).
 //   - A backup's accepted connection is a stranger until its first frame

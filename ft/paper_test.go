@@ -155,8 +155,9 @@ func TestP2UARTBytesBeyondRoomStayBuffered(t *testing.T) {
 	}
 }
 
-// Timer events coalesce: the PIT's Fire(now) delivers every edge due by
-// now, so only the latest time matters.
+// Timer events coalesce: an epoch end gives the guest one tick (the PIT's
+// Fire(now) delivers one edge due by now and keeps later ones due for the
+// driver to post again), so only the latest time matters.
 func TestP1TimerEventsCoalesce(t *testing.T) {
 	p, _ := pair(t, OutputCommit, false)
 	p.n.Async(timer(100))
@@ -491,6 +492,62 @@ func TestCheckpointEpochAfterKickBound(t *testing.T) {
 			wantGo(t, "", p.n.Continue())
 			if s := p.n.Status(); s.CheckpointEpochs != 1 || s.CheckpointBytes != 5 || s.Epoch != 2 {
 				t.Fatalf("status %v", s)
+			}
+		})
+	}
+}
+
+// A guest computing without exits gets its timer ticks only through kicks
+// and checkpoints. With the default kick bound they come faster than a
+// 100 Hz timer's ticks, so its tick count keeps up with virtual time: the
+// driver posts the timer again after each delivery while the deadline is
+// still due, and the PIT delivers one edge per event (devices.PIT.Fire),
+// as this loop models. Time is driven explicitly, one driver tick per ms.
+func TestTimerTicksKeepUpWithoutExits(t *testing.T) {
+	for _, policy := range []Policy{Strict, OutputCommit} {
+		t.Run(policy.String(), func(t *testing.T) {
+			pc, bc := testConfig(RolePrimary, policy), testConfig(RoleBackup, policy)
+			pc.KickAfter, bc.KickAfter = 0, 0 // the defaults
+			p, b := pairOf(t, pc, bc)
+			const period, span = 10 * ms, 1000 * ms
+			deadline, posted, ticks := period, int64(-1), int64(0)
+			wantGo(t, "exit", p.n.Point(pt(1, 0)))
+			for now := int64(0); now <= span; now += ms {
+				if now >= deadline && posted != deadline {
+					p.n.Async(timer(now))
+					posted = deadline
+				}
+				kicks := p.kicks
+				p.n.Tick(now)
+				exchange(p, b)
+				if p.kicks == kicks {
+					continue
+				}
+				// The vCPU leaves KVM_RUN: a kick point.
+				a := p.n.Point(kick(1, now))
+				for a.Kind != ActGo {
+					switch a.Kind {
+					case ActCheckpoint:
+						a = p.n.Checkpointed([]byte("S"))
+					case ActWait:
+						exchange(p, b)
+						a = p.n.Continue()
+					case ActDeliver:
+						for _, e := range a.Events {
+							if e.Kind == wire.KindTimer && int64(e.Value) >= deadline {
+								ticks++
+								deadline += period
+								posted = -1
+							}
+						}
+						a = p.n.Continue()
+					default:
+						t.Fatalf("unexpected %v", a)
+					}
+				}
+			}
+			if want := span / period; ticks < want*95/100 {
+				t.Fatalf("%d ticks delivered in %d ms of a %d ms timer, want about %d", ticks, span/ms, period/ms, want)
 			}
 		})
 	}

@@ -50,7 +50,8 @@ func (n *Node) mustWait(seq uint64) bool {
 
 // p1Buffer is P1: "an asynchronous event (PIT tick, UART byte) is
 // buffered", never delivered mid-epoch. Timer events coalesce into the
-// latest: the PIT's Fire(now) delivers every edge due by now.
+// latest: the PIT's Fire(now) delivers one edge due by now and keeps the
+// later ones due, which the driver posts again (no tick is lost).
 func (n *Node) p1Buffer(ev Event) {
 	if ev.Kind == wire.KindTimer {
 		for i := range n.events {

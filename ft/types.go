@@ -78,7 +78,10 @@ type Config struct {
 	// kick. 0: EpochLength (time) decides.
 	EpochInstructions uint64
 	// KickAfter: an epoch whose end is due but finds no guest-caused exit
-	// for this long is ended by a kick and a checkpoint (default 10 ms).
+	// for this long is ended by a kick and a checkpoint (default 1 ms).
+	// It must be well below the guest's timer period: a guest computing
+	// without exits gets one tick per checkpoint epoch, and ticks that
+	// come slower than the timer's fall ever further behind.
 	KickAfter time.Duration
 	// Heartbeat: a link quiet for this long gets a heartbeat (default
 	// 20 ms).
@@ -109,7 +112,7 @@ func (c *Config) setDefaults() {
 		}
 	}
 	def(&c.EpochLength, time.Millisecond)
-	def(&c.KickAfter, 10*time.Millisecond)
+	def(&c.KickAfter, time.Millisecond)
 	def(&c.Heartbeat, 20*time.Millisecond)
 	def(&c.Timeout, 100*time.Millisecond)
 }

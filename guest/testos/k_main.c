@@ -627,7 +627,8 @@ void kmain(uint32_t start_info)
 			    num_opt("every", 4, 1, 1000000), 0);
 		task_create(w_compute_ticker, hz, 0, 0);
 	} else if (name_is(name, nlen, "clock")) {
-		task_create(w_clock, num_opt("samples", 5, 1, 100000000), hz, pit_divisor(hz));
+		task_create(w_clock, num_opt("samples", 5, 1, 100000000),
+			    num_opt("wait", hz / 2, 1, 1000000), pit_divisor(hz));
 	} else if (name_is(name, nlen, "echo")) {
 		task_create(w_echo, 0, 0, 0);
 	} else if (name_is(name, nlen, "fault")) {

@@ -123,8 +123,8 @@ long w_compute_ticker(uint64_t hz, uint64_t unused1, uint64_t unused2)
 	return 0;
 }
 
-/* clock: "clock pit=<n> cmos=YYYY-MM-DD HH:MM:SS ticks=<t>", about hz/2
- * ticks apart. */
+/* clock: "clock pit=<n> cmos=YYYY-MM-DD HH:MM:SS ticks=<t>", about `wait`
+ * ticks apart (default hz/2). */
 struct rtc {
 	long sec, min, hour, day, mon, year, cent, regb;
 };
@@ -211,7 +211,7 @@ static const char *rtc_read(struct rtc *out)
 	return 0;
 }
 
-long w_clock(uint64_t samples, uint64_t hz, uint64_t divisor)
+long w_clock(uint64_t samples, uint64_t wait, uint64_t divisor)
 {
 	struct line l;
 	uint64_t x = 1, last = 0;
@@ -225,7 +225,7 @@ long w_clock(uint64_t samples, uint64_t hz, uint64_t divisor)
 
 		t = sys_ticks();
 		if (i > 0)
-			while ((t = poll_ticks(&x)) - last < hz / 2)
+			while ((t = poll_ticks(&x)) - last < wait)
 				;
 		last = t;
 		pit = sys_pit_read();

@@ -11,7 +11,7 @@ long w_counter(uint64_t lines, uint64_t wait, uint64_t unused);
 long w_interleave(uint64_t name, uint64_t lines, uint64_t work);
 long w_compute(uint64_t mib, uint64_t every, uint64_t unused);
 long w_compute_ticker(uint64_t hz, uint64_t unused1, uint64_t unused2);
-long w_clock(uint64_t samples, uint64_t hz, uint64_t divisor);
+long w_clock(uint64_t samples, uint64_t wait, uint64_t divisor);
 long w_echo(uint64_t unused0, uint64_t unused1, uint64_t unused2);
 long w_fault(uint64_t unused0, uint64_t unused1, uint64_t unused2);
 long w_tsc(uint64_t samples, uint64_t work, uint64_t unused);

@@ -2,6 +2,7 @@ package devices
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"os"
 	"path/filepath"
 	"testing"
@@ -101,5 +102,28 @@ func TestTransportSetStateRefuses(t *testing.T) {
 		if err := d.tr.SetState(s); err == nil {
 			t.Errorf("%s: SetState accepted it", tc.name)
 		}
+	}
+}
+
+// TestDiskImageDigest: the digest is the SHA-256 of the whole file, and
+// one byte changed changes it.
+func TestDiskImageDigest(t *testing.T) {
+	img := newTestImage(t, 300*512)
+	data, err := os.ReadFile(img.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := img.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != sha256.Sum256(data) {
+		t.Fatal("digest is not the SHA-256 of the image")
+	}
+	if _, err := img.f.WriteAt([]byte{0xff}, 1000); err != nil {
+		t.Fatal(err)
+	}
+	if again, err := img.Digest(); err != nil || again == got {
+		t.Fatalf("digest after a byte changed: %x (%v)", again, err)
 	}
 }

@@ -115,6 +115,33 @@ func diskList(d []string) string {
 	return fmt.Sprintf("%d disks (%s)", len(d), strings.Join(d, ", "))
 }
 
+// DiskInfo describes a disk image for the replicas' handshake.
+type DiskInfo struct {
+	Size     uint64
+	ReadOnly bool
+	Digest   [32]byte // SHA-256 of the contents
+}
+
+// DescribeDisks opens each image as the machine would (same checks), reads
+// it whole for its SHA-256, and closes it. It costs a full read of every
+// image (docs/REPLICATION.md).
+func DescribeDisks(disks []Disk) ([]DiskInfo, error) {
+	var out []DiskInfo
+	for _, d := range disks {
+		img, err := devices.OpenDiskImage(d.Path, d.ReadOnly)
+		if err != nil {
+			return nil, &DiskError{err}
+		}
+		sum, err := img.Digest()
+		img.Close()
+		if err != nil {
+			return nil, &DiskError{err}
+		}
+		out = append(out, DiskInfo{Size: img.Size(), ReadOnly: d.ReadOnly, Digest: sum})
+	}
+	return out, nil
+}
+
 // DiskError is a disk image that cannot be used (missing, unreadable, too
 // small, in use).
 type DiskError struct{ Err error }

@@ -99,8 +99,8 @@ func TestSnapshotRestoreWithDisk(t *testing.T) {
 
 // TestReplicaDisks: primary and backup with --disk on their own copies of
 // one image pair and run the guest to its end in verify mode (every epoch
-// end compares state hashes, and the checkpoints carry the disk's device
-// state); with copies that differ in one byte, the handshake refuses with
+// end compares state hashes: no divergence); the backup takes over from a killed primary with its own copy;
+// with copies that differ in one byte, the handshake refuses with
 // one line on both sides, and the backup goes on waiting.
 func TestReplicaDisks(t *testing.T) {
 	requireKVM(t)
@@ -118,6 +118,19 @@ func TestReplicaDisks(t *testing.T) {
 	if m := regexp.MustCompile(`(\d+) divergences, (\d+) repairs`).FindStringSubmatch(bres.stderr); m == nil || m[1] != "0" {
 		t.Errorf("backup counters: %v\n%s", m, bres.stderr)
 	}
+
+	// A failover: the backup takes over on its own copy and finishes.
+	img2, bimg2 := copyImage(t, img, "p2.img"), copyImage(t, img, "b2.img")
+	b = start(t, append([]string{"--log-level", "info", "backup", "--listen", "127.0.0.1:0", "--disk", bimg2}, replicaArgs(w)...)...)
+	p = start(t, append([]string{"--log-level", "info", "primary", "--backup", b.backupAddr(), "--disk", img2}, replicaArgs(w)...)...)
+	p.waitLines(5)
+	p.kill()
+	bres = b.wait()
+	if bres.status != 0 || !strings.Contains(bres.stderr, "taking over") {
+		t.Fatalf("backup after the failover: status %d\n%s", bres.status, bres.stderr)
+	}
+	out, _ := mergeSeam(p.stdout(), bres)
+	w.checkComplete(t, out)
 
 	// One byte different: refused.
 	other := copyImage(t, img, "other.img")

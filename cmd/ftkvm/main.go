@@ -34,6 +34,7 @@ type cli struct {
 	Backup  backupCmd  `cmd:"" help:"Wait for a primary and replicate its guest; take over when the primary dies."`
 	Witness witnessCmd `cmd:"" help:"Serve as the witness that decides which replica of a pair goes on when the two lose each other."`
 	Ctl     ctlCmd     `cmd:"" help:"Control a running ftkvm through its --api socket."`
+	Drill   drillCmd   `cmd:"" help:"Rehearse failovers on this machine: a witness, a backup and a primary; the primary killed at random moments and replaced; the consoles checked for loss; a table and a PNG of the takeover times."`
 }
 
 func main() {
@@ -95,6 +96,8 @@ func dispatch(c *cli, ctx *kong.Context) (int, error) {
 	case *backupCmd:
 		return cmd.run()
 	case *witnessCmd:
+		return cmd.run()
+	case *drillCmd:
 		return cmd.run()
 	case *ctlProtectCmd:
 		return c.Ctl.protect(cmd)

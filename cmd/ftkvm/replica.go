@@ -32,6 +32,7 @@ type replicaFlags struct {
 	ExitStats bool          `help:"When the guest stops, print its exit profile and the replica profile (how epochs ended; capture, install, hash and send costs) on stderr. docs/PROFILE.md explains them." name:"exit-stats"`
 	Witness   string        `help:"Address of the witness (ftkvm witness) that decides which replica goes on when the two lose each other; the loser stops. Both replicas must give the same address. Without a witness or an arbiter, a cut link lets both go on (split brain)." placeholder:"HOST:PORT"`
 	Arbiter   string        `help:"Decide as --witness does, on an etcd cluster: etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (one key per pair under PREFIX, default /ftkvm). Both replicas must name the same cluster and prefix." placeholder:"URL"`
+	Metrics   string        `help:"Serve Prometheus metrics on this address at /metrics (docs/METRICS.md)." placeholder:"HOST:PORT"`
 }
 
 // fencing is the node's witness setting and the driver's client for it:
@@ -198,6 +199,9 @@ func (c *primaryCmd) run() (int, error) {
 		return 0, fmt.Errorf("backup %s: %w", c.Backup, err)
 	}
 	logrus.Infof("primary: replicating to %s (policy %s)", c.Backup, c.Policy)
+	if err := serveMetrics(c.Metrics, machineCollector{m: m, r: r}); err != nil {
+		return 0, err
+	}
 	return runReplica(m, r, c.API, c.ExitStats)
 }
 
@@ -265,6 +269,9 @@ func (c *backupCmd) run() (int, error) {
 	}
 	defer m.Close()
 	if err := r.Attach(m); err != nil {
+		return 0, err
+	}
+	if err := serveMetrics(c.Metrics, machineCollector{m: m, r: r}); err != nil {
 		return 0, err
 	}
 	return runReplica(m, r, c.API, c.ExitStats)

@@ -68,6 +68,7 @@ type runCmd struct {
 	Device    string   `help:"KVM device." default:"/dev/kvm"`
 	API       string   `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
 	ExitStats bool     `help:"When the guest stops, print its exit profile (exits and time per exit reason, device and port; interrupts; kicks) on stderr. docs/PROFILE.md explains it." name:"exit-stats"`
+	Metrics   string   `help:"Serve Prometheus metrics on this address at /metrics (docs/METRICS.md)." placeholder:"HOST:PORT"`
 }
 
 func (c *runCmd) run() (int, error) {
@@ -94,6 +95,9 @@ func (c *runCmd) run() (int, error) {
 		return 0, fmt.Errorf("%s: %w", c.Kernel, err)
 	}
 	defer m.Close()
+	if err := serveMetrics(c.Metrics, machineCollector{m: m}); err != nil {
+		return 0, err
+	}
 	return runGuest(m, env, c.API, c.ExitStats)
 }
 

@@ -15,8 +15,9 @@ import (
 )
 
 type witnessCmd struct {
-	Listen string `required:"" help:"Address to serve claims on." placeholder:"HOST:PORT"`
-	State  string `help:"File that keeps the decisions across restarts (each is synced to disk before it is answered). Without it they live in memory: a witness restarted between the two claims of a pair could let both replicas go on." placeholder:"FILE"`
+	Listen  string `required:"" help:"Address to serve claims on." placeholder:"HOST:PORT"`
+	Metrics string `help:"Serve Prometheus metrics on this address at /metrics (docs/METRICS.md)." placeholder:"HOST:PORT"`
+	State   string `help:"File that keeps the decisions across restarts (each is synced to disk before it is answered). Without it they live in memory: a witness restarted between the two claims of a pair could let both replicas go on." placeholder:"FILE"`
 }
 
 // run serves claims until SIGINT or SIGTERM (exit 0).
@@ -27,6 +28,9 @@ func (c *witnessCmd) run() (int, error) {
 	}
 	defer s.Close()
 	s.Log = logrus.Warnf
+	if err := serveMetrics(c.Metrics, witnessCollector{s}); err != nil {
+		return 0, err
+	}
 	l, err := net.Listen("tcp", c.Listen)
 	if err != nil {
 		return 0, fmt.Errorf("witness: %w", err)

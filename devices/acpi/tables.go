@@ -208,7 +208,13 @@ func fadt(t []byte, base uint64, cfg Config) {
 	// No C2 or C3 states (latencies above 100 and 1000 µs mean "none").
 	le.PutUint16(t[fadtPLvl2Lat:], 101)
 	le.PutUint16(t[fadtPLvl3Lat:], 1001)
-	le.PutUint16(t[fadtIAPCBootArch:], bootArchLegacyDevices|bootArch8042|bootArchNoVGA|bootArchNoMSI)
+	// No 8042: ftkvm's i8042 is only its reset pulse (devices/i8042.go),
+	// not a keyboard controller. Claiming one makes Linux probe it, and
+	// its probe polls the status port for replies that never come (some
+	// 20,000 exits of a Linux boot, docs/PROFILE.md); without the flag
+	// Linux (FADT revision 2 and later) leaves the port alone. Reset goes
+	// through the FADT's reset register.
+	le.PutUint16(t[fadtIAPCBootArch:], bootArchLegacyDevices|bootArchNoVGA|bootArchNoMSI)
 	flags := uint32(flagWBINVD | flagProcC1 | flagPwrButton | flagSlpButton)
 	if cfg.ResetPort != 0 {
 		flags |= flagResetRegSup

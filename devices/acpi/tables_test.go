@@ -90,6 +90,8 @@ func TestTablesParseBack(t *testing.T) {
 		{"TMR_VAL_EXT (24-bit timer)", uint64(le.Uint32(fadt[fadtFlags:]) >> 8 & 1), 0},
 		{"HW_REDUCED_ACPI", uint64(le.Uint32(fadt[fadtFlags:]) >> 20 & 1), 0},
 		{"RESET_REG_SUP", uint64(le.Uint32(fadt[fadtFlags:]) >> 10 & 1), 1},
+		{"IAPC_BOOT_ARCH 8042 (no keyboard controller)", uint64(le.Uint16(fadt[fadtIAPCBootArch:]) & bootArch8042), 0},
+		{"IAPC_BOOT_ARCH LEGACY_DEVICES", uint64(le.Uint16(fadt[fadtIAPCBootArch:]) & bootArchLegacyDevices), 1},
 	} {
 		if f.got != f.want {
 			t.Errorf("FADT %s = %#x, want %#x", f.name, f.got, f.want)

@@ -154,6 +154,16 @@ type Server struct {
 	broken error
 	// Log, if set, hears each decision.
 	Log func(format string, args ...any)
+
+	claims, decided, failed uint64 // counters (Counts)
+}
+
+// Counts returns the claims answered, the pairs decided (first claims),
+// and the claims that failed (the state file could not be written).
+func (s *Server) Counts() (claims, decided, failed uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.claims, s.decided, s.failed
 }
 
 // stateHeader opens a state file.
@@ -261,9 +271,11 @@ func (s *Server) Claim(c ft.Claim) (ft.Role, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.broken != nil {
+		s.failed++
 		return 0, s.broken
 	}
 	if w, ok := s.pairs[c.Pair]; ok {
+		s.claims++
 		s.logf("witness: pair %x: the %v claims; the %v won already", c.Pair[:6], c.Role, w)
 		return w, nil
 	}
@@ -281,11 +293,14 @@ func (s *Server) Claim(c ft.Claim) (ft.Role, error) {
 			} else if _, serr := s.state.Seek(s.size, io.SeekStart); serr != nil {
 				s.broken = fmt.Errorf("the state file cannot be written (%v, then %v): restart the witness", err, serr)
 			}
+			s.failed++
 			return 0, fmt.Errorf("record the decision: %w", err)
 		}
 		s.size += int64(len(line))
 	}
 	s.pairs[c.Pair] = c.Role
+	s.claims++
+	s.decided++
 	s.logf("witness: pair %x: the %v claims first and goes on", c.Pair[:6], c.Role)
 	return c.Role, nil
 }

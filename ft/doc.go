@@ -164,6 +164,13 @@
 //   - The CPU (Hello.CPU, the CPUID table's SHA-256): compared, except
 //     for a backup joining a running guest, which installs the primary's
 //     CPUID with its state.
+//   - The disks (Hello.Disks): each replica has its own copy of each
+//     image and performs the guest's requests on it at the same points
+//     of the guest's execution, so the copies stay identical only if they
+//     start identical: the number of disks, each one's size, read-only
+//     flag and SHA-256 of its contents are compared. A backup joining a
+//     running guest with disks is refused: it would not receive the
+//     images.
 //
 // The backup's driver asks Admits before a connection becomes the link,
 // so only a peer that would pass these checks is ever its primary.
@@ -174,7 +181,8 @@
 //	                   started, memory size, wall clock, kernel/initrd/
 //	                   command-line hashes; from version 2 the replica's
 //	                   instance and the witness's hash; from version 3
-//	                   interrupt windows and the CPUID hash
+//	                   interrupt windows and the CPUID hash; from version
+//	                   4 the disks (size, read-only, contents' hash)
 //	Refuse             a refused handshake, or a protocol error: reason, text
 //	Record      (log)  P0: seq, epoch, position, kind, value
 //	EpochEnd    (log)  P2: seq, epoch, position, halt, events, hash

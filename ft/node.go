@@ -173,7 +173,7 @@ func NewNode(cfg Config) *Node {
 	g := cfg.Guest
 	n.self = wire.Hello{Version: ProtocolVersion, Policy: cfg.Policy, Clock: g.Clock, Verify: cfg.Verify,
 		MemSize: g.MemSize, WallClock: g.WallClock, Kernel: g.Kernel, Initrd: g.Initrd, Cmdline: g.Cmdline,
-		Instance: cfg.Instance, Witness: cfg.Witness, Windows: g.Windows, CPU: g.CPU}
+		Instance: cfg.Instance, Witness: cfg.Witness, Windows: g.Windows, CPU: g.CPU, Disks: g.Disks}
 	return n
 }
 
@@ -643,10 +643,40 @@ func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
 		return wire.RefuseWindows, fmt.Errorf("this primary requests interrupt windows, which the backup's KVM does not open at points the guest defines (guest ring 0 is emulated there); run the primary with --interrupt-windows off, or the backup on a host like the primary's")
 	case h.CPU != s.CPU && !(n.role == RoleBackup && h.Started) && !(n.role == RolePrimary && n.started):
 		return wire.RefuseCPU, fmt.Errorf("the guest would see a different CPU: CPUID sha256 %s here, %s on the peer (replicas need the same CPU model and KVM)", short(s.CPU), short(h.CPU))
+	case (n.role == RoleBackup && h.Started && !n.hasState || n.role == RolePrimary && n.started) && (len(h.Disks) > 0 || len(s.Disks) > 0):
+		// A joining backup receives memory and state, not the images.
+		return wire.RefuseDisks, fmt.Errorf("the guest has disks, which a backup joining a running guest does not receive yet: start primary and backup together, each with a copy of the images")
+	case !slices.Equal(h.Disks, s.Disks):
+		return wire.RefuseDisks, fmt.Errorf("different disks: %s", diskDiff(s.Disks, h.Disks))
 	case s.Witness != (Digest{}) && (h.Instance == (Digest{}) || h.Instance == s.Instance):
 		return wire.RefuseWitness, fmt.Errorf("the peer's instance name is %s: the pair cannot be named at the witness", name0(h.Instance))
 	}
 	return 0, nil
+}
+
+// diskDiff says how the disks here and on the peer differ.
+func diskDiff(here, peer []wire.Disk) string {
+	if len(here) != len(peer) {
+		return fmt.Sprintf("%d here, %d on the peer", len(here), len(peer))
+	}
+	for i := range here {
+		a, b := here[i], peer[i]
+		switch {
+		case a.Size != b.Size:
+			return fmt.Sprintf("disk %d has %d bytes here, %d on the peer", i, a.Size, b.Size)
+		case a.ReadOnly != b.ReadOnly:
+			ro := func(r bool) string {
+				if r {
+					return "read-only"
+				}
+				return "read-write"
+			}
+			return fmt.Sprintf("disk %d is %s here, %s on the peer", i, ro(a.ReadOnly), ro(b.ReadOnly))
+		case a.Digest != b.Digest:
+			return fmt.Sprintf("disk %d's contents differ: sha256 %x here, %x on the peer (each replica needs an identical copy of the image)", i, a.Digest[:6], b.Digest[:6])
+		}
+	}
+	return "they differ"
 }
 
 func name0(d Digest) string {

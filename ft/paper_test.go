@@ -2,6 +2,7 @@ package ft
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 
@@ -833,7 +834,9 @@ func TestHandshakeRefusals(t *testing.T) {
 		text   string
 	}{
 		{"protocol version 1", func(h *wire.Hello) { h.Version = 1 }, wire.RefuseVersion, "protocol version 1"},
-		{"a later protocol version", func(h *wire.Hello) { h.Version, h.Rest = 4, []byte("later fields") }, wire.RefuseVersion, "protocol version 4"},
+		{"a later protocol version", func(h *wire.Hello) { h.Version, h.Rest = 5, []byte("later fields") }, wire.RefuseVersion, "protocol version 5"},
+		{"protocol version 3", func(h *wire.Hello) { h.Version = 3 }, wire.RefuseVersion, "protocol version 3"},
+		{"a disk on one side", func(h *wire.Hello) { h.Disks = []wire.Disk{{Size: 512}} }, wire.RefuseDisks, "different disks: 0 here, 1 on the peer"},
 		{"protocol version 2", func(h *wire.Hello) { h.Version = 2 }, wire.RefuseVersion, "protocol version 2"},
 		{"cpu", func(h *wire.Hello) { h.CPU[0] = 0xee }, wire.RefuseCPU, "different CPU"},
 		{"witness on one side", func(h *wire.Hello) { h.Witness[0] = 0xee }, wire.RefuseWitness, "different witness: none here"},
@@ -877,6 +880,69 @@ func TestHandshakeRefusals(t *testing.T) {
 				t.Fatalf("stop: %v", a.Err)
 			}
 		})
+	}
+}
+
+// Rule (ft/doc.go, Handshake): the disks are compared (count, size,
+// read-only flag, contents' hash); both sides refuse with one line.
+func TestHandshakeRefusesOtherDisks(t *testing.T) {
+	disks := []wire.Disk{{Size: 1 << 20, Digest: Digest{1}}, {Size: 4096, ReadOnly: true, Digest: Digest{2}}}
+	for _, tc := range []struct {
+		name          string
+		change        func(d []wire.Disk) []wire.Disk
+		primary, back string // the refusal's text on each side
+	}{
+		{"same", func(d []wire.Disk) []wire.Disk { return d }, "", ""},
+		{"count", func(d []wire.Disk) []wire.Disk { return d[:1] },
+			"different disks: 2 here, 1 on the peer", "different disks: 1 here, 2 on the peer"},
+		{"size", func(d []wire.Disk) []wire.Disk { d[0].Size *= 2; return d },
+			"disk 0 has 1048576 bytes here, 2097152 on the peer", "disk 0 has 2097152 bytes here, 1048576 on the peer"},
+		{"read-only", func(d []wire.Disk) []wire.Disk { d[1].ReadOnly = false; return d },
+			"disk 1 is read-only here, read-write on the peer", "disk 1 is read-write here, read-only on the peer"},
+		{"contents", func(d []wire.Disk) []wire.Disk { d[1].Digest[0] = 9; return d },
+			"disk 1's contents differ: sha256 020000000000 here, 090000000000 on the peer",
+			"disk 1's contents differ: sha256 090000000000 here, 020000000000 on the peer"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
+			pc.Guest.Disks = slices.Clone(disks)
+			bc.Guest.Disks = tc.change(slices.Clone(disks))
+			p, b := newReplica(t, pc), newReplica(t, bc)
+			p.n.Connected()
+			b.n.Connected()
+			exchange(p, b)
+			if tc.primary == "" {
+				if !p.n.Status().Link || !b.n.Status().Link {
+					t.Fatalf("same disks: primary %v backup %v", p.n.Status(), b.n.Status())
+				}
+				return
+			}
+			for r, text := range map[*replica]string{p: tc.primary, b: tc.back} {
+				n, ok := r.hasNote(NoteRefused)
+				if !ok || !isErr(n.Err, ErrRefused) || !contains(n.Err.Error(), text) {
+					t.Fatalf("%v notes %v, want a refusal %q", r.n.Role(), r.notes, text)
+				}
+			}
+		})
+	}
+}
+
+// Rule (ft/doc.go, Handshake): a backup joining a running guest with
+// disks is refused, by the primary and by the backup.
+func TestHandshakeRefusesJoinWithDisks(t *testing.T) {
+	pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
+	pc.Guest.Disks = []wire.Disk{{Size: 1 << 20, Digest: Digest{1}}}
+	bc.Guest.Disks = pc.Guest.Disks
+	p, b := newReplica(t, pc), newReplica(t, bc)
+	p.n.Point(pt(1, 0)) // the guest has run
+	p.n.Connected()
+	b.n.Connected()
+	exchange(p, b)
+	for _, r := range []*replica{p, b} {
+		n, ok := r.hasNote(NoteRefused)
+		if !ok || !contains(n.Err.Error(), "a backup joining a running guest does not receive yet") {
+			t.Fatalf("%v notes %v", r.n.Role(), r.notes)
+		}
 	}
 }
 

@@ -10,8 +10,9 @@ import (
 )
 
 // ProtocolVersion is sent in Hello; peers with another version are refused.
-// Version 2 added the pair's instances and the witness to Hello.
-const ProtocolVersion = 3
+// Version 2 added the pair's instances and the witness to Hello; version 3
+// the interrupt windows and the CPUID hash; version 4 the disks.
+const ProtocolVersion = 4
 
 // The wire types the protocol speaks in, under shorter names.
 type (
@@ -48,6 +49,10 @@ type Identity struct {
 	// except for a backup that joins a running guest: it installs the
 	// primary's CPUID with its state.
 	CPU Digest
+	// Disks: each disk image's size, read-only flag and SHA-256 of its
+	// contents at the replica's start, in order. Compared: each replica
+	// writes its own copy, so the copies must start identical.
+	Disks []wire.Disk
 }
 
 // Config configures a Node. Durations are compared with the timestamps

@@ -96,9 +96,6 @@ func (m *Machine) CaptureState(s *snapshot.State) error {
 	if !m.quiescent {
 		return errNotQuiescent
 	}
-	if len(m.virtio) > 0 {
-		return ErrDisksNotCaptured
-	}
 	if s.Header.Kind == 0 {
 		s.Header.Kind = snapshot.KindSnapshot
 	}
@@ -141,6 +138,11 @@ func (m *Machine) CaptureState(s *snapshot.State) error {
 		Reset:     m.reset.State(),
 		I8042:     m.i8042.State(),
 		DebugExit: m.debugExit.State(),
+		ACPIPM:    m.acpiPM.State(),
+	}
+	s.Disks = slices.Grow(s.Disks[:0], len(m.virtio))
+	for _, v := range m.virtio {
+		s.Disks = append(s.Disks, snapshot.Disk{Size: v.img.Size(), ReadOnly: v.img.ReadOnly(), Transport: v.t.State()})
 	}
 	s.Machine = snapshot.Machine{
 		TSCOffset:              m.tscOffset,
@@ -169,6 +171,11 @@ func (m *Machine) Install(s *snapshot.State) error {
 	}
 	if s.Header.MemSize != m.mem.Size() {
 		return fmt.Errorf("install: state for %d bytes of guest memory, the machine has %d", s.Header.MemSize, m.mem.Size())
+	}
+	// The disks first: a machine given other disks than the captured
+	// one's is refused before anything is set.
+	if err := m.CheckDisks(s.Disks); err != nil {
+		return err
 	}
 	m.installed = false
 	if !slices.Equal(s.CPUID, m.cpuid) {
@@ -219,9 +226,15 @@ func (m *Machine) Install(s *snapshot.State) error {
 		{"reset control", func() error { return m.reset.SetState(d.Reset) }},
 		{"i8042", func() error { return m.i8042.SetState(d.I8042) }},
 		{"debug exit", func() error { return m.debugExit.SetState(d.DebugExit) }},
+		{"ACPI PM", func() error { return m.acpiPM.SetState(d.ACPIPM) }},
 	} {
 		if err := st.set(); err != nil {
 			return fmt.Errorf("install %s state: %w", st.what, err)
+		}
+	}
+	for i, v := range m.virtio {
+		if err := v.t.SetState(s.Disks[i].Transport); err != nil {
+			return fmt.Errorf("install disk %d (%s): %w", i, v.img.Path(), err)
 		}
 	}
 	ms := &s.Machine

@@ -3,8 +3,11 @@ package vmm
 import (
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/ftkvm/ftkvm/devices"
+	"github.com/ftkvm/ftkvm/vmm/snapshot"
 )
 
 // virtio-mmio devices (docs/DEVICES.md): window n at virtioMMIOBase + n *
@@ -70,11 +73,74 @@ func (m *Machine) wireVirtio(cfg Config) error {
 	return nil
 }
 
-// ErrDisksNotCaptured refuses to capture a machine with virtio devices:
-// the snapshot format does not carry their transports' state yet, so a
-// snapshot, migration or checkpoint of it would lose requests in flight
-// and the driver's queue setup.
-var ErrDisksNotCaptured = errors.New("the guest has virtio disks, whose device state snapshots, migration and replication do not carry yet")
+// DiskMismatchError is a state installed into a machine whose disks differ
+// from those of the machine it was captured from (count, size, read-only
+// flag). The images' contents are not in a state: the machine must be
+// given the images as they were at the capture (docs/SNAPSHOTS.md).
+type DiskMismatchError struct{ Msg string }
+
+func (e *DiskMismatchError) Error() string { return e.Msg }
+
+// CheckDisks compares the machine's disks with those a state recorded.
+func (m *Machine) CheckDisks(want []snapshot.Disk) error {
+	var have []string
+	for _, v := range m.virtio {
+		have = append(have, diskDesc(v.img.Size(), v.img.ReadOnly()))
+	}
+	var rec []string
+	for _, d := range want {
+		rec = append(rec, diskDesc(d.Size, d.ReadOnly))
+	}
+	if slices.Equal(have, rec) {
+		return nil
+	}
+	return &DiskMismatchError{fmt.Sprintf("the guest was captured with %s; this machine was given %s (pass the same --disk images, in order, as they were at the capture)",
+		diskList(rec), diskList(have))}
+}
+
+func diskDesc(size uint64, ro bool) string {
+	if ro {
+		return fmt.Sprintf("%d bytes read-only", size)
+	}
+	return fmt.Sprintf("%d bytes read-write", size)
+}
+
+func diskList(d []string) string {
+	switch len(d) {
+	case 0:
+		return "no disks"
+	case 1:
+		return "1 disk (" + d[0] + ")"
+	}
+	return fmt.Sprintf("%d disks (%s)", len(d), strings.Join(d, ", "))
+}
+
+// DiskInfo describes a disk image for the replicas' handshake.
+type DiskInfo struct {
+	Size     uint64
+	ReadOnly bool
+	Digest   [32]byte // SHA-256 of the contents
+}
+
+// DescribeDisks opens each image as the machine would (same checks), reads
+// it whole for its SHA-256, and closes it. It costs a full read of every
+// image (docs/REPLICATION.md).
+func DescribeDisks(disks []Disk) ([]DiskInfo, error) {
+	var out []DiskInfo
+	for _, d := range disks {
+		img, err := devices.OpenDiskImage(d.Path, d.ReadOnly)
+		if err != nil {
+			return nil, &DiskError{err}
+		}
+		sum, err := img.Digest()
+		img.Close()
+		if err != nil {
+			return nil, &DiskError{err}
+		}
+		out = append(out, DiskInfo{Size: img.Size(), ReadOnly: d.ReadOnly, Digest: sum})
+	}
+	return out, nil
+}
 
 // DiskError is a disk image that cannot be used (missing, unreadable, too
 // small, in use).

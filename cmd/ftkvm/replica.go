@@ -25,6 +25,7 @@ import (
 // replicaFlags are shared by primary and backup.
 type replicaFlags struct {
 	guestFlags
+	Disk      []string      `help:"A raw disk image for a virtio-blk device (/dev/vda, /dev/vdb, ... in order); add ,ro for a read-only disk. Each replica has its own copy: the copies must be identical at start (the handshake compares their SHA-256, read in full at start). Repeatable." placeholder:"FILE[,ro]" sep:"none"`
 	Device    string        `help:"KVM device." default:"/dev/kvm"`
 	Timeout   time.Duration `help:"Declare the peer dead after this long without a message (heartbeats keep a quiet link alive)." default:"100ms"`
 	API       string        `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
@@ -83,12 +84,18 @@ type backupCmd struct {
 }
 
 // identity is what the handshake compares: the files and command line
-// by SHA-256, the memory size, the epoch clock, and what of the host
+// by SHA-256, the memory size, the epoch clock, the disks (size,
+// read-only, SHA-256 of the contents), and what of the host
 // decides where delivery points fall (vmm.HostTraits): the CPUID the
 // guest gets and, in Windows, the primary's choice of interrupt windows
 // or the backup's ability to follow it.
-func identity(cfg vmm.Config, host vmm.HostTraits, windows bool) ft.Identity {
+func identity(cfg vmm.Config, host vmm.HostTraits, windows bool, disks []vmm.DiskInfo) ft.Identity {
+	var wd []wire.Disk
+	for _, d := range disks {
+		wd = append(wd, wire.Disk{Size: d.Size, ReadOnly: d.ReadOnly, Digest: d.Digest})
+	}
 	return ft.Identity{
+		Disks:     wd,
 		Kernel:    sha256.Sum256(cfg.Kernel),
 		Initrd:    sha256.Sum256(cfg.Initrd),
 		Cmdline:   sha256.Sum256([]byte(cfg.Cmdline)),
@@ -123,8 +130,25 @@ func clockOf(e vmm.EpochClock) wire.Clock {
 // --epoch-instructions is not given.
 const defaultEpochInstructions = 16384
 
+// disks parses --disk and describes the images for the handshake.
+func (f *replicaFlags) disks(cfg *vmm.Config) ([]vmm.DiskInfo, error) {
+	var err error
+	if cfg.Disks, err = parseDisks(f.Disk); err != nil {
+		return nil, err
+	}
+	info, err := vmm.DescribeDisks(cfg.Disks)
+	if err != nil {
+		return nil, fmt.Errorf("--disk: %w", err)
+	}
+	return info, nil
+}
+
 func (c *primaryCmd) run() (int, error) {
 	cfg, err := c.load()
+	if err != nil {
+		return 0, err
+	}
+	disks, err := c.disks(&cfg)
 	if err != nil {
 		return 0, err
 	}
@@ -152,7 +176,7 @@ func (c *primaryCmd) run() (int, error) {
 		return 0, err
 	}
 	r := driver.New(driver.Options{
-		Node: ft.Config{Role: ft.RolePrimary, Policy: policy, Verify: c.Verify, Guest: identity(cfg, host, windows),
+		Node: ft.Config{Role: ft.RolePrimary, Policy: policy, Verify: c.Verify, Guest: identity(cfg, host, windows, disks),
 			EpochLength: c.EpochLength, EpochInstructions: instrs, Timeout: c.Timeout, Witness: wd},
 		Console: os.Stdout,
 		Log:     logrus.StandardLogger(),
@@ -165,7 +189,7 @@ func (c *primaryCmd) run() (int, error) {
 	cfg.KVMPath = c.Device
 	m, err := vmm.New(cfg)
 	if err != nil {
-		return 0, fmt.Errorf("%s: %w", c.Kernel, err)
+		return 0, machineError(c.Kernel, err)
 	}
 	defer m.Close()
 	if err := r.Attach(m); err != nil {
@@ -191,6 +215,10 @@ func (c *backupCmd) run() (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	disks, err := c.disks(&cfg)
+	if err != nil {
+		return 0, err
+	}
 	l, err := net.Listen("tcp", c.Listen)
 	if err != nil {
 		return 0, fmt.Errorf("backup: %w", err)
@@ -205,7 +233,7 @@ func (c *backupCmd) run() (int, error) {
 		return 0, err
 	}
 	r := driver.New(driver.Options{
-		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg, host, host.ExactWindows), Timeout: c.Timeout, Witness: wd, Join: c.Join},
+		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg, host, host.ExactWindows, disks), Timeout: c.Timeout, Witness: wd, Join: c.Join},
 		Console:          os.Stdout,
 		Log:              logrus.StandardLogger(),
 		Witness:          wc,
@@ -244,7 +272,7 @@ func (c *backupCmd) run() (int, error) {
 	cfg.KVMPath = c.Device
 	m, err := vmm.New(cfg)
 	if err != nil {
-		return 0, fmt.Errorf("%s: %w", c.Kernel, err)
+		return 0, machineError(c.Kernel, err)
 	}
 	defer m.Close()
 	if err := r.Attach(m); err != nil {
@@ -254,6 +282,15 @@ func (c *backupCmd) run() (int, error) {
 		return 0, err
 	}
 	return runReplica(m, r, c.API, c.ExitStats)
+}
+
+// machineError words an error of vmm.New: a disk's, or the kernel's.
+func machineError(kernel string, err error) error {
+	var de *vmm.DiskError
+	if errors.As(err, &de) {
+		return fmt.Errorf("--disk: %w", err)
+	}
+	return fmt.Errorf("%s: %w", kernel, err)
 }
 
 // runReplica runs a replica's machine with its console on the terminal,

@@ -18,23 +18,34 @@ import (
 )
 
 type restoreCmd struct {
-	File      string `arg:"" help:"Snapshot file (from ftkvm ctl snapshot)." type:"path"`
-	Device    string `help:"KVM device." default:"/dev/kvm"`
-	API       string `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
-	ExitStats bool   `help:"When the guest stops, print its exit profile (exits and time per exit reason, device and port; interrupts; kicks) on stderr. docs/PROFILE.md explains it." name:"exit-stats"`
+	File      string   `arg:"" help:"Snapshot file (from ftkvm ctl snapshot)." type:"path"`
+	Disk      []string `help:"The guest's disk images, in the order run was given them, as they were when the snapshot was taken (a snapshot does not carry their contents); add ,ro for a read-only disk. Repeatable." placeholder:"FILE[,ro]" sep:"none"`
+	Device    string   `help:"KVM device." default:"/dev/kvm"`
+	API       string   `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
+	ExitStats bool     `help:"When the guest stops, print its exit profile (exits and time per exit reason, device and port; interrupts; kicks) on stderr. docs/PROFILE.md explains it." name:"exit-stats"`
 }
 
 // emptyMachine builds the machine a snapshot or a migration is loaded into.
-func emptyMachine(device string, env *vmm.LiveEnv) migrate.Build {
+// The disks must match those the state recorded; Install checks them.
+func emptyMachine(device string, disks []vmm.Disk, env *vmm.LiveEnv) migrate.Build {
 	return func(h snapshot.Header) (migrate.Target, error) {
-		return vmm.NewEmpty(vmm.Config{MemSize: h.MemSize, Console: os.Stdout, Env: env, KVMPath: device})
+		m, err := vmm.NewEmpty(vmm.Config{MemSize: h.MemSize, Console: os.Stdout, Env: env, KVMPath: device, Disks: disks})
+		var de *vmm.DiskError
+		if errors.As(err, &de) {
+			return nil, fmt.Errorf("--disk: %w", err)
+		}
+		return m, err
 	}
 }
 
 func (c *restoreCmd) run() (int, error) {
+	disks, err := parseDisks(c.Disk)
+	if err != nil {
+		return 0, err
+	}
 	env := vmm.NewLiveEnv(nil)
 	view := newTransferView("restore", false)
-	t, _, err := migrate.ReadFile(c.File, emptyMachine(c.Device, env), view.bytes)
+	t, _, err := migrate.ReadFile(c.File, emptyMachine(c.Device, disks, env), view.bytes)
 	view.finish()
 	if err != nil {
 		return 0, fmt.Errorf("restore: %w", err)
@@ -45,16 +56,21 @@ func (c *restoreCmd) run() (int, error) {
 }
 
 type receiveCmd struct {
-	Listen    string `required:"" help:"Address to wait on for a migration (port 0: any free port; the address is printed)." placeholder:"HOST:PORT"`
-	Device    string `help:"KVM device." default:"/dev/kvm"`
-	API       string `help:"Serve the control API (HTTP+JSON) on this unix socket once the guest runs." name:"api" placeholder:"SOCKET"`
-	ExitStats bool   `help:"When the guest stops, print its exit profile (exits and time per exit reason, device and port; interrupts; kicks) on stderr. docs/PROFILE.md explains it." name:"exit-stats"`
+	Listen    string   `required:"" help:"Address to wait on for a migration (port 0: any free port; the address is printed)." placeholder:"HOST:PORT"`
+	Disk      []string `help:"The guest's disk images, in the order the source has them, as they are on the source when it stops the guest (a migration does not carry their contents: shared or copied storage); add ,ro for a read-only disk. Repeatable." placeholder:"FILE[,ro]" sep:"none"`
+	Device    string   `help:"KVM device." default:"/dev/kvm"`
+	API       string   `help:"Serve the control API (HTTP+JSON) on this unix socket once the guest runs." name:"api" placeholder:"SOCKET"`
+	ExitStats bool     `help:"When the guest stops, print its exit profile (exits and time per exit reason, device and port; interrupts; kicks) on stderr. docs/PROFILE.md explains it." name:"exit-stats"`
 	// Connections that are not a migration (scanners, health checks) are
 	// logged and ignored, so without a bound the wait is forever.
 	Timeout time.Duration `help:"Give up (status 125) if no migration has begun within this long; 0 waits forever. Connections that are not a migration are logged and ignored."`
 }
 
 func (c *receiveCmd) run() (int, error) {
+	disks, err := parseDisks(c.Disk)
+	if err != nil {
+		return 0, err
+	}
 	l, err := net.Listen("tcp", c.Listen)
 	if err != nil {
 		return 0, fmt.Errorf("receive: %w", err)
@@ -89,7 +105,7 @@ func (c *receiveCmd) run() (int, error) {
 	}()
 	env := vmm.NewLiveEnv(nil)
 	view := newTransferView("receive", false)
-	t, _, from, err := migrate.Receive(l, emptyMachine(c.Device, env), view.bytes, migrate.ReceiveOptions{
+	t, _, from, err := migrate.Receive(l, emptyMachine(c.Device, disks, env), view.bytes, migrate.ReceiveOptions{
 		Stranger: func(from net.Addr, err error) {
 			logrus.Warnf("receive: a connection from %v was not a migration (%v); still waiting", from, err)
 		},

@@ -77,11 +77,32 @@ type Hello struct {
 	// CPU is the SHA-256 of the CPUID table the guest is given: another
 	// CPU model or KVM can make the guest take other paths.
 	CPU Digest
-	// Rest holds the fields of versions after 3, which this version
+
+	// Version 4 and later.
+
+	// Disks are the guest's disks, in order: each replica has its own
+	// copy of each image, which must start identical (ft/doc.go,
+	// "Handshake"). At most MaxDisks.
+	Disks []Disk
+
+	// Rest holds the fields of versions after 4, which this version
 	// cannot read: a Hello of any later version decodes, and is refused
 	// for its version.
 	Rest []byte
 }
+
+// Disk describes one disk image in a Hello.
+type Disk struct {
+	Size     uint64 // bytes
+	ReadOnly bool
+	Digest   Digest // SHA-256 of the image's contents when the replica started
+}
+
+// MaxDisks bounds a Hello's disk list.
+const MaxDisks = 16
+
+// diskSize is a Disk's encoded size.
+const diskSize = 8 + 1 + 32
 
 // Refuse ends a handshake, with the reason.
 type Refuse struct {
@@ -209,6 +230,15 @@ func (m Hello) appendBody(b []byte) []byte {
 	b = append(b, boolByte(m.Windows))
 	b = append(b, m.CPU[:]...)
 	if m.Version == 3 {
+		return b
+	}
+	b = le32(b, uint32(len(m.Disks)))
+	for _, d := range m.Disks {
+		b = le64(b, d.Size)
+		b = append(b, boolByte(d.ReadOnly))
+		b = append(b, d.Digest[:]...)
+	}
+	if m.Version == 4 {
 		return b // Rest belongs to later versions
 	}
 	return append(b, m.Rest...)
@@ -238,7 +268,21 @@ func decodeHello(r *reader) Msg {
 	}
 	m.Windows = r.bool()
 	m.CPU = r.digest()
-	if m.Version > 3 && len(r.b) > 0 && !r.bad {
+	if m.Version < 4 || r.bad {
+		return m
+	}
+	n := r.u32()
+	if n > MaxDisks || uint64(n)*diskSize > uint64(len(r.b)) {
+		r.bad = true
+		return m
+	}
+	if n > 0 {
+		m.Disks = make([]Disk, n)
+		for i := range m.Disks {
+			m.Disks[i] = Disk{Size: r.u64(), ReadOnly: r.bool(), Digest: r.digest()}
+		}
+	}
+	if m.Version > 4 && len(r.b) > 0 && !r.bad {
 		// Copied: the decoder reuses its buffer.
 		m.Rest = append([]byte(nil), r.take(len(r.b))...)
 	}

@@ -175,6 +175,7 @@ const (
 	RefuseWindows  RefuseReason = 11 // the primary uses interrupt windows the backup cannot place exactly
 	RefuseCPU      RefuseReason = 12 // the guest would see a different CPU (CPUID)
 	RefuseJoin     RefuseReason = 13 // the primary's guest runs already, and the backup was not told to join
+	RefuseDisks    RefuseReason = 14 // different disks (count, size, read-only, contents), or disks on a joining backup
 )
 
 func (r RefuseReason) String() string {
@@ -205,6 +206,8 @@ func (r RefuseReason) String() string {
 		return "cpu"
 	case RefuseJoin:
 		return "join"
+	case RefuseDisks:
+		return "disks"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }

@@ -28,7 +28,10 @@ func samples() []Msg {
 		Hello{Version: 2, Role: RoleBackup, Policy: PolicyOutputCommit, Clock: ClockStep, MemSize: 64 << 20,
 			Kernel: digest(4), Initrd: digest(5), Cmdline: digest(6), Instance: digest(7), Witness: digest(8)},
 		Hello{Version: 3, Role: RolePrimary, Instance: digest(7), Windows: true, CPU: digest(10)},
-		Hello{Version: 4, Role: RolePrimary, Instance: digest(7), CPU: digest(11), Rest: []byte("fields of a later version")},
+		Hello{Version: 4, Role: RoleBackup, Instance: digest(7), CPU: digest(11),
+			Disks: []Disk{{Size: 1 << 30, Digest: digest(12)}, {Size: 512, ReadOnly: true, Digest: digest(13)}}},
+		Hello{Version: 5, Role: RolePrimary, Instance: digest(7), CPU: digest(11), Disks: []Disk{{Size: 4096, Digest: digest(14)}},
+			Rest: []byte("fields of a later version")},
 		Refuse{Reason: RefuseKernel, Text: "different kernel: ab12 here, cd34 there"},
 		Refuse{Reason: RefuseBusy},
 		Record{Seq: 1, Epoch: 2, Pos: pos, Kind: KindClock, Value: 1<<63 + 5},
@@ -203,8 +206,8 @@ func TestDecodeErrors(t *testing.T) {
 	if _, err := DecodeBody(TypeHello, body); !errors.Is(err, ErrMalformed) {
 		t.Fatalf("bool 2: %v", err)
 	}
-	// Versions 1 and 2 have no fields after theirs; later ones may.
-	for _, v := range []uint32{1, 2} {
+	// Versions 1 to 4 have no fields after theirs; later ones may.
+	for _, v := range []uint32{1, 2, 3, 4} {
 		body := append(Hello{Version: v}.appendBody(nil), 0)
 		if _, err := DecodeBody(TypeHello, body); !errors.Is(err, ErrMalformed) {
 			t.Fatalf("version %d hello with a byte more: %v", v, err)

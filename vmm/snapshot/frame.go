@@ -21,7 +21,7 @@
 //
 //	FrameHeader                 version, guest memory size, kind
 //	FramePages / FrameZeroPages any number, in any order; a later copy of a page wins
-//	FrameCPUID, FrameVCPU, FrameDevices, FrameMachine, FrameEnv   once each
+//	FrameCPUID, FrameVCPU, FrameDevices, FrameDisks, FrameMachine, FrameEnv   once each
 //	FrameEnd                    the counts of frames and pages before it
 //
 // Pages and state frames may interleave; the end frame closes the stream, and
@@ -42,7 +42,11 @@ import (
 //
 // Version 2: the machine frame's Stats carry the step clock's counters
 // (Steps, Instrs, Emulated), and its PointKind may be a step point.
-const Version = 2
+//
+// Version 3: the devices frame carries the ACPI PM device, and a disks
+// frame (required, once) the virtio-blk devices: each one's virtio-mmio
+// transport with its queues, and its image's size and read-only flag.
+const Version = 3
 
 // Magic starts every snapshot file.
 const Magic = "FTKVMSNP"
@@ -68,6 +72,7 @@ const (
 	FramePages     FrameType = 7
 	FrameZeroPages FrameType = 8
 	FrameEnd       FrameType = 9
+	FrameDisks     FrameType = 10
 
 	FrameReady     FrameType = 16 // destination: machine built, send the stream
 	FrameInstalled FrameType = 17 // destination: state verified and installed, not running
@@ -79,7 +84,7 @@ const (
 var frameNames = map[FrameType]string{
 	FrameHeader: "header", FrameCPUID: "cpuid", FrameVCPU: "vcpu", FrameDevices: "devices",
 	FrameMachine: "machine", FrameEnv: "environment", FramePages: "pages",
-	FrameZeroPages: "zero-pages", FrameEnd: "end", FrameReady: "ready",
+	FrameZeroPages: "zero-pages", FrameEnd: "end", FrameDisks: "disks", FrameReady: "ready",
 	FrameInstalled: "installed", FrameCommit: "commit", FrameStarted: "started", FrameError: "error",
 }
 

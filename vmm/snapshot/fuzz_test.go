@@ -43,6 +43,7 @@ func FuzzSections(f *testing.F) {
 	f.Add(uint8(FrameCPUID), EncodeCPUID(nil, s.CPUID))
 	f.Add(uint8(FrameVCPU), EncodeVCPU(nil, &s.VCPU))
 	f.Add(uint8(FrameDevices), EncodeDevices(nil, &s.Devices))
+	f.Add(uint8(FrameDisks), EncodeDisks(nil, s.Disks))
 	f.Add(uint8(FrameMachine), EncodeMachine(nil, &s.Machine))
 	f.Add(uint8(FrameEnv), EncodeEnv(nil, &s.Env))
 	f.Add(uint8(FrameEnd), EncodeEnd(nil, &End{Frames: 3, Pages: 9}))
@@ -82,6 +83,14 @@ func FuzzSections(f *testing.F) {
 			var d, d2 Devices
 			if DecodeDevices(p, &d) == nil {
 				if err := DecodeDevices(EncodeDevices(nil, &d), &d2); err != nil {
+					t.Fatal(err)
+				}
+				again(d, d2)
+			}
+		case FrameDisks:
+			if d, err := DecodeDisks(p, nil); err == nil {
+				d2, err := DecodeDisks(EncodeDisks(nil, d), nil)
+				if err != nil {
 					t.Fatal(err)
 				}
 				again(d, d2)

@@ -42,6 +42,11 @@ func sampleState() *State {
 	s.Devices.RTC.RAM[0x0b] = 2
 	s.Devices.RTC.RefSec = 1_795_000_000
 	s.Devices.I8042.CTR = 0x47
+	s.Devices.ACPIPM = devices.ACPIPMState{En: 0x20, Cnt: 1}
+	s.Disks = []Disk{{Size: 1 << 20, ReadOnly: true, Transport: devices.MMIOTransportState{
+		Status: 0xf, DriverFeatures: 1<<32 | 1<<9, NumQueues: 1, IntStatus: 1, Line: true,
+	}}}
+	s.Disks[0].Transport.Queues[0] = devices.Queue{Max: 256, Size: 128, Ready: true, Desc: 0x10000, Avail: 0x11000, Used: 0x12000, LastAvail: 7, UsedIdx: 7}
 	s.Machine = Machine{TSCOffset: 99, Halted: true, RequestInterruptWindow: true, PointKind: 2, PointExits: 1234}
 	s.Machine.Stats.Exits = 1234
 	s.Machine.Stats.ConsoleBytes = 77
@@ -205,6 +210,7 @@ func TestStructure(t *testing.T) {
 			{FrameCPUID, EncodeCPUID(nil, s.CPUID)},
 			{FrameVCPU, EncodeVCPU(nil, &s.VCPU)},
 			{FrameDevices, EncodeDevices(nil, &s.Devices)},
+			{FrameDisks, EncodeDisks(nil, s.Disks)},
 			{FrameMachine, EncodeMachine(nil, &s.Machine)},
 			{FrameEnv, EncodeEnv(nil, &s.Env)},
 		} {
@@ -286,6 +292,7 @@ func TestLayout(t *testing.T) {
 		{"kvm.DebugRegs", kvm.DebugRegs{}, 128},
 		{"kvm.MPState", kvm.MPState{}, 4},
 		{"Devices", Devices{}, -1},
+		{"Disk", Disk{}, 303},
 		{"Machine", Machine{}, -1},
 		{"End", End{}, 16},
 	} {
@@ -326,8 +333,8 @@ func TestFrameReaderEOF(t *testing.T) {
 	}
 }
 
-// Encoded sizes of the device and machine sections in format version 2.
+// Encoded sizes of the device and machine sections in format version 3.
 const (
-	devicesSize = 409
+	devicesSize = 415
 	machineSize = 139
 )

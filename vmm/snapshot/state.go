@@ -19,6 +19,7 @@ const (
 	MaxInput         = 1 << 20 // pending console input carried by the environment state
 	MaxPagesPerFrame = 256     // pages frame: 256 pages, 1 MiB of data
 	MaxZeroPerFrame  = 8192    // zero-pages frame: 64 KiB of page numbers
+	MaxDisks         = 16      // disks frame
 )
 
 // Kind says what a stream was made for. It does not change how it is read.
@@ -56,6 +57,7 @@ type State struct {
 	CPUID   []kvm.CPUIDEntry
 	VCPU    VCPU
 	Devices Devices
+	Disks   []Disk // virtio-blk devices, in order
 	Machine Machine
 	Env     Env
 }
@@ -84,6 +86,19 @@ type Devices struct {
 	Reset     devices.ResetControlState
 	I8042     devices.I8042State
 	DebugExit devices.DebugExitState
+	ACPIPM    devices.ACPIPMState
+}
+
+// Disk is one virtio-blk device: its virtio-mmio transport (status,
+// negotiated features, each queue's configuration and the device's
+// positions in its rings) and what the image it was given looked like.
+// The image's contents are not part of a stream: the image is the guest's
+// disk, which the machine the state is installed into must be given in
+// the state it had at the capture (docs/SNAPSHOTS.md).
+type Disk struct {
+	Size      uint64 // image size in bytes
+	ReadOnly  bool
+	Transport devices.MMIOTransportState
 }
 
 // Stats counts what the vCPU loop did (vmm.Stats is this type). Points are
@@ -237,6 +252,38 @@ func DecodeDevices(p []byte, s *Devices) error {
 	d := decoder{p: p, what: FrameDevices}
 	d.value(s)
 	return d.finish()
+}
+
+// EncodeDisks appends a disks frame's payload to dst: a count, then each
+// disk.
+func EncodeDisks(dst []byte, disks []Disk) []byte {
+	dst = le.AppendUint32(dst, uint32(len(disks)))
+	for i := range disks {
+		dst = mustAppend(dst, &disks[i])
+	}
+	return dst
+}
+
+// DecodeDisks decodes a disks payload (reusing disks' storage). The
+// transports' SetState checks the values themselves.
+func DecodeDisks(p []byte, disks []Disk) ([]Disk, error) {
+	d := decoder{p: p, what: FrameDisks}
+	n := d.count(MaxDisks)
+	disks = disks[:0]
+	for i := 0; i < n && d.err == nil; i++ {
+		var k Disk
+		d.value(&k)
+		disks = append(disks, k)
+	}
+	if err := d.finish(); err != nil {
+		return disks[:0], err
+	}
+	for i, k := range disks {
+		if k.Transport.NumQueues > devices.MaxVirtioQueues {
+			return disks[:0], fmt.Errorf("disk %d: %d queues: %w", i, k.Transport.NumQueues, ErrCorrupt)
+		}
+	}
+	return disks, nil
 }
 
 // EncodeMachine appends a machine frame's payload to dst.

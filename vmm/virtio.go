@@ -30,6 +30,7 @@ type virtioDev struct {
 	t    *devices.MMIOTransport
 	blk  *devices.Block     // for a disk
 	img  *devices.DiskImage // closed with the machine
+	net  *devices.Net       // for a network interface
 }
 
 // guestMemory is guest RAM as devices see it: writes they make are marked
@@ -42,14 +43,22 @@ func (g guestMemory) MarkDirty(gpa, n uint64) { g.m.MarkDirty(gpa, n) }
 // wireVirtio opens the disks and puts a virtio-blk device for each in its
 // window.
 func (m *Machine) wireVirtio(cfg Config) error {
-	if len(cfg.Disks) == 0 {
+	if len(cfg.Disks)+len(cfg.NICs) == 0 {
 		return nil
 	}
-	if len(cfg.Disks) > len(virtioIRQs) {
+	if len(cfg.Disks)+len(cfg.NICs) > len(virtioIRQs) {
+		if len(cfg.NICs) > 0 {
+			return &NICError{fmt.Errorf("%d disks and %d network interfaces: ftkvm has interrupt lines for at most %d virtio devices",
+				len(cfg.Disks), len(cfg.NICs), len(virtioIRQs))}
+		}
 		return &DiskError{fmt.Errorf("%d disks: ftkvm has interrupt lines for at most %d virtio devices", len(cfg.Disks), len(virtioIRQs))}
 	}
 	if m.mem.Size() > virtioMMIOBase {
-		return &DiskError{fmt.Errorf("guest memory of %d MiB overlaps the virtio-mmio windows at %#x: use at most %d MiB with --disk",
+		if len(cfg.Disks) == 0 {
+			return &NICError{fmt.Errorf("guest memory of %d MiB overlaps the virtio-mmio windows at %#x: use at most %d MiB with --net",
+				m.mem.Size()>>20, virtioMMIOBase, virtioMMIOBase>>20)}
+		}
+		return &DiskError{fmt.Errorf("guest memory of %d MiB overlaps the virtio-mmio windows at %#x: use at most %d MiB with --disk or --net",
 			m.mem.Size()>>20, virtioMMIOBase, virtioMMIOBase>>20)}
 	}
 	for i, d := range cfg.Disks {
@@ -67,7 +76,7 @@ func (m *Machine) wireVirtio(cfg Config) error {
 			return fmt.Errorf("wire disk %s: %w", d.Path, err)
 		}
 	}
-	return nil
+	return m.wireNICs(cfg)
 }
 
 // ErrDisksNotCaptured refuses to capture a machine with virtio devices:

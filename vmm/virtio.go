@@ -83,7 +83,7 @@ func (m *Machine) wireVirtio(cfg Config) error {
 // the snapshot format does not carry their transports' state yet, so a
 // snapshot, migration or checkpoint of it would lose requests in flight
 // and the driver's queue setup.
-var ErrDisksNotCaptured = errors.New("the guest has virtio disks, whose device state snapshots, migration and replication do not carry yet")
+var ErrDisksNotCaptured = errors.New("the guest has virtio devices (disks or network interfaces), whose device state snapshots, migration and replication do not carry yet")
 
 // DiskError is a disk image that cannot be used (missing, unreadable, too
 // small, in use).

@@ -48,7 +48,7 @@ ip link set lo up
 ip addr add "$addr" dev eth0
 ip link set eth0 up
 echo "NET-MAC $(cat /sys/class/net/eth0/address)"
-echo "NET-ADDR $(ip -4 addr show dev eth0 | grep inet | tr -s ' ')"
+echo "NET-ADDR $(ip -4 addr show dev eth0 | grep -o 'inet [0-9./]*')"
 echo "NET-LISTENING"
 nc -l -p 7777 -e cat
 echo "NET-SERVED rc=$?"
@@ -127,7 +127,7 @@ ft=$!
 i=0
 while [ ! -e /sys/class/net/ftap0 ] && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done
 ip addr add 10.0.2.1/24 dev ftap0
-echo "L1-TAP $(ip -4 addr show dev ftap0 | grep inet | tr -s ' ')"
+echo "L1-TAP $(ip -4 addr show dev ftap0 | grep -o 'inet [0-9./]*')"
 i=0
 while ! grep -q NET-LISTENING /tmp/console && [ $i -lt 240 ]; do sleep 1; i=$((i + 1)); done
 seq 1 4000 > /tmp/data

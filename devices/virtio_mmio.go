@@ -344,8 +344,27 @@ func (t *MMIOTransport) notify(index uint32) {
 		t.unhandled++
 		return
 	}
+	t.serve(int(index))
+}
+
+// Service lets the device serve queue index on its own initiative, as
+// after a driver notification: a virtio-net device places a frame the
+// environment delivered into the receive queue this way. Before the driver
+// is ready, or while the device waits for a reset, it does nothing (the
+// device keeps the event for a later notification).
+func (t *MMIOTransport) Service(index int) {
+	if t.status&VIRTIO_STATUS_DRIVER_OK == 0 || t.status&(VIRTIO_STATUS_DEVICE_NEEDS_RESET|VIRTIO_STATUS_FAILED) != 0 ||
+		index < 0 || index >= len(t.queues) || !t.queues[index].Ready {
+		return
+	}
+	t.serve(index)
+}
+
+// serve has the device serve a ready queue and interrupts the driver if it
+// returned used buffers and wants to hear of them.
+func (t *MMIOTransport) serve(index int) {
 	q := &t.queues[index]
-	used, err := t.dev.Notify(int(index), q, t.mem)
+	used, err := t.dev.Notify(index, q, t.mem)
 	if err != nil {
 		t.deviceError(err)
 		return

@@ -68,6 +68,11 @@ type Target interface {
 	RxSpace() int
 	// Receive delivers one byte arriving on the UART.
 	Receive(b byte)
+	// ReceiveFrame delivers one Ethernet frame arriving on network
+	// interface nic (the index in Config.NICs). The device copies it; a
+	// frame it cannot hold is dropped and counted by the device, so the
+	// outcome depends only on the guest's state here.
+	ReceiveFrame(nic int, frame []byte)
 	// Pending reports whether an interrupt is waiting to be injected.
 	Pending() bool
 	// Wake receives when the machine needs its vCPU thread back (a control
@@ -78,8 +83,9 @@ type Target interface {
 
 // Environment is the single seam through which everything that could make
 // two runs of the same guest differ reaches it: (a) host time, read by the
-// PIT, the RTC and the TSC MSR; (b) bytes arriving on the UART; (c) the
-// decision of when a pending asynchronous event is delivered. The machine
+// PIT, the RTC and the TSC MSR; (b) bytes arriving on the UART and frames
+// arriving on network interfaces; (c) the decision of when a pending
+// asynchronous event is delivered. The machine
 // has no other source of time, input or interrupts. A primary replica
 // records what passes through here; a backup replays it.
 type Environment interface {

@@ -11,7 +11,8 @@ import (
 )
 
 // LiveEnv is the environment of a machine running alone: host monotonic
-// time, bytes from an input stream (the terminal), and delivery of pending
+// time, bytes from an input stream (the terminal), frames from network
+// interfaces' host sides (liveframes.go), and delivery of pending
 // events at every point, kicks included, so that a guest spinning without
 // exits still gets its timer ticks. It records nothing.
 //
@@ -35,6 +36,9 @@ type LiveEnv struct {
 
 	mu    sync.Mutex
 	queue []byte // input not yet delivered
+
+	frames    liveFrames // network frames not yet delivered (liveframes.go)
+	hasFrames atomic.Bool
 
 	input io.Reader
 	kick  func()
@@ -122,6 +126,7 @@ func (e *LiveEnv) Start(kick func()) error {
 	if e.input != nil {
 		go e.readInput()
 	}
+	e.startFrames()
 	go e.kicker()
 	return nil
 }
@@ -177,6 +182,9 @@ func (e *LiveEnv) deliver(t Target) {
 		e.queue = e.queue[n:]
 		e.hasInput.Store(len(e.queue) > 0)
 		e.mu.Unlock()
+	}
+	if e.hasFrames.Load() {
+		e.deliverFrames(t)
 	}
 }
 

@@ -41,6 +41,8 @@ type Config struct {
 	Windows Windows
 	// Disks are virtio-blk devices, in order (virtio.go).
 	Disks []Disk
+	// NICs are virtio-net devices, in order, after the disks (net.go).
+	NICs []NIC
 }
 
 // Stats counts what the vCPU loop did; it is part of a snapshot's machine
@@ -67,6 +69,7 @@ type Machine struct {
 	debugExit *devices.DebugExit
 	acpiPM    *devices.ACPIPM
 	virtio    []*virtioDev
+	nics      []*virtioDev // the network interfaces among virtio, in Config.NICs order
 
 	// tscOffset makes the guest's TSC MSR read tscOffset + virtual ns.
 	tscOffset uint64

@@ -96,6 +96,9 @@ func (m *Machine) CaptureState(s *snapshot.State) error {
 	if !m.quiescent {
 		return errNotQuiescent
 	}
+	if len(m.nics) > 0 {
+		return ErrNICsNotCaptured
+	}
 	if s.Header.Kind == 0 {
 		s.Header.Kind = snapshot.KindSnapshot
 	}
@@ -142,7 +145,9 @@ func (m *Machine) CaptureState(s *snapshot.State) error {
 	}
 	s.Disks = slices.Grow(s.Disks[:0], len(m.virtio))
 	for _, v := range m.virtio {
-		s.Disks = append(s.Disks, snapshot.Disk{Size: v.img.Size(), ReadOnly: v.img.ReadOnly(), Transport: v.t.State()})
+		if v.img != nil {
+			s.Disks = append(s.Disks, snapshot.Disk{Size: v.img.Size(), ReadOnly: v.img.ReadOnly(), Transport: v.t.State()})
+		}
 	}
 	s.Machine = snapshot.Machine{
 		TSCOffset:              m.tscOffset,
@@ -171,6 +176,9 @@ func (m *Machine) Install(s *snapshot.State) error {
 	}
 	if s.Header.MemSize != m.mem.Size() {
 		return fmt.Errorf("install: state for %d bytes of guest memory, the machine has %d", s.Header.MemSize, m.mem.Size())
+	}
+	if len(m.nics) > 0 {
+		return ErrNICsNotCaptured
 	}
 	// The disks first: a machine given other disks than the captured
 	// one's is refused before anything is set.
@@ -233,6 +241,9 @@ func (m *Machine) Install(s *snapshot.State) error {
 		}
 	}
 	for i, v := range m.virtio {
+		if v.img == nil {
+			continue // a network interface: refused by CaptureState
+		}
 		if err := v.t.SetState(s.Disks[i].Transport); err != nil {
 			return fmt.Errorf("install disk %d (%s): %w", i, v.img.Path(), err)
 		}

@@ -65,6 +65,7 @@ func (g *guestFlags) load() (vmm.Config, error) {
 type runCmd struct {
 	guestFlags
 	Disk      []string `help:"A raw disk image for a virtio-blk device (/dev/vda, /dev/vdb, ... in order); add ,ro for a read-only disk. Repeatable." placeholder:"FILE[,ro]" sep:"none"`
+	Net       []string `help:"A virtio-net interface on the host tap device NAME (created if absent, brought up), with MAC address MAC or one derived from the guest. Repeatable; disks and interfaces share 5 virtio slots." placeholder:"tap=NAME[,mac=MAC]" sep:"none"`
 	Device    string   `help:"KVM device." default:"/dev/kvm"`
 	API       string   `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
 	ExitStats bool     `help:"When the guest stops, print its exit profile (exits and time per exit reason, device and port; interrupts; kicks) on stderr. docs/PROFILE.md explains it." name:"exit-stats"`
@@ -79,18 +80,30 @@ func (c *runCmd) run() (int, error) {
 	if cfg.Disks, err = parseDisks(c.Disk); err != nil {
 		return 0, err
 	}
+	nets, err := parseNets(c.Net)
+	if err != nil {
+		return 0, err
+	}
 	env := vmm.NewLiveEnv(nil)
+	taps, err := openNets(nets, env, &cfg)
+	if err != nil {
+		return 0, err
+	}
+	defer closeNets(taps)
 	cfg.Env = env
 	cfg.Console = os.Stdout
 	cfg.KVMPath = c.Device
 	m, err := vmm.New(cfg)
 	if err != nil {
 		var de *vmm.DiskError
+		var ne *vmm.NICError
 		switch {
 		case errors.Is(err, vmm.ErrNoPerfCounters):
 			return 0, fmt.Errorf("--epoch perf: %w", err)
 		case errors.As(err, &de):
 			return 0, fmt.Errorf("--disk: %w", err)
+		case errors.As(err, &ne):
+			return 0, fmt.Errorf("--net: %w", err)
 		}
 		return 0, fmt.Errorf("%s: %w", c.Kernel, err)
 	}
@@ -174,6 +187,14 @@ func runGuest(m *vmm.Machine, env *vmm.LiveEnv, apiPath string, exitStats bool) 
 			"unsupported": d.Unsupported, "malformed": d.Malformed, "device_errors": d.DeviceErrors,
 			"unhandled": d.Unhandled,
 		}).Info("disk ", d.Path)
+	}
+	for _, n := range m.NICStats() {
+		logrus.WithFields(logrus.Fields{
+			"tx": n.TxFrames, "tx_bytes": n.TxBytes, "tx_bad_length": n.TxBadLength, "tx_errors": n.TxErrors,
+			"rx": n.RxFrames, "rx_bytes": n.RxBytes, "rx_bad_length": n.RxBadLength, "rx_overflow": n.RxOverflow,
+			"rx_too_small": n.RxTooSmall, "rx_reset": n.RxReset, "rx_pending": n.Pending,
+			"device_errors": n.DeviceErrors, "unhandled": n.Unhandled, "host_dropped": env.FramesDropped(),
+		}).Info("network interface ", n.MAC)
 	}
 	if exitStats {
 		restore() // the tables go to a terminal in its normal mode

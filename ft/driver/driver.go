@@ -69,7 +69,7 @@ type Replica struct {
 	cond *sync.Cond // broadcast after every call into the node
 	node *ft.Node
 
-	m     *vmm.Machine
+	m     Machine
 	kick  func()
 	start time.Time // the driver's clock: ns since New
 
@@ -180,7 +180,7 @@ func (r *Replica) vnow() int64 { return r.vbase.Load() + r.clock() }
 // lock: at an epoch end, with the lock held, the driver's ticker could not
 // send heartbeats while a large memory is hashed, and the peer would time
 // out.
-func (r *Replica) Attach(m *vmm.Machine) error {
+func (r *Replica) Attach(m Machine) error {
 	if err := m.EnableDirtyLog(); err != nil {
 		return err
 	}
@@ -382,7 +382,7 @@ func (r *Replica) RestoreState(s *snapshot.Env) {
 func (r *Replica) point(p vmm.Point, t vmm.Target) ft.Point {
 	pt := ft.Point{Pos: ft.Position{Exits: p.Exits, Instr: p.Instrs}, Kick: p.Kind == vmm.PointKick, Now: r.clock(), RxSpace: t.RxSpace()}
 	if r.exact() {
-		pt.Instructions = r.m.Stats.Steps
+		pt.Instructions = r.m.Steps()
 	}
 	return pt
 }

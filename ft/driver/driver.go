@@ -211,7 +211,7 @@ func (c consoleOut) Write(p []byte) (int, error) {
 	r := c.r
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.finished || r.fatal != nil {
+	if r.finished || r.fatal != nil || r.quit.Load() { // a quit may have cut a call short
 		return len(p), nil
 	}
 	a := r.node.Output(r.handling(), wire.KindConsole, p)
@@ -264,7 +264,7 @@ func (r *Replica) Now() int64 {
 		return 0
 	}
 	live := max(r.vnow(), r.lastRead)
-	if r.finished || r.fatal != nil {
+	if r.finished || r.fatal != nil || r.quit.Load() { // a quit may have cut a call short
 		return live
 	}
 	a := r.node.Read(r.handling(), wire.KindClock, uint64(live))
@@ -891,7 +891,7 @@ func (r *Replica) Run() (int, error) {
 		// performing anything, so a primary dying between its goodbye and
 		// its last outputs would lose them.
 		for r.node.Role() == ft.RolePrimary && r.fatal == nil && !r.node.Status().Fenced &&
-			(r.node.Status().Held > 0 || len(r.perfQ) > 0 || r.perfBusy) {
+			!r.quit.Load() && (r.node.Status().Held > 0 || len(r.perfQ) > 0 || r.perfBusy) {
 			r.cond.Wait()
 		}
 		r.node.Tick(r.clock()) // sends the confirmation (Performed) now

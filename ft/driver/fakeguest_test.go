@@ -54,9 +54,10 @@ type fakeMachine struct {
 	killed  atomic.Bool
 
 	// What the test looks at. mu: the log hook reads len(delivered).
-	mu        sync.Mutex
-	delivered []delivery
-	installs  int
+	mu          sync.Mutex
+	delivered   []delivery
+	installs    int
+	installedAt int // len(delivered) at the last install
 }
 
 // delivery is one event the guest received, with where and into what.
@@ -183,7 +184,7 @@ func (f *fakeMachine) Run() (int, error) {
 		e := f.stats.Exits
 		h := mix(f.regs.rax, e)
 		f.touch(h)
-		if e >= f.endAt {
+		if e >= f.endAt && !f.killed.Load() {
 			// outb to the debug-exit port: the machine stops in the
 			// exit's handling, before any point.
 			return simStatus, nil
@@ -353,6 +354,7 @@ func (f *fakeMachine) Install(s *snapshot.State) error {
 	f.env.RestoreState(&s.Env)
 	f.mu.Lock()
 	f.installs++
+	f.installedAt = len(f.delivered)
 	f.mu.Unlock()
 	return nil
 }

@@ -40,7 +40,7 @@ type simConfig struct {
 	verify  bool
 	witness bool
 	input   string // typed at the primary, a byte every 2 ms
-	exits   uint64 // the guest ends at this exit (default 200)
+	exits   uint64 // the guest ends at this exit (default 120)
 	inject  uint64 // Options.InjectDivergence for the backup
 }
 
@@ -68,10 +68,10 @@ var simConfigs = []simConfig{
 }
 
 // simTimeout is the replicas' peer timeout: long enough that a loaded
-// host (load averages of 15 on two cores are common where this runs)
-// does not starve heartbeats into a false failover, short enough for the
-// silent faults, which wait for it.
-const simTimeout = time.Second
+// host does not starve heartbeats into a false failover (whole-process
+// stalls of over a second were seen with a load of 15 on two cores), so
+// only the few silent faults wait for it.
+const simTimeout = 10 * time.Second
 
 var simWitnessDigest = ft.Digest{0x77, 0x17}
 
@@ -174,6 +174,23 @@ func (w *simWitness) Claim(ctx context.Context, c ft.Claim) (ft.Role, error) {
 	return r, nil
 }
 
+// deadOrAlive is a replica's way to the witness: a killed replica makes
+// no claims (its goroutines outlive it here, not in a real crash).
+type deadOrAlive struct {
+	w  *simWitness
+	sr *simReplica
+}
+
+func (d deadOrAlive) Claim(ctx context.Context, c ft.Claim) (ft.Role, error) {
+	d.sr.mu.Lock()
+	dead := d.sr.dead
+	d.sr.mu.Unlock()
+	if dead {
+		return 0, errors.New("killed")
+	}
+	return d.w.Claim(ctx, c)
+}
+
 func (w *simWitness) decided() int {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -191,7 +208,7 @@ type sim struct {
 
 func newSim(t testing.TB, cfg simConfig) *sim {
 	if cfg.exits == 0 {
-		cfg.exits = 200
+		cfg.exits = 120
 	}
 	s := &sim{t: t, cfg: cfg}
 	if cfg.witness {
@@ -213,7 +230,7 @@ func (s *sim) add(name string, role ft.Role) *simReplica {
 	opts := Options{Node: cfg, Console: sr, Log: log}
 	if s.witness != nil {
 		opts.Node.Witness = simWitnessDigest
-		opts.Witness = s.witness
+		opts.Witness = deadOrAlive{s.witness, sr}
 	}
 	if role == ft.RoleBackup {
 		opts.InjectDivergence = s.cfg.inject
@@ -230,15 +247,17 @@ type discard struct{}
 
 func (discard) Write(p []byte) (int, error) { return len(p), nil }
 
-// kill is kill -9: from now on the replica performs and sends nothing,
-// its guest stops, its goroutines end.
+// kill is kill -9: from now on the replica performs and sends nothing
+// and its guest stops.
 func (s *sim) kill(sr *simReplica) {
 	sr.mu.Lock()
 	sr.dead = true
 	sr.mu.Unlock()
 	sr.m.killed.Store(true)
 	sr.r.Quit()
-	sr.r.Close()
+	// Its goroutines go on until its Run returned (wait closes it): a
+	// replica closed while Run waits for its last outputs' acks would
+	// wait for ever, its ticker gone. What they send vanishes (simLink).
 }
 
 // pair connects a (as the primary's side, Connect) to b (the backup's,
@@ -287,7 +306,10 @@ func (s *sim) runWhen(sr *simReplica, l *simLink, peer int) {
 			sr.err = errors.New("no handshake in a minute")
 			return
 		case <-time.After(time.Millisecond):
-			if l.firedAtHello(peer) {
+			// The backup sends its hello only after it received the
+			// primary's: a primary (peer 1) has no handshake if either
+			// hello was lost, a backup if the primary's was.
+			if l.firedAtHello(0) || peer == 1 && l.firedAtHello(1) {
 				sr.err = errNoHandshake
 				return
 			}
@@ -396,7 +418,14 @@ func (s *sim) checkSeams(chain ...*simReplica) {
 			s.fail("%s repeated %d bytes of output and announced %d as uncertain", sr.name, repeated, sr.uncertain)
 		}
 	}
-	last := chain[len(chain)-1]
+	// The guest's end is that of the last replica that took over (a
+	// backup told of the end by the goodbye stops where it is).
+	last := chain[0]
+	for _, sr := range chain[1:] {
+		if sr.promoted {
+			last = sr
+		}
+	}
 	if last.ended() && uint64(len(merged)) != last.m.regs.rsi {
 		s.fail("%s ended the guest, which produced %d outputs; %d were performed", last.name, last.m.regs.rsi, len(merged))
 	}
@@ -420,14 +449,26 @@ func (s *sim) checkDeliveries(p, b *simReplica, from int) {
 			break
 		}
 	}
+	// p ended an epoch and died (or was fenced) before it delivered its
+	// events: b delivers those of one epoch end (one position) that p
+	// never did.
+	oneEnd := func(rest []delivery) bool {
+		for _, d := range rest {
+			if d.pos != rest[0].pos {
+				return false
+			}
+		}
+		return !p.ended()
+	}
 	if start < 0 {
-		s.fail("%s's delivery %d %+v is none of %s's", b.name, from, fromLog[0], p.name)
+		if !oneEnd(fromLog) {
+			s.fail("%s's delivery %d %+v is none of %s's", b.name, from, fromLog[0], p.name)
+		}
+		return
 	}
 	for i, d := range fromLog {
 		if start+i >= len(p.m.delivered) {
-			// p ended the epoch and died (or was fenced) before it
-			// delivered: the events of one epoch end at most.
-			if p.ended() || len(fromLog)-i > 2 {
+			if !oneEnd(fromLog[i:]) {
 				s.fail("%s delivered %d events from the log that %s never delivered", b.name, len(fromLog)-i, p.name)
 			}
 			return
@@ -483,18 +524,25 @@ func (s *sim) typeInput(p *simReplica) {
 
 // ---- The scenarios ----
 
-// simStride is the stride over message indices under -race (raceEnabled):
-// the race detector slows every run several times, and every index is
-// covered without it.
-func simStride(t *testing.T, total int) int {
-	if testing.Short() {
-		return max(1, total/8)
+// simStride is the stride over message indices. Every index (1) is run
+// for the scenario marked every, without -race; the others, and every
+// scenario under -race (which slows each run several times) or -short,
+// run about simSamples indices spread over the range.
+func simStride(total int, every bool) int {
+	if every && !raceEnabled && !testing.Short() {
+		return 1
 	}
-	if raceEnabled {
-		return max(1, total/24)
+	n := simSamples
+	if raceEnabled || testing.Short() {
+		n = simSamplesRace
 	}
-	return 1
+	return max(1, total/n)
 }
+
+const (
+	simSamples     = 40
+	simSamplesRace = 12
+)
 
 // A run without faults: the backup follows the primary to the end and
 // stops with the guest's status; nothing diverges; the backup performs
@@ -553,7 +601,7 @@ func catch(t testing.TB, what string, s *sim) {
 
 // simParallel runs at once: a run mostly waits (for its guest's timer,
 // its peer's acknowledgements, a timeout), so several share the cores.
-const simParallel = 6
+const simParallel = 4
 
 // forIndices calls run(k) for k = 1, 1+stride, ... up to total, on
 // simParallel goroutines, and stops starting runs after a failure.
@@ -569,7 +617,11 @@ func forIndices(t *testing.T, total, stride int, run func(k int)) {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
+			t0 := time.Now()
 			run(k)
+			if d := time.Since(t0); d > 2*time.Second && os.Getenv("SIMSLOW") != "" {
+				t.Logf("index %d took %v", k, d)
+			}
 		}()
 	}
 	wg.Wait()

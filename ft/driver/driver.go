@@ -349,7 +349,9 @@ func (r *Replica) Halt(p vmm.Point, t vmm.Target) error {
 			return nil
 		case err != nil:
 			return err
-		case a.Kind == ft.ActYield || t.Pending():
+		case a.Kind == ft.ActYield || t.Pending() || r.last != p:
+			// (r.last != p: an install replaced the machine's state,
+			// which need not be halted: the machine goes on from it.)
 			return nil
 		}
 		// Nothing woke the guest: offer the point again, but let the

@@ -250,13 +250,18 @@ type discard struct{}
 
 func (discard) Write(p []byte) (int, error) { return len(p), nil }
 
-// kill is kill -9: from now on the replica performs and sends nothing
-// and its guest stops.
-func (s *sim) kill(sr *simReplica) {
+// die is kill -9: from now on the replica performs and sends nothing,
+// its guest stops, and it makes no claims.
+
+func (s *sim) die(sr *simReplica) {
 	sr.mu.Lock()
 	sr.dead = true
 	sr.mu.Unlock()
 	sr.m.killed.Store(true)
+}
+
+// stop tells a dead replica's vCPU to stop.
+func (s *sim) stop(sr *simReplica) {
 	sr.r.Quit()
 	// Its goroutines go on until its Run returned (wait closes it): a
 	// replica closed while Run waits for its last outputs' acks would
@@ -268,12 +273,13 @@ func (s *sim) kill(sr *simReplica) {
 // handshake succeeded (as ftkvm primary does), the backup once it has a
 // primary.
 func (s *sim) pair(a, b *simReplica, fault *simFault) *simLink {
-	l := s.newSimLink(fault, func(side int) { s.kill([2]*simReplica{a, b}[side]) })
+	ends := [2]*simReplica{a, b}
+	l := s.newSimLink(fault, func(side int) { s.die(ends[side]) }, func(side int) { s.stop(ends[side]) })
 	s.links = append(s.links, l)
 	ln := newSimListener(l.end(1))
 	s.cleanup = append(s.cleanup, func() { ln.Close() })
 	go b.r.Serve(ln)
-	if !a.attached {
+	if !a.ran {
 		// As ftkvm primary: attach, connect, run after the handshake.
 		if err := a.r.Attach(a.m); err != nil {
 			s.fail("%v", err)

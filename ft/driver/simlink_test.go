@@ -21,10 +21,11 @@ type simLink struct {
 	count  [2]int          // frames written by each side
 	types  [2][]wire.Type  // their types, for failure reports
 	fault  *simFault
-	fired  chan struct{} // closed when the fault fires
-	dead   [2]bool       // that side's writes vanish; writes to it too
-	silent bool          // the fault is not seen as a closed connection
-	kill   func(side int)
+	fired  chan struct{}  // closed when the fault fires
+	dead   [2]bool        // that side's writes vanish; writes to it too
+	silent bool           // the fault is not seen as a closed connection
+	die    func(side int) // kill -9's instant: under mu
+	stop   func(side int) // the rest: its vCPU told to stop
 }
 
 type faultKind int
@@ -65,7 +66,7 @@ func (f *simFault) String() string {
 
 var errSimClosed = errors.New("sim: connection closed by a fault")
 
-func (s *sim) newSimLink(fault *simFault, kill func(side int)) *simLink {
+func (s *sim) newSimLink(fault *simFault, die, stop func(side int)) *simLink {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		s.fail("%v", err)
@@ -85,7 +86,7 @@ func (s *sim) newSimLink(fault *simFault, kill func(side int)) *simLink {
 	if err := <-dialed; err != nil {
 		s.fail("%v", err)
 	}
-	sl := &simLink{tcp: [2]*net.TCPConn{a.(*net.TCPConn), b.(*net.TCPConn)}, fault: fault, fired: make(chan struct{}), kill: kill}
+	sl := &simLink{tcp: [2]*net.TCPConn{a.(*net.TCPConn), b.(*net.TCPConn)}, fault: fault, fired: make(chan struct{}), die: die, stop: stop}
 	for _, c := range sl.tcp {
 		_ = c.SetNoDelay(true)
 	}
@@ -162,12 +163,16 @@ func (e *simEnd) Write(p []byte) (int, error) {
 			close(l.fired)
 			switch f.kind {
 			case killSender:
+				// Dead before the peer can see it: a replica that learns
+				// of the end from the peer must find the killed one
+				// unable to act (claim, perform).
 				l.dead[e.side] = true
+				l.die(e.side)
 				if !f.silent {
 					_ = e.c.CloseWrite()
 				}
 				l.mu.Unlock()
-				l.kill(e.side)
+				l.stop(e.side)
 				return len(p), nil
 			case cutLink:
 				if !f.silent {

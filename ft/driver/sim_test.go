@@ -252,7 +252,6 @@ func (discard) Write(p []byte) (int, error) { return len(p), nil }
 
 // die is kill -9: from now on the replica performs and sends nothing,
 // its guest stops, and it makes no claims.
-
 func (s *sim) die(sr *simReplica) {
 	sr.mu.Lock()
 	sr.dead = true

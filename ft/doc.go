@@ -9,8 +9,8 @@
 // timestamps the driver passes in. A thin driver connects a Node to a TCP
 // link (package ft/wire frames the messages) and to the vCPU loop through
 // vmm.Environment. The tests drive nodes directly: paper_test.go has one
-// test per rule, sim_test.go a simulation that kills the primary at every
-// message.
+// test per rule. ft/driver/sim_test.go runs the real driver with a fake
+// guest and kills either replica or cuts the link at every message.
 //
 // # Positions and epochs
 //

@@ -346,6 +346,10 @@ func (m *Machine) StopReason() string { return m.stopReason }
 // MemSize is the guest memory size in bytes.
 func (m *Machine) MemSize() uint64 { return m.mem.Size() }
 
+// Steps is Stats.Steps: guest instructions retired under the step clock.
+// vCPU thread only.
+func (m *Machine) Steps() uint64 { return m.Stats.Steps }
+
 // consoleCounter counts the bytes the guest writes to its console.
 type consoleCounter struct {
 	w io.Writer

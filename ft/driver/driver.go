@@ -75,7 +75,7 @@ type Replica struct {
 	cond *sync.Cond // broadcast after every call into the node
 	node *ft.Node
 
-	m     *vmm.Machine
+	m     Machine
 	kick  func()
 	start time.Time // the driver's clock: ns since New
 
@@ -193,7 +193,7 @@ func (r *Replica) vnow() int64 { return r.vbase.Load() + r.clock() }
 // lock: at an epoch end, with the lock held, the driver's ticker could not
 // send heartbeats while a large memory is hashed, and the peer would time
 // out.
-func (r *Replica) Attach(m *vmm.Machine) error {
+func (r *Replica) Attach(m Machine) error {
 	if err := m.EnableDirtyLog(); err != nil {
 		return err
 	}
@@ -224,7 +224,7 @@ func (c consoleOut) Write(p []byte) (int, error) {
 	r := c.r
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.finished || r.fatal != nil {
+	if r.finished || r.fatal != nil || r.quit.Load() { // a quit may have cut a call short
 		return len(p), nil
 	}
 	a := r.node.Output(r.handling(), wire.KindConsole, p)
@@ -277,7 +277,7 @@ func (r *Replica) Now() int64 {
 		return 0
 	}
 	live := max(r.vnow(), r.lastRead)
-	if r.finished || r.fatal != nil {
+	if r.finished || r.fatal != nil || r.quit.Load() { // a quit may have cut a call short
 		return live
 	}
 	a := r.node.Read(r.handling(), wire.KindClock, uint64(live))
@@ -362,7 +362,9 @@ func (r *Replica) Halt(p vmm.Point, t vmm.Target) error {
 			return nil
 		case err != nil:
 			return err
-		case a.Kind == ft.ActYield || t.Pending():
+		case a.Kind == ft.ActYield || t.Pending() || r.last != p:
+			// (r.last != p: an install replaced the machine's state,
+			// which need not be halted: the machine goes on from it.)
 			return nil
 		}
 		// Nothing woke the guest: offer the point again, but let the
@@ -395,7 +397,7 @@ func (r *Replica) RestoreState(s *snapshot.Env) {
 func (r *Replica) point(p vmm.Point, t vmm.Target) ft.Point {
 	pt := ft.Point{Pos: ft.Position{Exits: p.Exits, Instr: p.Instrs}, Kick: p.Kind == vmm.PointKick, Now: r.clock(), RxSpace: t.RxSpace()}
 	if r.exact() {
-		pt.Instructions = r.m.Stats.Steps
+		pt.Instructions = r.m.Steps()
 	}
 	return pt
 }
@@ -947,7 +949,7 @@ func (r *Replica) Run() (int, error) {
 		// performing anything, so a primary dying between its goodbye and
 		// its last outputs would lose them.
 		for r.node.Role() == ft.RolePrimary && r.fatal == nil && !r.node.Status().Fenced &&
-			(r.node.Status().Held > 0 || len(r.perfQ) > 0 || r.perfBusy) {
+			!r.quit.Load() && (r.node.Status().Held > 0 || len(r.perfQ) > 0 || r.perfBusy) {
 			r.cond.Wait()
 		}
 		r.node.Tick(r.clock()) // sends the confirmation (Performed) now

@@ -689,7 +689,7 @@ func TestFailoverReplaysLogThenGoesLive(t *testing.T) {
 func TestFailoverRedoesUnconfirmedOutputs(t *testing.T) {
 	_, b := pair(t, OutputCommit, false)
 	out := func(seq, pos uint64, done uint64, s string) wire.Output {
-		return wire.Output{Seq: seq, Epoch: 1, Pos: at(pos), OutSeq: seq, Done: done, Kind: wire.KindConsole, Data: []byte(s)}
+		return wire.Output{Seq: seq, Epoch: 1, Pos: at(pos), OutSeq: seq, Done: done, Kind: wire.KindConsole, Offset: seq - 1, Data: []byte(s)}
 	}
 	b.step(out(1, 2, 0, "a"), out(2, 3, 0, "b"), out(3, 4, 1, "c"), out(4, 5, 1, "d"), out(5, 6, 1, "e"))
 	for i, s := range []string{"a", "b", "c"} {
@@ -776,7 +776,8 @@ func TestHandshakeRefusals(t *testing.T) {
 		text   string
 	}{
 		{"protocol version 1", func(h *wire.Hello) { h.Version = 1 }, wire.RefuseVersion, "protocol version 1"},
-		{"a later protocol version", func(h *wire.Hello) { h.Version, h.Rest = 3, []byte("later fields") }, wire.RefuseVersion, "protocol version 3"},
+		{"a later protocol version", func(h *wire.Hello) { h.Version, h.Rest = ProtocolVersion+1, []byte("later fields") }, wire.RefuseVersion,
+			fmt.Sprintf("protocol version %d", ProtocolVersion+1)},
 		{"witness on one side", func(h *wire.Hello) { h.Witness[0] = 0xee }, wire.RefuseWitness, "different witness: none here"},
 		{"kernel", func(h *wire.Hello) { h.Kernel[0] = 0xee }, wire.RefuseKernel, "different kernel"},
 		{"initrd", func(h *wire.Hello) { h.Initrd[0] = 0xee }, wire.RefuseInitrd, "different initrd"},

@@ -628,6 +628,16 @@ func (s *sim) checkSeams(chain ...*simReplica) {
 		}
 		first := b.performed[0].Seq
 		s.checkContiguous(b, first)
+		// The guest's outputs are one byte each: output n is byte n-1 of
+		// the console stream, and the seam is the confirmed count.
+		for _, o := range b.performed {
+			if o.Offset != o.Seq-1 {
+				s.fail("%s performed output %d at console byte %d, want %d", b.name, o.Seq, o.Offset, o.Seq-1)
+			}
+		}
+		if st := b.n.Status(); b.promoted && st.Seam != b.confirmedAtPromote {
+			s.fail("%s's seam is at console byte %d; it had confirmations up to output %d", b.name, st.Seam, b.confirmedAtPromote)
+		}
 		if first != b.confirmedAtPromote+1 {
 			s.fail("%s's first output is %d; it had confirmations up to %d", b.name, first, b.confirmedAtPromote)
 		}

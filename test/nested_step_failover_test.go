@@ -209,7 +209,7 @@ func TestNestedStepClockFailoverDrills(t *testing.T) {
 					if b.status != 0 {
 						t.Fatalf("the backup exited with status %d", b.status)
 					}
-					out, _ := mergeSeam(p.stdout, b)
+					out, _ := mergeSeam(t, p.stdout, b)
 					w.checkComplete(t, out)
 				})
 			}

@@ -150,6 +150,13 @@ func TestReplicaReprotect(t *testing.T) {
 	if st.Replica == nil || st.Replica.Role != "primary" || !st.Replica.Protected || st.Replica.Promotions != 1 {
 		t.Fatalf("status after re-protection: %+v", st.Replica)
 	}
+	// ctl status says where the promoted backup's console continues the
+	// dead primary's, as its takeover line did.
+	if seam, uncertain, ok := seamOf(b1.stderr()); !ok || st.Replica.Seam != uint64(seam) || st.Replica.SeamUncertain != uint64(uncertain) ||
+		st.Replica.ConsoleBytes < st.Replica.Seam {
+		t.Fatalf("status seam %d (%d uncertain, console %d bytes); the takeover line says %d (%d uncertain)",
+			st.Replica.Seam, st.Replica.SeamUncertain, st.Replica.ConsoleBytes, seam, uncertain)
+	}
 	// The full state is sent; wait until the new backup acknowledged it
 	// (a backup killed before holding the whole state has nothing to take
 	// over, which TestJoiningBackupPromotesWithReceivedState covers).

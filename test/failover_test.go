@@ -250,6 +250,12 @@ func TestFailoverDrills(t *testing.T) {
 					pr.primary.kill()
 				}
 				bres := pr.backup.wait()
+				if pe := pr.primary.stderr(); strings.Contains(pe, "backup lost") {
+					// The pair split before the kill (a replica heard
+					// nothing from its peer for --timeout): each side
+					// ran the guest alone, and their consoles do not join.
+					t.Fatalf("moment %d: the primary lost its backup before the kill\nprimary stderr:\n%s\nbackup stderr:\n%s", i, pe, bres.stderr)
+				}
 				out, k := mergeSeam(t, pr.primary.stdout(), bres)
 				switch {
 				case strings.Contains(bres.stderr, "taking over"):

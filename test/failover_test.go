@@ -128,10 +128,13 @@ func mergeSeam(t testing.TB, p string, b result) (string, int) {
 	return out, rep
 }
 
-// lateKill reports whether a kill came after the guest's end: the backup
-// got the primary's goodbye and took nothing over.
-func lateKill(b result) bool {
-	return strings.Contains(b.stderr, "ended on the primary") && !strings.Contains(b.stderr, "taking over")
+// lateKill reports whether a kill came after the guest's end: the
+// primary's console shows the workload's end (pass), and the backup got
+// the primary's goodbye and took nothing over. A guest that ended early
+// is no late kill.
+func lateKill(pstdout string, b result) bool {
+	return strings.HasSuffix(pstdout, "testos: PASS\n") &&
+		strings.Contains(b.stderr, "ended on the primary") && !strings.Contains(b.stderr, "taking over")
 }
 
 // killAfterLine starts a pair (start), kills its primary once its console
@@ -151,7 +154,7 @@ func killAfterLine(t *testing.T, start func() (p, b *proc), k int) (pres, bres r
 			// drill, and two consoles that do not join.
 			t.Fatalf("the primary lost its backup before the kill\nprimary stderr:\n%s\nbackup stderr:\n%s", pres.stderr, bres.stderr)
 		}
-		if !lateKill(bres) {
+		if !lateKill(pres.stdout, bres) {
 			return pres, bres
 		}
 		if try == killRetries {
@@ -260,7 +263,7 @@ func TestFailoverDrills(t *testing.T) {
 				switch {
 				case strings.Contains(bres.stderr, "taking over"):
 					failovers++
-				case lateKill(bres):
+				case lateKill(pr.primary.stdout(), bres):
 					late++
 				default:
 					t.Fatalf("moment %d: the backup neither took over nor saw the guest end on the primary\nbackup stderr:\n%s", i, bres.stderr)

@@ -132,10 +132,12 @@ d=%[10]d
 try=0
 while :; do
 	round $k $d
-	# Too late: the backup got the guest's end from the primary and took
-	# nothing over. Again, earlier.
-	if grep -q 'ended on the primary' b.err && ! grep -q 'taking over' b.err && [ $try -lt %[11]d ]; then
+	# Too late: the primary's console shows the workload's end, and the
+	# backup got it from the primary and took nothing over. Again,
+	# earlier. (A guest that ended early is no late kill.)
+	if has p.out '%[12]s status=0' && grep -q 'ended on the primary' b.err && ! grep -q 'taking over' b.err && [ $try -lt %[11]d ]; then
 		echo "@@@ late: the kill after line $k (+$d us) came after the guest's end"
+		for f in p.err b.err; do cp $f late$try.$f; done
 		try=$((try + 1))
 		k=$((k / 2))
 		[ $k -lt 1 ] && k=1
@@ -146,9 +148,10 @@ while :; do
 done
 echo "@@@ killed after line $k"
 for f in p.out b.out; do showx $f; done
-for f in p.err b.err; do show $f; done
+for f in p.err b.err late*.err; do [ -e $f ] && show $f; done
 `, l1FTKVM, nestedFailoverPeerTimeout, nested.GuestVmlinux, nested.GuestInitramfs,
-		nestedFailoverLines, nestedFailoverSpin, nestedFailoverAddr, nestedFailoverEpoch, killAt, delayUS, nestedFailoverRetries)
+		nestedFailoverLines, nestedFailoverSpin, nestedFailoverAddr, nestedFailoverEpoch, killAt, delayUS, nestedFailoverRetries,
+		imagelib.GuestDoneMarker)
 }
 
 // nestedFailoverOutput is the parsed output of nestedFailoverScript.
@@ -293,9 +296,16 @@ func TestNestedFailover(t *testing.T) {
 	ut := o.times
 	t.Logf("L1 uptime: primary's line 1 %.1fs after it started, line %d seen and the primary killed %.1fs after it started, backup exited %.1fs after the kill",
 		ut["line1"]-ut["start"], killAt, ut["kill"]-ut["start"], ut["end"]-ut["kill"])
-	for _, f := range []string{"p.err", "b.err"} {
+	lates := []string{"p.err", "b.err"}
+	for f := range o.files {
+		if strings.HasPrefix(f, "late") {
+			lates = append(lates, f) // a round whose kill came after the guest's end
+		}
+	}
+	for _, f := range lates {
 		for _, l := range strings.Split(o.files[f], "\n") {
-			if strings.Contains(l, "replica stopped") || strings.Contains(l, "DIVERGENCE") || strings.Contains(l, "repaired") {
+			if strings.Contains(l, "replica stopped") || strings.Contains(l, "DIVERGENCE") || strings.Contains(l, "repaired") ||
+				strings.Contains(l, "ended on the primary") {
 				t.Logf("%s: %s", f, l)
 			}
 		}

@@ -292,7 +292,7 @@ func TestReplicaNetns(t *testing.T) {
 		// The peer timeout as in the host drills (replicaArgs): a
 		// replica stalled for 100 ms on a loaded machine must not make
 		// the pair split before the kill.
-		p, res := killAfterLine(t, func() (p, b *proc) { return startNS("--timeout", "1s") }, 10)
+		p, res := killAfterLine(t, func() (p, b *proc) { return startNS("--timeout", drillPeerTimeout) }, 10)
 		out, _ := mergeSeam(t, p.stdout, res)
 		if res.status != 0 || !strings.Contains(res.stderr, "taking over") {
 			t.Fatalf("backup: status %d\n%s", res.status, res.stderr)
@@ -376,7 +376,7 @@ func TestReplicaNetns(t *testing.T) {
 	})
 
 	t.Run("failover with a witness", func(t *testing.T) {
-		p, res := killAfterLine(t, func() (p, b *proc) { return startNS("--witness", witnessAddr, "--timeout", "1s") }, 10)
+		p, res := killAfterLine(t, func() (p, b *proc) { return startNS("--witness", witnessAddr, "--timeout", drillPeerTimeout) }, 10)
 		out, _ := mergeSeam(t, p.stdout, res)
 		if res.status != 0 || !strings.Contains(res.stderr, "the witness chose this replica") || !strings.Contains(res.stderr, "taking over") {
 			t.Fatalf("backup: status %d\n%s", res.status, res.stderr)

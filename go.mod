@@ -13,6 +13,7 @@ require (
 
 require (
 	github.com/u-root/u-root v0.15.0
+	github.com/vishvananda/netlink v1.3.1
 	gonum.org/v1/plot v0.17.0
 )
 
@@ -28,6 +29,7 @@ require (
 	github.com/pierrec/lz4/v4 v4.1.22 // indirect
 	github.com/rivo/uniseg v0.4.7 // indirect
 	github.com/u-root/uio v0.0.0-20240224005618-d2acac8f3701 // indirect
+	github.com/vishvananda/netns v0.0.5 // indirect
 	golang.org/x/image v0.30.0 // indirect
 	golang.org/x/text v0.28.0 // indirect
 )

@@ -1,6 +1,6 @@
 // Package ft is ftkvm's replica-coordination protocol: Bressoud and
 // Schneider's hypervisor-based fault tolerance (ACM TOCS 14(1), 1996,
-// section 3), adapted to KVM as issue 5 describes, with what VMware FT,
+// section 3), adapted to KVM, with what VMware FT,
 // Remus and COLO learned (output commit, checkpoints, re-protection).
 //
 // It is a pure state machine in the manner of etcd's raft package: calls
@@ -15,8 +15,8 @@
 // # Positions and epochs
 //
 // A Position is (guest-caused exits since boot, instructions since the
-// last exit); the exit clock of issue 5 keeps the second at zero, the
-// exact clocks of issue 6 will set it. Point N is the moment after exit N
+// last exit); the exit clock keeps the second at zero, the exact clocks
+// (the step clock, vmm/step.go) set it. Point N is the moment after exit N
 // was handled, when vmm offers it (Environment.At). Environment reads and
 // outputs made while exit N is handled are at position N: they come before
 // point N. Kick points (vmm.PointKick) are host-timed: never a boundary.
@@ -149,12 +149,35 @@
 // (Hello.Witness, compared). An unreachable witness leaves the guest
 // waiting: availability is given up rather than consistency.
 //
+// # Handshake
+//
+// Each side sends a Hello when the link is up; the peer's decides. It is
+// refused (Refuse, with the reason, and the link closed) unless both run
+// the same protocol version and guest (kernel, initrd and command line by
+// SHA-256, memory size, epoch clock), name the same witness, and agree on
+// what of the host decides where delivery points fall. Those settings are
+// the primary's to decide, once; a backup adopts them or refuses:
+//   - Interrupt windows (Hello.Windows): the primary says whether its
+//     machine requests them; a backup says whether its KVM opens them at
+//     points the guest's execution defines (native ring 0). A primary
+//     that uses windows and a backup that cannot place them refuse each
+//     other; otherwise the backup's machine uses the primary's choice.
+//     Two replicas that each measured for themselves could count
+//     different exits.
+//   - The CPU (Hello.CPU, the CPUID table's SHA-256): compared, except
+//     for a backup joining a running guest, which installs the primary's
+//     CPUID with its state.
+//
+// The backup's driver asks Admits before a connection becomes the link,
+// so only a peer that would pass these checks is ever its primary.
+//
 // # Messages (package ft/wire)
 //
 //	Hello              both, first: version, role, policy, clock, verify,
 //	                   started, memory size, wall clock, kernel/initrd/
 //	                   command-line hashes; from version 2 the replica's
-//	                   instance and the witness's hash
+//	                   instance and the witness's hash; from version 3
+//	                   interrupt windows and the CPUID hash
 //	Refuse             a refused handshake, or a protocol error: reason, text
 //	Record      (log)  P0: seq, epoch, position, kind, value
 //	EpochEnd    (log)  P2: seq, epoch, position, halt, events, hash
@@ -214,6 +237,12 @@
 //     a byte typed: KindUART); Step each decoded message; Disconnected on
 //     EOF, a reset or a decoding error; Connected when a link is up (one
 //     at a time; refuse others with Refuse{RefuseBusy}).
+//   - A backup's accepted connection is a stranger until its first frame
+//     is a Hello that Admits accepts: only then Connected and Step(hello).
+//     A stranger (no hello in time, bytes that are not a frame, another
+//     message, an oversized frame, a hello the node refuses) gets a
+//     Refuse where the protocol allows and is closed; the backup goes on
+//     listening. Its going away is therefore never a lost primary.
 //   - Ready: send Messages in order on the link; Kick: call the kick
 //     function; Close: close the link after sending; Notes: log them.
 //   - Start the primary's guest only after the handshake (or with no

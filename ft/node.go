@@ -174,7 +174,7 @@ func NewNode(cfg Config) *Node {
 	g := cfg.Guest
 	n.self = wire.Hello{Version: ProtocolVersion, Policy: cfg.Policy, Clock: g.Clock, Verify: cfg.Verify,
 		MemSize: g.MemSize, WallClock: g.WallClock, Kernel: g.Kernel, Initrd: g.Initrd, Cmdline: g.Cmdline,
-		Instance: cfg.Instance, Witness: cfg.Witness}
+		Instance: cfg.Instance, Witness: cfg.Witness, Windows: g.Windows, CPU: g.CPU}
 	return n
 }
 
@@ -585,6 +585,22 @@ func (n *Node) stepHello(h wire.Hello) {
 	}
 }
 
+// Admits reports whether a peer whose Hello is h could complete the
+// handshake with this node now, and if not, the refusal's reason. The
+// backup's driver asks it of every connection before it makes one its
+// link (Connected, then Step with h): a stranger (a port scanner, a
+// health check, a foreign guest's primary) never becomes the peer, so its
+// going away is no loss of a primary.
+func (n *Node) Admits(h wire.Hello) (wire.RefuseReason, error) {
+	switch {
+	case n.link != linkDown:
+		return wire.RefuseBusy, errors.New("a link is up already")
+	case n.failed != nil:
+		return wire.RefuseBusy, fmt.Errorf("this replica has stopped: %v", n.failed)
+	}
+	return n.compatible(h)
+}
+
 // compatible reports why the peer cannot be our partner, if it cannot.
 func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
 	s := n.self
@@ -618,6 +634,12 @@ func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
 			return "sha256 " + short(d)
 		}
 		return wire.RefuseWitness, fmt.Errorf("different witness: %s here, %s on the peer (both need the same --witness)", name(s.Witness), name(h.Witness))
+	case n.role == RoleBackup && h.Windows && !s.Windows:
+		return wire.RefuseWindows, fmt.Errorf("the primary requests interrupt windows, which this backup's KVM does not open at points the guest defines (guest ring 0 is emulated here); run the primary with --interrupt-windows off, or the backup on a host like the primary's")
+	case n.role == RolePrimary && s.Windows && !h.Windows:
+		return wire.RefuseWindows, fmt.Errorf("this primary requests interrupt windows, which the backup's KVM does not open at points the guest defines (guest ring 0 is emulated there); run the primary with --interrupt-windows off, or the backup on a host like the primary's")
+	case h.CPU != s.CPU && !(n.role == RoleBackup && h.Started) && !(n.role == RolePrimary && n.started):
+		return wire.RefuseCPU, fmt.Errorf("the guest would see a different CPU: CPUID sha256 %s here, %s on the peer (replicas need the same CPU model and KVM)", short(s.CPU), short(h.CPU))
 	case s.Witness != (Digest{}) && (h.Instance == (Digest{}) || h.Instance == s.Instance):
 		return wire.RefuseWitness, fmt.Errorf("the peer's instance name is %s: the pair cannot be named at the witness", name0(h.Instance))
 	}

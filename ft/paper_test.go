@@ -11,10 +11,10 @@ import (
 // One test per rule of the protocol, in the manner of etcd's
 // raft_paper_test.go. References are to Bressoud & Schneider,
 // "Hypervisor-based fault tolerance", ACM TOCS 14(1), 1996, section 3, and
-// to issue 5's adapted wording, quoted.
+// to the adapted wording of ft/doc.go.
 
 // Reference: Bressoud & Schneider, section 3, rule P0.
-// Issue 5: "P0, primary: an environment instruction's result is sent to
+// Rule P0 (ft/doc.go): "P0, primary: an environment instruction's result is sent to
 // the backup as [epoch, position, kind, value]."
 func TestP0PrimarySendsEnvironmentReads(t *testing.T) {
 	p, _ := pair(t, OutputCommit, false)
@@ -36,7 +36,7 @@ func TestP0PrimarySendsEnvironmentReads(t *testing.T) {
 }
 
 // Reference: Bressoud & Schneider, section 3, rule P1.
-// Issue 5: "P1, primary: an asynchronous event (PIT tick, UART byte) is
+// Rule P1 (ft/doc.go): "P1, primary: an asynchronous event (PIT tick, UART byte) is
 // buffered." It is never delivered in the middle of an epoch.
 func TestP1PrimaryBuffersAsyncEvents(t *testing.T) {
 	p, _ := pair(t, OutputCommit, false)
@@ -54,7 +54,7 @@ func TestP1PrimaryBuffersAsyncEvents(t *testing.T) {
 }
 
 // Reference: Bressoud & Schneider, section 3, rule P2.
-// Issue 5: "P2, primary: at the end of the epoch it sends the buffered
+// Rule P2 (ft/doc.go): "P2, primary: at the end of the epoch it sends the buffered
 // events, waits for the ack as the policy requires, delivers them, and
 // starts the next epoch." and "The primary ends an epoch at the first such
 // exit after its epoch length has passed."
@@ -92,7 +92,7 @@ func TestP2EpochEndsAtFirstExitAfterLength(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, epoch boundaries: "... or at once at HLT when events
+// Rule (ft/doc.go, epoch boundaries): "... or at once at HLT when events
 // are pending." With nothing to deliver the halted primary waits.
 func TestP2HaltEndsEpochAtOnce(t *testing.T) {
 	p, _ := pair(t, OutputCommit, false)
@@ -109,7 +109,7 @@ func TestP2HaltEndsEpochAtOnce(t *testing.T) {
 		wire.EpochEnd{Seq: 1, Epoch: 1, Pos: at(3), Halt: true, Events: []Event{timer(30)}})
 }
 
-// Reference: issue 5 leaves the epoch length's unit to us; ft/doc.go: "An
+// Rule (ft/doc.go, epochs): "An
 // epoch with nothing to deliver is not ended", except in verify mode,
 // where every epoch end compares the replicas' states.
 func TestP2EmptyEpochIsNotEnded(t *testing.T) {
@@ -170,7 +170,7 @@ func TestP1TimerEventsCoalesce(t *testing.T) {
 }
 
 // Reference: Bressoud & Schneider, section 3, rule P3.
-// Issue 5: "P3, backup: at an environment instruction it takes the value
+// Rule P3 (ft/doc.go): "P3, backup: at an environment instruction it takes the value
 // from the log, waiting if it has not arrived."
 func TestP3BackupTakesValueFromLog(t *testing.T) {
 	p, b := pair(t, OutputCommit, false)
@@ -186,7 +186,7 @@ func TestP3BackupTakesValueFromLog(t *testing.T) {
 	wantMsgs(t, "ack", b.drain(), wire.Ack{Seq: 1})
 }
 
-// Reference: issue 5, P3: "It verifies that position and kind match. A
+// Rule P3 (ft/doc.go): "It verifies that position and kind match. A
 // mismatch is a divergence." It is loud (a note, a count) and repaired
 // from the primary's state.
 func TestP3MismatchIsDivergence(t *testing.T) {
@@ -227,7 +227,7 @@ func TestP3MismatchIsDivergence(t *testing.T) {
 }
 
 // Reference: Bressoud & Schneider, section 3, rule P4.
-// Issue 5: "P4, backup: it ignores its own asynchronous events."
+// Rule P4 (ft/doc.go): "P4, backup: it ignores its own asynchronous events."
 func TestP4BackupIgnoresOwnAsyncEvents(t *testing.T) {
 	_, b := pair(t, OutputCommit, false)
 	b.n.Async(timer(1))
@@ -244,7 +244,7 @@ func TestP4BackupIgnoresOwnAsyncEvents(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, P4: "It absorbs outputs (UART transmit, and every
+// Rule P4 (ft/doc.go): "It absorbs outputs (UART transmit, and every
 // later device output) instead of performing them."
 func TestP4BackupAbsorbsOutputs(t *testing.T) {
 	p, b := pair(t, OutputCommit, false)
@@ -269,7 +269,7 @@ func TestP4BackupAbsorbsOutputs(t *testing.T) {
 }
 
 // Reference: Bressoud & Schneider, section 3, rule P5.
-// Issue 5: "P5, backup: at the epoch's end it delivers the primary's events
+// Rule P5 (ft/doc.go): "P5, backup: at the epoch's end it delivers the primary's events
 // at exactly that point."
 func TestP5BackupDeliversAtEpochEnd(t *testing.T) {
 	p, b := pair(t, OutputCommit, false)
@@ -361,7 +361,7 @@ func TestP5HaltWherePrimaryWentOnIsDivergence(t *testing.T) {
 	}
 }
 
-// Reference: REPLICATION-NOTES: a kick's point "depends on host timing. It
+// Rule (ft/doc.go, epochs): a kick's point "depends on host timing. It
 // must never count toward a position, and nothing may be injected there
 // while replicating."
 func TestKickPointIsNeverABoundary(t *testing.T) {
@@ -373,7 +373,7 @@ func TestKickPointIsNeverABoundary(t *testing.T) {
 	wantAction(t, "backup exit at it", b.n.Point(pt(10, 0)), ActDeliver)
 }
 
-// Reference: issue 5, output: "strict, the paper's: the primary waits for
+// Rule (ft/doc.go, output): "strict, the paper's: the primary waits for
 // the ack of each log record before going on."
 func TestStrictWaitsForEachRecord(t *testing.T) {
 	p, b := pair(t, Strict, false)
@@ -391,7 +391,7 @@ func TestStrictWaitsForEachRecord(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, output: "output-commit, VMware FT's output rule:
+// Rule (ft/doc.go, output): "output-commit, VMware FT's output rule:
 // records stream without waiting, and the primary waits for the ack only
 // before an output leaves the machine." The guest itself does not wait:
 // the output is held until the acknowledgement covers its own record.
@@ -425,7 +425,7 @@ func TestOutputCommitStreamsAndHoldsOutput(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, output: "Outputs carry sequence numbers, and the
+// Rule (ft/doc.go, output): "Outputs carry sequence numbers, and the
 // primary tells the backup which it has performed."
 func TestPerformedConfirmations(t *testing.T) {
 	p, b := pair(t, OutputCommit, false)
@@ -448,7 +448,7 @@ func TestPerformedConfirmations(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, epoch boundaries: "After a bound (default about
+// Rule (ft/doc.go, epoch boundaries): "After a bound (default about
 // 10-20 ms), the primary kicks the vCPU and ends the epoch with an
 // incremental checkpoint instead. The backup installs it, and the buffered
 // events are delivered after it, at the same state on both sides. Count
@@ -512,7 +512,7 @@ func TestKickPointWithoutOverdueEpoch(t *testing.T) {
 	wantAction(t, "unprotected overdue kick delivers", alone.n.Point(kick(3, 13*ms)), ActDeliver)
 }
 
-// Reference: issue 5: "The backup installs it, and the buffered events are
+// Rule (ft/doc.go): "The backup installs it, and the buffered events are
 // delivered after it." Installing needs a quiescent vCPU: at an exit the
 // backup yields to a kick point first; in Halt it installs at once.
 func TestBackupInstallsCheckpointThenDelivers(t *testing.T) {
@@ -556,7 +556,7 @@ func TestBackupInstallsCheckpointThenDelivers(t *testing.T) {
 	}
 }
 
-// Reference: issue 5: "Wire format: framed, versioned, checksummed, with
+// Rule (ft/doc.go): "Wire format: framed, versioned, checksummed, with
 // heartbeats." A quiet link carries heartbeats both ways.
 func TestHeartbeatsOnAQuietLink(t *testing.T) {
 	p, b := pair(t, OutputCommit, false)
@@ -574,7 +574,7 @@ func TestHeartbeatsOnAQuietLink(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, failure: "The backup declares the primary dead when
+// Rule (ft/doc.go, failure): "The backup declares the primary dead when
 // nothing arrives within a timeout (heartbeats; default 100 ms,
 // configurable), or when the connection breaks."
 func TestBackupDeclaresPrimaryDead(t *testing.T) {
@@ -607,7 +607,7 @@ func TestBackupDeclaresPrimaryDead(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, failure: "If the backup dies, the primary continues
+// Rule (ft/doc.go, failure): "If the backup dies, the primary continues
 // unprotected, says so in its log and status, and accepts a new backup."
 // Whatever waited for the backup goes on.
 func TestPrimaryContinuesUnprotectedWhenBackupDies(t *testing.T) {
@@ -637,7 +637,7 @@ func TestPrimaryContinuesUnprotectedWhenBackupDies(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, failure: "It replays everything it received and goes
+// Rule (ft/doc.go, failure): "It replays everything it received and goes
 // live where the log ends. Environment instructions become real there.
 // ... From the next epoch on it is the primary."
 func TestFailoverReplaysLogThenGoesLive(t *testing.T) {
@@ -682,7 +682,7 @@ func TestFailoverReplaysLogThenGoesLive(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, output: "A promoted backup performs only those not
+// Rule (ft/doc.go, output): "A promoted backup performs only those not
 // confirmed. Nothing is lost, and a duplicate can only be an output whose
 // confirmation was in flight." and failure: "Outstanding device operations
 // complete with an 'uncertain' outcome".
@@ -720,7 +720,7 @@ func TestFailoverRedoesUnconfirmedOutputs(t *testing.T) {
 	}
 }
 
-// Reference: REPLICATION-NOTES, failover: "If a message arrives only in
+// Rule (ft/doc.go, failover): "If a message arrives only in
 // part, the backup ignores the incomplete record. A record is applied only
 // when its checksum verifies."
 func TestFailoverIgnoresPartialRecord(t *testing.T) {
@@ -764,7 +764,7 @@ func TestBackupWithoutStateCannotPromote(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, surface: "The handshake refuses, with a clear
+// Rule (ft/doc.go, surface): "The handshake refuses, with a clear
 // message: a different protocol version; a different kernel, initrd or
 // command line (compared by hash); a different memory size." Both sides
 // say why, and a refused backup stops.
@@ -778,6 +778,9 @@ func TestHandshakeRefusals(t *testing.T) {
 		{"protocol version 1", func(h *wire.Hello) { h.Version = 1 }, wire.RefuseVersion, "protocol version 1"},
 		{"a later protocol version", func(h *wire.Hello) { h.Version, h.Rest = ProtocolVersion+1, []byte("later fields") }, wire.RefuseVersion,
 			fmt.Sprintf("protocol version %d", ProtocolVersion+1)},
+		{"protocol version 2", func(h *wire.Hello) { h.Version = 2 }, wire.RefuseVersion, "protocol version 2"},
+		{"protocol version 3", func(h *wire.Hello) { h.Version = 3 }, wire.RefuseVersion, "protocol version 3"},
+		{"cpu", func(h *wire.Hello) { h.CPU[0] = 0xee }, wire.RefuseCPU, "different CPU"},
 		{"witness on one side", func(h *wire.Hello) { h.Witness[0] = 0xee }, wire.RefuseWitness, "different witness: none here"},
 		{"kernel", func(h *wire.Hello) { h.Kernel[0] = 0xee }, wire.RefuseKernel, "different kernel"},
 		{"initrd", func(h *wire.Hello) { h.Initrd[0] = 0xee }, wire.RefuseInitrd, "different initrd"},
@@ -837,7 +840,7 @@ func TestHandshakeGivesPeerIdentity(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, divergence: "In --verify mode the primary sends, at
+// Rule (ft/doc.go, divergence): "In --verify mode the primary sends, at
 // each epoch end, a hash of its vCPU registers and of the guest pages
 // dirtied in the epoch; the backup compares. On a mismatch, a logged
 // divergence, the backup requests a checkpoint and continues from the
@@ -910,7 +913,7 @@ func TestVerifyDivergenceDetectedAndRepaired(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, failure: "Re-protection: a fresh ftkvm backup
+// Rule (ft/doc.go, failure): "Re-protection: a fresh ftkvm backup
 // --listen ADDR --join receives the running primary's state through live
 // transfer, then replicates." After its backup died the primary accepts a
 // new one: full state at the next kick point, then the log.
@@ -995,7 +998,7 @@ func TestReprotectionAfterFailover(t *testing.T) {
 	}
 }
 
-// Reference: issue 5, surface: "When the guest ends normally on the
+// Rule (ft/doc.go, surface): "When the guest ends normally on the
 // primary, the backup exits with the same status." The primary makes sure
 // the goodbye arrived, so that the backup does not fail over instead.
 func TestGoodbyeStatus(t *testing.T) {
@@ -1174,7 +1177,7 @@ func TestBackupHearsAFrameStillArriving(t *testing.T) {
 	}
 }
 
-// Reference: issue 6 and the paper's section 3: with an exact clock the
+// Rule (ft/doc.go, positions) and the paper's section 3: with an exact clock the
 // epoch length is a number of instructions. An epoch ends at the first
 // point that many instructions after it began, whatever the time, and no
 // kick is ever asked for (every instruction is a point).
@@ -1246,5 +1249,68 @@ func TestJoiningBackupPromotesWithReceivedState(t *testing.T) {
 				t.Fatalf("installed %q", a.State)
 			}
 		})
+	}
+}
+
+// Handshake: interrupt windows are the primary's decision. A backup
+// whose host places them exactly adopts either choice (NoteLinkUp's Peer
+// carries it); one whose host cannot refuses a primary that uses them,
+// with one line on both sides, and a primary that uses them refuses it.
+func TestHandshakeWindows(t *testing.T) {
+	for _, tc := range []struct {
+		primary, backupCan bool
+		refused            bool
+	}{
+		{primary: false, backupCan: false},
+		{primary: false, backupCan: true},
+		{primary: true, backupCan: true},
+		{primary: true, backupCan: false, refused: true},
+	} {
+		t.Run(fmt.Sprintf("primary %v, backup can %v", tc.primary, tc.backupCan), func(t *testing.T) {
+			pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
+			pc.Guest.Windows, bc.Guest.Windows = tc.primary, tc.backupCan
+			p, b := newReplica(t, pc), newReplica(t, bc)
+			p.n.Connected()
+			b.n.Connected()
+			ph, bh := ofType[wire.Hello](p.drain())[0], ofType[wire.Hello](b.drain())[0]
+			p.step(bh)
+			b.step(ph)
+			pr, br := ofType[wire.Refuse](p.drain()), ofType[wire.Refuse](b.drain())
+			if !tc.refused {
+				if len(pr)+len(br) != 0 {
+					t.Fatalf("refused: %v %v", pr, br)
+				}
+				n, ok := b.hasNote(NoteLinkUp)
+				if !ok || n.Peer.Windows != tc.primary {
+					t.Fatalf("the backup did not learn the primary's choice: %v", b.notes)
+				}
+				return
+			}
+			for _, r := range [][]wire.Refuse{pr, br} {
+				if len(r) != 1 || r[0].Reason != wire.RefuseWindows || !contains(r[0].Text, "interrupt windows") {
+					t.Fatalf("refusals %v %v", pr, br)
+				}
+			}
+			if _, ok := b.hasNote(NoteLinkUp); ok {
+				t.Fatal("the backup paired")
+			}
+		})
+	}
+}
+
+// Handshake: a backup that joins a running guest installs the primary's
+// CPUID with its state, so a different CPU digest is no refusal there.
+func TestHandshakeJoinAdoptsCPU(t *testing.T) {
+	pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
+	bc.Guest.CPU[0] = 0xee
+	p, b := newReplica(t, pc), newReplica(t, bc)
+	p.n.started = true
+	p.n.Connected()
+	b.n.Connected()
+	ph, bh := ofType[wire.Hello](p.drain())[0], ofType[wire.Hello](b.drain())[0]
+	p.step(bh)
+	b.step(ph)
+	if r := append(ofType[wire.Refuse](p.drain()), ofType[wire.Refuse](b.drain())...); len(r) != 0 {
+		t.Fatalf("refused: %v", r)
 	}
 }

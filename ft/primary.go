@@ -6,7 +6,7 @@ import (
 
 // The primary's rules. References are to Bressoud & Schneider,
 // "Hypervisor-based fault tolerance", ACM TOCS 14(1), 1996, section 3, as
-// adapted by issue 5.
+// adapted to KVM (ft/doc.go).
 
 func (n *Node) primaryStep() Action {
 	switch n.op.kind {

@@ -11,8 +11,9 @@ import (
 
 // ProtocolVersion is sent in Hello; peers with another version are refused.
 // Version 2 added the pair's instances and the witness to Hello; version 3
-// the console stream's offsets to Output and Checkpoint.
-const ProtocolVersion = 3
+// the interrupt windows and the CPU digest; version 4 the console stream's
+// offsets to Output and Checkpoint.
+const ProtocolVersion = 4
 
 // The wire types the protocol speaks in, under shorter names.
 type (
@@ -40,6 +41,15 @@ type Identity struct {
 	// WallClock (Unix ns) is the primary's RTC base; the backup adopts the
 	// primary's (Note.Peer of NoteLinkUp). It is not compared.
 	WallClock int64
+	// Windows: on a primary, its machine requests interrupt windows; on a
+	// backup, its host places them exactly, so it can follow a primary
+	// that uses them (and adopts the primary's choice: Note.Peer). The
+	// primary decides; a backup that cannot follow refuses.
+	Windows bool
+	// CPU: SHA-256 of the guest's CPUID table (vmm.HostTraits). Compared,
+	// except for a backup that joins a running guest: it installs the
+	// primary's CPUID with its state.
+	CPU Digest
 }
 
 // Config configures a Node. Durations are compared with the timestamps

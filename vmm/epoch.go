@@ -17,7 +17,7 @@ type EpochClock uint8
 const (
 	// EpochExit counts guest-caused exits; Point.Instrs is always 0. The
 	// guest runs at full speed, but an instruction that reads the host
-	// without exiting (RDTSC) is invisible to ftkvm (REPLICATION-NOTES).
+	// without exiting (RDTSC) is invisible to ftkvm (docs/KVM-HOSTS.md).
 	EpochExit EpochClock = iota
 	// EpochStep single-steps every guest instruction (KVM_GUESTDBG_SINGLESTEP):
 	// positions are (exits, instructions since the last exit), every

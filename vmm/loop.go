@@ -280,7 +280,7 @@ func (m *Machine) exitError(reason kvm.ExitReason) error {
 		return fmt.Errorf("%w: shutdown (triple fault) at rip %#x", ErrGuest, rip)
 	case kvm.ExitInternalError:
 		ie := m.run.InternalError()
-		return fmt.Errorf("%w: KVM internal error, suberror %d, at rip %#x (this host's ring-0 emulator rejects some instructions; see README)",
+		return fmt.Errorf("%w: KVM internal error, suberror %d, at rip %#x (a KVM that emulates guest ring 0, such as kvm_pvm, rejects some instructions; see docs/KVM-HOSTS.md)",
 			ErrGuest, ie.Suberror, rip)
 	case kvm.ExitFailEntry:
 		fe := m.run.FailEntry()

@@ -34,6 +34,10 @@ type Config struct {
 	// (epoch.go): EpochExit (the zero value) counts guest-caused exits,
 	// EpochStep single-steps every instruction.
 	Epoch EpochClock
+	// Windows says whether the vCPU loop requests interrupt windows
+	// (quirks.go). WindowsAuto decides by measuring this KVM; replicas set
+	// it explicitly, to the primary's decision (ft/doc.go, "Handshake").
+	Windows Windows
 }
 
 // Stats counts what the vCPU loop did; it is part of a snapshot's machine
@@ -176,8 +180,15 @@ func newMachine(cfg *Config) (_ *Machine, err error) {
 			return nil, fmt.Errorf("%s lacks %v, which ftkvm needs", cfg.KVMPath, c)
 		}
 	}
-	if ep, ok := cfg.Env.(ExactPoints); ok && ep.ExactPoints() {
-		m.noWindows = ring0Emulated(m.sys)
+	switch cfg.Windows {
+	case WindowsOn:
+		m.noWindows = false
+	case WindowsOff:
+		m.noWindows = true
+	default:
+		if ep, ok := cfg.Env.(ExactPoints); ok && ep.ExactPoints() {
+			m.noWindows = ring0Emulated(m.sys)
+		}
 	}
 	if m.mem, err = NewMemory(cfg.MemSize); err != nil {
 		return nil, err

@@ -1,6 +1,8 @@
 package vmm
 
 import (
+	"crypto/sha256"
+	"encoding/binary"
 	"sync"
 
 	"github.com/ftkvm/ftkvm/kvm"
@@ -9,7 +11,7 @@ import (
 // Interrupt windows and an emulated ring 0.
 //
 // On a KVM that emulates guest ring 0 (this project's development hosts,
-// kvm_pvm: see README), a requested interrupt window does not open at a
+// kvm_pvm: see docs/KVM-HOSTS.md), a requested interrupt window does not open at a
 // point of the guest's own choosing: the exit comes when the in-kernel
 // emulator happens to stop, which depends on host interrupts and
 // scheduling. Measured here: two runs of the same guest fed the same events
@@ -57,4 +59,65 @@ func ring0Emulated(sys *kvm.System) bool {
 // point again on another run (record/replay, replication).
 type ExactPoints interface {
 	ExactPoints() bool
+}
+
+// Windows says whether a machine requests interrupt windows.
+type Windows uint8
+
+const (
+	// WindowsAuto: requested, except for an environment that needs exact
+	// points (ExactPoints) on a KVM whose ring 0 is emulated.
+	WindowsAuto Windows = iota
+	// WindowsOn: always requested (a replica whose primary decided so).
+	WindowsOn
+	// WindowsOff: never requested; an interrupt waits for the guest's
+	// next exit.
+	WindowsOff
+)
+
+// HostTraits are what, beyond the guest itself, decides where a guest's
+// delivery points fall on a host. Replicas decide them once, on the
+// primary, and agree on them in the handshake (ft/doc.go, "Handshake"):
+// two replicas that measured for themselves could count different exits.
+type HostTraits struct {
+	// ExactWindows: interrupt windows open at points the guest's
+	// execution defines (ring 0 runs natively: hardware virtualisation).
+	ExactWindows bool
+	// CPU is the SHA-256 of the CPUID table a guest is given here
+	// (DeterministicCPUID of what this KVM supports): another CPU model
+	// or KVM can make the guest take other paths.
+	CPU [32]byte
+}
+
+// ProbeHost measures the KVM at path. The windows probe runs once per
+// process (ring0Emulated).
+func ProbeHost(path string) (HostTraits, error) {
+	if path == "" {
+		path = "/dev/kvm"
+	}
+	sys, err := kvm.Open(path)
+	if err != nil {
+		return HostTraits{}, err
+	}
+	defer sys.Close()
+	supported, err := sys.SupportedCPUID()
+	if err != nil {
+		return HostTraits{}, err
+	}
+	return HostTraits{ExactWindows: !ring0Emulated(sys), CPU: CPUIDDigest(DeterministicCPUID(supported))}, nil
+}
+
+// CPUIDDigest is the SHA-256 of a CPUID table, in its order.
+func CPUIDDigest(entries []kvm.CPUIDEntry) [32]byte {
+	h := sha256.New()
+	var b [28]byte
+	for _, e := range entries {
+		for i, v := range []uint32{e.Function, e.Index, e.Flags, e.Eax, e.Ebx, e.Ecx, e.Edx} {
+			binary.LittleEndian.PutUint32(b[4*i:], v)
+		}
+		h.Write(b[:])
+	}
+	var d [32]byte
+	h.Sum(d[:0])
+	return d
 }

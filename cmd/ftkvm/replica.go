@@ -49,6 +49,7 @@ type primaryCmd struct {
 	Connect     time.Duration `help:"How long to keep trying to reach the backup at start." default:"10s"`
 
 	EpochInstructions uint64 `help:"With --epoch step: the epoch length in guest instructions (default 16384); --epoch-length is then unused." name:"epoch-instructions"`
+	InterruptWindows  string `help:"Request interrupt windows (an exit where a pending interrupt can be taken): auto uses them where this KVM opens them at points the guest defines (native ring 0), on and off force the choice. The primary decides; the backup adopts it, or refuses a primary that uses them if its own KVM cannot place them. Never under --epoch step." enum:"auto,on,off" default:"auto" name:"interrupt-windows"`
 }
 
 type backupCmd struct {
@@ -59,8 +60,11 @@ type backupCmd struct {
 }
 
 // identity is what the handshake compares: the files and command line
-// by SHA-256, and the memory size.
-func identity(cfg vmm.Config) ft.Identity {
+// by SHA-256, the memory size, the epoch clock, and what of the host
+// decides where delivery points fall (vmm.HostTraits): the CPUID the
+// guest gets and, in Windows, the primary's choice of interrupt windows
+// or the backup's ability to follow it.
+func identity(cfg vmm.Config, host vmm.HostTraits, windows bool) ft.Identity {
 	return ft.Identity{
 		Kernel:    sha256.Sum256(cfg.Kernel),
 		Initrd:    sha256.Sum256(cfg.Initrd),
@@ -68,7 +72,17 @@ func identity(cfg vmm.Config) ft.Identity {
 		MemSize:   cfg.MemSize,
 		Clock:     clockOf(cfg.Epoch),
 		WallClock: cfg.WallClock.UnixNano(),
+		Windows:   windows,
+		CPU:       host.CPU,
 	}
+}
+
+// windowsMode is the machine setting for a replica's decided choice.
+func windowsMode(on bool) vmm.Windows {
+	if on {
+		return vmm.WindowsOn
+	}
+	return vmm.WindowsOff
 }
 
 // clockOf names a machine's epoch clock on the wire.
@@ -102,9 +116,17 @@ func (c *primaryCmd) run() (int, error) {
 			instrs = defaultEpochInstructions
 		}
 	}
+	host, err := vmm.ProbeHost(c.Device)
+	if err != nil {
+		return 0, err
+	}
+	// The primary decides, once, whether interrupt windows are used; the
+	// backup adopts the decision (or refuses it) in the handshake.
+	windows := cfg.Epoch == vmm.EpochExit && (c.InterruptWindows == "on" || c.InterruptWindows == "auto" && host.ExactWindows)
+	cfg.Windows = windowsMode(windows)
 	wd, wc := c.fencing()
 	r := driver.New(driver.Options{
-		Node: ft.Config{Role: ft.RolePrimary, Policy: policy, Verify: c.Verify, Guest: identity(cfg),
+		Node: ft.Config{Role: ft.RolePrimary, Policy: policy, Verify: c.Verify, Guest: identity(cfg, host, windows),
 			EpochLength: c.EpochLength, EpochInstructions: instrs, Timeout: c.Timeout, Witness: wd},
 		Console: os.Stdout,
 		Log:     logrus.StandardLogger(),
@@ -143,9 +165,13 @@ func (c *backupCmd) run() (int, error) {
 		return 0, fmt.Errorf("backup: %w", err)
 	}
 	defer l.Close()
+	host, err := vmm.ProbeHost(c.Device)
+	if err != nil {
+		return 0, err
+	}
 	wd, wc := c.fencing()
 	r := driver.New(driver.Options{
-		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg), Timeout: c.Timeout, Witness: wd},
+		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg, host, host.ExactWindows), Timeout: c.Timeout, Witness: wd},
 		Console:          os.Stdout,
 		Log:              logrus.StandardLogger(),
 		Witness:          wc,
@@ -174,6 +200,9 @@ func (c *backupCmd) run() (int, error) {
 	// The RTC's base is the primary's, so both guests read the same
 	// wall-clock time.
 	cfg.WallClock = time.Unix(0, peer.WallClock)
+	// Interrupt windows as the primary decided (the handshake refused a
+	// decision this host cannot follow).
+	cfg.Windows = windowsMode(peer.Windows)
 	cfg.Env = r
 	cfg.Console = r.Console()
 	cfg.KVMPath = c.Device

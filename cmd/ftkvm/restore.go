@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -8,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
 	"github.com/ftkvm/ftkvm/vmm"
@@ -45,6 +47,9 @@ type receiveCmd struct {
 	Listen string `required:"" help:"Address to wait on for a migration (port 0: any free port; the address is printed)." placeholder:"HOST:PORT"`
 	Device string `help:"KVM device." default:"/dev/kvm"`
 	API    string `help:"Serve the control API (HTTP+JSON) on this unix socket once the guest runs." name:"api" placeholder:"SOCKET"`
+	// Connections that are not a migration (scanners, health checks) are
+	// logged and ignored, so without a bound the wait is forever.
+	Timeout time.Duration `help:"Give up (status 125) if no migration has begun within this long; 0 waits forever. Connections that are not a migration are logged and ignored."`
 }
 
 func (c *receiveCmd) run() (int, error) {
@@ -53,6 +58,11 @@ func (c *receiveCmd) run() (int, error) {
 		return 0, fmt.Errorf("receive: %w", err)
 	}
 	defer l.Close()
+	if c.Timeout > 0 {
+		if err := l.(*net.TCPListener).SetDeadline(time.Now().Add(c.Timeout)); err != nil {
+			return 0, fmt.Errorf("receive: %w", err)
+		}
+	}
 	fmt.Fprintf(os.Stderr, "ftkvm: waiting for a migration on %s\n", l.Addr())
 	// Until the guest runs, SIGINT and SIGTERM abandon the wait; the source
 	// keeps its guest.
@@ -76,7 +86,11 @@ func (c *receiveCmd) run() (int, error) {
 	}()
 	env := vmm.NewLiveEnv(nil)
 	view := newTransferView("receive", false)
-	t, _, from, err := migrate.Receive(l, emptyMachine(c.Device, env), view.bytes)
+	t, _, from, err := migrate.Receive(l, emptyMachine(c.Device, env), view.bytes, migrate.ReceiveOptions{
+		Stranger: func(from net.Addr, err error) {
+			logrus.Warnf("receive: a connection from %v was not a migration (%v); still waiting", from, err)
+		},
+	})
 	view.finish()
 	signal.Stop(sigs)
 	close(sigs)
@@ -89,6 +103,10 @@ func (c *receiveCmd) run() (int, error) {
 		}
 		if from != nil {
 			return 0, fmt.Errorf("receive from %s: %w; no guest was run", from, err)
+		}
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return 0, fmt.Errorf("receive: no migration began within %v; no guest was run", c.Timeout)
 		}
 		return 0, fmt.Errorf("receive: %w; no guest was run", err)
 	}

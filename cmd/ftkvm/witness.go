@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"time"
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
@@ -32,7 +31,7 @@ func (c *witnessCmd) run() (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("witness: %w", err)
 	}
-	srv := &http.Server{Handler: s, ReadHeaderTimeout: 5 * time.Second}
+	srv := s.HTTPServer()
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
 	defer signal.Stop(sigs)

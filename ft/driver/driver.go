@@ -685,6 +685,12 @@ func (r *Replica) noted(n ft.Note) {
 	case ft.NoteBackupLost:
 		f.Warnf("replica: backup lost (%v); running unprotected", n.Err)
 	case ft.NotePrimaryLost:
+		if r.node.Role() != ft.RolePrimary {
+			// After the guest's end (the goodbye), or with no state to
+			// take over (a joining backup): the command says the rest.
+			f.Infof("replica: the primary's link closed (%v); nothing to take over", n.Err)
+			break
+		}
 		f.Warnf("replica: primary lost (%v); taking over", n.Err)
 	case ft.NoteTakeover:
 		// After a promotion, outputs whose performance the dead primary
@@ -926,13 +932,17 @@ func (r *Replica) Connect(conn net.Conn) error {
 	if r.link != nil {
 		return errors.New("replica: a link is up already")
 	}
-	l := newLink(r, conn)
+	r.connect(newLink(r, conn, nil, nil))
+	r.drain()
+	return nil
+}
+
+// connect makes l the link and says hello (r.mu held, no link up).
+func (r *Replica) connect(l *link) {
 	r.link = l
 	r.node.Connected()
-	r.drain()
 	go l.writer()
 	go l.reader()
-	return nil
 }
 
 // Dial connects to a backup at addr (the primary's side), retrying for up
@@ -954,35 +964,6 @@ func (r *Replica) Dial(addr string, wait time.Duration) error {
 			return fmt.Errorf("connect to the backup at %s: %w", addr, err)
 		}
 	}
-}
-
-// Serve accepts the primary's connection on l (the backup's side). A
-// backup has one primary in its life: later connections are refused.
-func (r *Replica) Serve(l net.Listener) {
-	for {
-		conn, err := l.Accept()
-		if err != nil {
-			return
-		}
-		setupTCP(conn)
-		r.mu.Lock()
-		busy := r.served
-		r.served = true
-		r.mu.Unlock()
-		if busy {
-			refuse(conn, wire.RefuseBusy, "this backup already serves a primary")
-			continue
-		}
-		if err := r.Connect(conn); err != nil {
-			refuse(conn, wire.RefuseBusy, err.Error())
-		}
-	}
-}
-
-func refuse(conn net.Conn, reason wire.RefuseReason, text string) {
-	_ = conn.SetWriteDeadline(time.Now().Add(time.Second))
-	_, _ = conn.Write(wire.Marshal(wire.Refuse{Reason: reason, Text: text}))
-	conn.Close()
 }
 
 // WaitLink waits until the handshake with a peer succeeded and returns

@@ -69,15 +69,27 @@ func TestHandshake(t *testing.T) {
 	}
 }
 
+// A primary of another guest (here: another memory size) is refused:
+// the primary fails with the refusal, and the backup goes on waiting for
+// its own primary, which then pairs.
 func TestHandshakeRefused(t *testing.T) {
 	p, b, addr := newPair(t, 64<<20)
 	if err := p.Dial(addr, time.Second); err != nil {
 		t.Fatal(err)
 	}
-	for _, r := range []*Replica{p, b} {
-		if _, err := r.WaitLink(10 * time.Second); !errors.Is(err, ft.ErrRefused) {
-			t.Fatalf("%v: want a refusal, got %v", r.Status().Role, err)
-		}
+	if _, err := p.WaitLink(10 * time.Second); !errors.Is(err, ft.ErrRefused) {
+		t.Fatalf("primary: want a refusal, got %v", err)
+	}
+	if _, err := b.WaitLink(50 * time.Millisecond); err == nil || errors.Is(err, ft.ErrRefused) {
+		t.Fatalf("backup: want it still waiting, got %v", err)
+	}
+	own := New(Options{Node: ft.Config{Role: ft.RolePrimary, Guest: ft.Identity{Kernel: ft.Digest{1}, MemSize: 64 << 20, WallClock: 42}}, Log: quietLog()})
+	defer own.Close()
+	if err := own.Dial(addr, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.WaitLink(10 * time.Second); err != nil {
+		t.Fatalf("backup and its own primary: %v", err)
 	}
 }
 

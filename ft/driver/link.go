@@ -23,8 +23,9 @@ type link struct {
 	q       [][]byte
 	closing bool // close after the queue is sent
 
-	rx     atomic.Int64 // bytes received
-	rxSeen int64        // rx at the last tick (replica's mu)
+	rd     *wire.Reader  // the peer's frames, from the first after the handshake's
+	rx     *atomic.Int64 // bytes received
+	rxSeen int64         // rx at the last tick (replica's mu)
 }
 
 // countingReader counts the bytes a link receives, so that a frame still
@@ -40,8 +41,14 @@ func (c countingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func newLink(r *Replica, conn net.Conn) *link {
-	l := &link{r: r, conn: conn}
+// newLink makes conn a link. rd and rx, if set, are the reader that
+// already read the peer's hello (the backup's greeting) and its count.
+func newLink(r *Replica, conn net.Conn, rd *wire.Reader, rx *atomic.Int64) *link {
+	if rd == nil {
+		rx = new(atomic.Int64)
+		rd = wire.NewReader(countingReader{conn, rx}, 0)
+	}
+	l := &link{r: r, conn: conn, rd: rd, rx: rx}
 	l.cond = sync.NewCond(&l.mu)
 	return l
 }
@@ -94,9 +101,8 @@ func (l *link) writer() {
 }
 
 func (l *link) reader() {
-	rd := wire.NewReader(countingReader{l.conn, &l.rx}, 0)
 	for {
-		m, err := rd.Read()
+		m, err := l.rd.Read()
 		r := l.r
 		r.mu.Lock()
 		if r.link != l {

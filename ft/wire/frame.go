@@ -22,7 +22,7 @@ import (
 // The header has its own checksum so that a corrupt length is caught at
 // once, instead of making the decoder wait for bytes that will never come.
 // A frame is handed out only when both checksums verify: a record is
-// applied only when its checksum verifies (REPLICATION-NOTES, failover).
+// applied only when its checksum verifies (ft/doc.go, Failover).
 const (
 	HeaderSize   = 12
 	TrailerSize  = 4
@@ -198,6 +198,15 @@ type Reader struct {
 // NewReader reads frames from r, refusing bodies over maxBody bytes.
 func NewReader(r io.Reader, maxBody int) *Reader {
 	return &Reader{r: r, d: NewDecoder(maxBody), buf: make([]byte, 64<<10)}
+}
+
+// SetMaxBody changes the bound on bodies (DefaultMaxBody if <= 0): a
+// handshake reads its hello under a small one, then lifts it.
+func (r *Reader) SetMaxBody(maxBody int) {
+	if maxBody <= 0 {
+		maxBody = DefaultMaxBody
+	}
+	r.d.maxBody = maxBody
 }
 
 // Read returns the next message. At the end of the stream it returns

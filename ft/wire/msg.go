@@ -65,7 +65,19 @@ type Hello struct {
 	// Witness is the SHA-256 of the witness address the replica claims
 	// at, zero for none: both sides must claim at the same witness.
 	Witness Digest
-	// Rest holds the fields of versions after 2, which this version
+
+	// Version 3 and later: what decides where delivery points fall on a
+	// host, beyond the guest (ft/doc.go, "Handshake").
+
+	// Windows: from the primary, its machine requests interrupt windows
+	// (an exit where a pending interrupt can be taken is a delivery
+	// point); from a backup, its host can place them at points the
+	// guest's execution defines, so it can follow a primary that does.
+	Windows bool
+	// CPU is the SHA-256 of the CPUID table the guest is given: another
+	// CPU model or KVM can make the guest take other paths.
+	CPU Digest
+	// Rest holds the fields of versions after 3, which this version
 	// cannot read: a Hello of any later version decodes, and is refused
 	// for its version.
 	Rest []byte
@@ -198,6 +210,11 @@ func (m Hello) appendBody(b []byte) []byte {
 	b = append(b, m.Instance[:]...)
 	b = append(b, m.Witness[:]...)
 	if m.Version == 2 {
+		return b
+	}
+	b = append(b, boolByte(m.Windows))
+	b = append(b, m.CPU[:]...)
+	if m.Version == 3 {
 		return b // Rest belongs to later versions
 	}
 	return append(b, m.Rest...)
@@ -222,7 +239,12 @@ func decodeHello(r *reader) Msg {
 	// The frozen part ends here: version 1 had nothing more.
 	m.Instance = r.digest()
 	m.Witness = r.digest()
-	if m.Version > 2 && len(r.b) > 0 && !r.bad {
+	if m.Version < 3 || r.bad {
+		return m
+	}
+	m.Windows = r.bool()
+	m.CPU = r.digest()
+	if m.Version > 3 && len(r.b) > 0 && !r.bad {
 		// Copied: the decoder reuses its buffer.
 		m.Rest = append([]byte(nil), r.take(len(r.b))...)
 	}

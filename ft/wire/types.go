@@ -7,7 +7,7 @@ import (
 
 // Position is a point in the guest's instruction stream that both replicas
 // can find again: the number of guest-caused exits since the machine
-// started and, for the exact-epoch clocks of issue 6, the instructions
+// started and, for the exact-epoch clocks, the instructions
 // retired since the last of them. The exit clock keeps Instr at zero.
 // Positions compare lexicographically, Exits first.
 type Position struct {
@@ -172,6 +172,8 @@ const (
 	RefuseBusy     RefuseReason = 8  // the primary already has a backup
 	RefuseProtocol RefuseReason = 9  // the peer broke the protocol
 	RefuseWitness  RefuseReason = 10 // a different witness, or one side has none
+	RefuseWindows  RefuseReason = 11 // the primary uses interrupt windows the backup cannot place exactly
+	RefuseCPU      RefuseReason = 12 // the guest would see a different CPU (CPUID)
 )
 
 func (r RefuseReason) String() string {
@@ -196,6 +198,10 @@ func (r RefuseReason) String() string {
 		return "protocol error"
 	case RefuseWitness:
 		return "witness"
+	case RefuseWindows:
+		return "interrupt windows"
+	case RefuseCPU:
+		return "cpu"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }

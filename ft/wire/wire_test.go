@@ -27,7 +27,8 @@ func samples() []Msg {
 		Hello{},
 		Hello{Version: 2, Role: RoleBackup, Policy: PolicyOutputCommit, Clock: ClockStep, MemSize: 64 << 20,
 			Kernel: digest(4), Initrd: digest(5), Cmdline: digest(6), Instance: digest(7), Witness: digest(8)},
-		Hello{Version: 3, Role: RolePrimary, Instance: digest(7), Rest: []byte("fields of a later version")},
+		Hello{Version: 3, Role: RolePrimary, Instance: digest(7), Windows: true, CPU: digest(10)},
+		Hello{Version: 4, Role: RolePrimary, Instance: digest(7), CPU: digest(11), Rest: []byte("fields of a later version")},
 		Refuse{Reason: RefuseKernel, Text: "different kernel: ab12 here, cd34 there"},
 		Refuse{Reason: RefuseBusy},
 		Record{Seq: 1, Epoch: 2, Pos: pos, Kind: KindClock, Value: 1<<63 + 5},
@@ -97,7 +98,7 @@ func TestDecoderChunking(t *testing.T) {
 	}
 }
 
-// Reference: REPLICATION-NOTES, failover: "If a message arrives only in
+// Rule (ft/doc.go, failover): "If a message arrives only in
 // part, the backup ignores the incomplete record. A record is applied only
 // when its checksum verifies." Every proper prefix of a frame yields
 // nothing, and no error.

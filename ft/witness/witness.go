@@ -28,6 +28,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/ftkvm/ftkvm/ft"
 )
@@ -307,9 +308,27 @@ func (s *Server) Close() error {
 	return err
 }
 
+// HTTPServer is the HTTP server to serve s with. Its bounds keep
+// strangers (scanners, health checks, slow or oversized requests) from
+// holding connections: they get an error and are closed, and claims go
+// on being answered.
+func (s *Server) HTTPServer() *http.Server {
+	return &http.Server{
+		Handler:           s,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		WriteTimeout:      10 * time.Second,
+		IdleTimeout:       time.Minute,
+		MaxHeaderBytes:    16 << 10,
+	}
+}
+
 // ServeHTTP serves POST ClaimPath.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	reply := func(code int, a Answer) {
+		if code != http.StatusOK && s.Log != nil {
+			s.Log("witness: refused a request from %s (%s %s): %s", r.RemoteAddr, r.Method, r.URL.Path, a.Error)
+		}
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(code)
 		_ = json.NewEncoder(w).Encode(a)

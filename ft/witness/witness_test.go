@@ -3,6 +3,8 @@ package witness
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -191,5 +193,68 @@ func TestStateWriteFailure(t *testing.T) {
 	}
 	if _, err := s.Claim(ft.Claim{Pair: pairA, Role: ft.RoleBackup}); err == nil || !strings.Contains(err.Error(), "restart the witness") {
 		t.Fatalf("later claim: %v", err)
+	}
+}
+
+// Strangers at the witness (a connection that sends nothing, random
+// bytes, an oversized claim, another path) are answered or closed, and a
+// claim made meanwhile is answered.
+func TestWitnessStrangers(t *testing.T) {
+	s, _ := NewServer("")
+	var mu sync.Mutex
+	var logged []string
+	s.Log = func(format string, args ...any) {
+		mu.Lock()
+		logged = append(logged, fmt.Sprintf(format, args...))
+		mu.Unlock()
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := s.HTTPServer()
+	go srv.Serve(l)
+	defer srv.Close()
+	addr := l.Addr().String()
+	silent, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silent.Close()
+	garbage, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	garbage.Write([]byte("\x16\x03\x01\x02\x00random bytes\r\n\r\n"))
+	garbage.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if b, _ := io.ReadAll(garbage); !strings.Contains(string(b), "400") {
+		t.Fatalf("garbage got %q", b)
+	}
+	garbage.Close()
+	big := strings.NewReader(`{"pair":"` + strings.Repeat("0", 1<<20) + `"}`)
+	resp, err := http.Post("http://"+addr+ClaimPath, "application/json", big)
+	if err != nil || resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("oversized claim: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	resp, err = http.Get("http://" + addr + "/")
+	if err != nil || resp.StatusCode != http.StatusNotFound {
+		t.Fatalf("another path: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	c := NewClient(addr, 2*time.Second)
+	if w, err := c.Claim(context.Background(), ft.Claim{Pair: pairA, Role: ft.RoleBackup}); err != nil || w != ft.RoleBackup {
+		t.Fatalf("claim among strangers: %v %v", w, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	refused := 0
+	for _, l := range logged {
+		if strings.Contains(l, "refused a request") {
+			refused++
+		}
+	}
+	if refused != 2 {
+		t.Fatalf("want one line for each refused request, got %q", logged)
 	}
 }

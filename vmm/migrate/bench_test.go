@@ -107,7 +107,7 @@ func BenchmarkMigrate(b *testing.B) {
 				go func() {
 					t, _, _, err := Receive(l, func(h snapshot.Header) (Target, error) {
 						return vmm.NewEmpty(vmm.Config{MemSize: h.MemSize, Console: io.Discard})
-					}, nil)
+					}, nil, ReceiveOptions{})
 					rc <- recv{t, err}
 				}()
 				b.StartTimer()

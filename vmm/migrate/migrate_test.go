@@ -194,7 +194,7 @@ func TestMigrateLive(t *testing.T) {
 	}
 	rc := make(chan recv, 1)
 	go func() {
-		tgt, _, _, err := Receive(l, build, nil)
+		tgt, _, _, err := Receive(l, build, nil, ReceiveOptions{})
 		rc <- recv{tgt, err}
 	}()
 	src := bootTestOS(t, cmd)
@@ -270,7 +270,7 @@ func TestMigrateRefused(t *testing.T) {
 	go func() {
 		_, _, _, err := Receive(l, func(h snapshot.Header) (Target, error) {
 			return &fakeTarget{mem: make([]byte, h.MemSize), installErr: errors.New("no room for this guest")}, nil
-		}, nil)
+		}, nil, ReceiveOptions{})
 		rc <- err
 	}()
 	src := bootTestOS(t, "workload=counter lines=20 hz=200")

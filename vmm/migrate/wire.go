@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"sync/atomic"
 	"time"
 
 	"github.com/ftkvm/ftkvm/vmm"
@@ -144,16 +145,144 @@ func peerError(conn net.Conn, fr *snapshot.Reader) error {
 	return nil
 }
 
-// Receive accepts one connection on l and serves one migration on it (see
-// Serve). The listener is left open.
-func Receive(l net.Listener, build Build, progress func(int64)) (Target, *snapshot.State, net.Addr, error) {
-	conn, err := l.Accept()
-	if err != nil {
-		return nil, nil, nil, err
+// ReceiveOptions configure Receive.
+type ReceiveOptions struct {
+	// HelloTimeout is how long a connection has to send a migration's
+	// hello (default 10 s). A source sends it as soon as it connects.
+	HelloTimeout time.Duration
+	// Stranger, if set, is told of every connection that was not a
+	// migration (from, and why), after it was closed.
+	Stranger func(from net.Addr, err error)
+}
+
+// maxGreeting is how many connections may be sending their hello at once;
+// more are closed at once.
+const maxGreeting = 16
+
+// A greeted connection: one that began with a migration's hello.
+type greeted struct {
+	conn  net.Conn
+	fr    *snapshot.Reader
+	fw    *snapshot.Writer
+	hello snapshot.Header
+}
+
+// Receive waits on l for a migration and serves it (see Serve). Only a
+// connection whose first frame is a migration's hello, within
+// HelloTimeout, begins one; any other is a stranger (a port scanner, a
+// health check, random bytes, a snapshot file's stream): it is told why
+// where it can be, closed, reported to Stranger, and Receive goes on
+// waiting. Connections arriving while a migration is served are refused as
+// busy. A migration that began and then fails ends Receive with its error:
+// the source keeps its guest. Receive returns when l's Accept fails (l
+// closed, or its deadline passed) before a migration began. The listener
+// is left open.
+func Receive(l net.Listener, build Build, progress func(int64), opts ReceiveOptions) (Target, *snapshot.State, net.Addr, error) {
+	if opts.HelloTimeout <= 0 {
+		opts.HelloTimeout = 10 * time.Second
 	}
-	defer conn.Close()
-	t, st, err := Serve(conn, build, progress)
-	return t, st, conn.RemoteAddr(), err
+	var busy atomic.Bool
+	chosen := make(chan greeted, 1)
+	acceptErr := make(chan error, 1)
+	go func() {
+		slots := make(chan struct{}, maxGreeting)
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				acceptErr <- err
+				return
+			}
+			select {
+			case slots <- struct{}{}:
+			default:
+				conn.Close()
+				if opts.Stranger != nil {
+					opts.Stranger(conn.RemoteAddr(), fmt.Errorf("closed: %d other connections are sending their hello", maxGreeting))
+				}
+				continue
+			}
+			go func() {
+				defer func() { <-slots }()
+				g, err := greet(conn, opts.HelloTimeout, &busy)
+				if err != nil {
+					conn.Close()
+					if opts.Stranger != nil {
+						opts.Stranger(conn.RemoteAddr(), err)
+					}
+					return
+				}
+				chosen <- g
+			}()
+		}
+	}()
+	var g greeted
+	select {
+	case g = <-chosen:
+	case err := <-acceptErr:
+		select {
+		case g = <-chosen:
+		default:
+			return nil, nil, nil, err
+		}
+	}
+	defer g.conn.Close()
+	t, st, err := serveGreeted(g.fr, g.fw, g.hello, build, progress)
+	return t, st, g.conn.RemoteAddr(), err
+}
+
+// greet reads a connection's hello. It takes the migration slot (busy)
+// for a valid one; a second valid one while the slot is taken is refused.
+func greet(conn net.Conn, timeout time.Duration, busy *atomic.Bool) (greeted, error) {
+	fr := snapshot.NewReader(bufio.NewReaderSize(conn, 1<<20))
+	fw := snapshot.NewWriter(conn)
+	_ = conn.SetReadDeadline(time.Now().Add(timeout))
+	hello, err := readHello(fr, fw)
+	_ = conn.SetReadDeadline(time.Time{})
+	if err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			err = fmt.Errorf("no migration hello within %v", timeout)
+		}
+		return greeted{}, err
+	}
+	if !busy.CompareAndSwap(false, true) {
+		err := errors.New("busy: a migration is under way")
+		_ = conn.SetWriteDeadline(time.Now().Add(time.Second))
+		_ = fw.WriteFrame(snapshot.FrameError, snapshot.EncodeError(nil, err.Error()))
+		return greeted{}, err
+	}
+	return greeted{conn: conn, fr: fr, fw: fw, hello: hello}, nil
+}
+
+// readHello reads the first frame, which must be a migration's header,
+// and tells the peer why not if it can.
+func readHello(fr *snapshot.Reader, fw *snapshot.Writer) (snapshot.Header, error) {
+	tell := func(err error) error {
+		_ = fw.WriteFrame(snapshot.FrameError, snapshot.EncodeError(nil, err.Error()))
+		return err
+	}
+	t, p, err := fr.Next()
+	if err == io.EOF {
+		return snapshot.Header{}, errors.New("connection closed before the migration began")
+	}
+	if err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) {
+			return snapshot.Header{}, err
+		}
+		return snapshot.Header{}, tell(err)
+	}
+	if t != snapshot.FrameHeader {
+		return snapshot.Header{}, tell(fmt.Errorf("migration starts with a %v frame: %w", t, snapshot.ErrCorrupt))
+	}
+	hello, err := snapshot.DecodeHeader(p)
+	if err != nil {
+		return snapshot.Header{}, tell(err)
+	}
+	if hello.Kind != snapshot.KindMigration {
+		return snapshot.Header{}, tell(fmt.Errorf("a %v stream where a migration was expected: %w", hello.Kind, snapshot.ErrCorrupt))
+	}
+	return hello, nil
 }
 
 // Serve is the destination's side of one migration on conn. It returns the
@@ -163,26 +292,18 @@ func Receive(l net.Listener, build Build, progress func(int64)) (Target, *snapsh
 func Serve(conn io.ReadWriter, build Build, progress func(int64)) (Target, *snapshot.State, error) {
 	fr := snapshot.NewReader(bufio.NewReaderSize(conn, 1<<20))
 	fw := snapshot.NewWriter(conn)
-	tell := func(err error) error {
-		_ = fw.WriteFrame(snapshot.FrameError, snapshot.EncodeError(nil, err.Error()))
-		return err
-	}
-	t, p, err := fr.Next()
-	if err == io.EOF {
-		return nil, nil, errors.New("connection closed before the migration began")
-	}
+	hello, err := readHello(fr, fw)
 	if err != nil {
 		return nil, nil, err
 	}
-	if t != snapshot.FrameHeader {
-		return nil, nil, tell(fmt.Errorf("migration starts with a %v frame: %w", t, snapshot.ErrCorrupt))
-	}
-	hello, err := snapshot.DecodeHeader(p)
-	if err != nil {
-		return nil, nil, tell(err)
-	}
-	if hello.Kind != snapshot.KindMigration {
-		return nil, nil, tell(fmt.Errorf("a %v stream where a migration was expected: %w", hello.Kind, snapshot.ErrCorrupt))
+	return serveGreeted(fr, fw, hello, build, progress)
+}
+
+// serveGreeted serves a migration whose hello was read.
+func serveGreeted(fr *snapshot.Reader, fw *snapshot.Writer, hello snapshot.Header, build Build, progress func(int64)) (Target, *snapshot.State, error) {
+	tell := func(err error) error {
+		_ = fw.WriteFrame(snapshot.FrameError, snapshot.EncodeError(nil, err.Error()))
+		return err
 	}
 	target, err := build(hello)
 	if err != nil {
@@ -218,7 +339,7 @@ func Serve(conn io.ReadWriter, build Build, progress func(int64)) (Target, *snap
 		target.Close()
 		return nil, nil, fmt.Errorf("confirming the installation: %w", err)
 	}
-	t, _, err = fr.Next()
+	t, _, err := fr.Next()
 	if err != nil || t != snapshot.FrameCommit {
 		target.Close()
 		if err == nil {

@@ -38,7 +38,7 @@ import (
 
 // Version is the format version this package writes and the only one it
 // reads. Any change to a frame's layout (including the device and register
-// structs it embeds, see layout_test.go) needs a new version.
+// structs it embeds, see TestLayout in snapshot_test.go) needs a new version.
 //
 // Version 2: the machine frame's Stats carry the step clock's counters
 // (Steps, Instrs, Emulated), and its PointKind may be a step point.

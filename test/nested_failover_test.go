@@ -148,7 +148,9 @@ while :; do
 done
 echo "@@@ killed after line $k"
 for f in p.out b.out; do showx $f; done
-for f in p.err b.err late*.err; do [ -e $f ] && show $f; done
+for f in p.err b.err late*.err; do
+	if [ -e $f ]; then show $f; fi
+done
 `, l1FTKVM, nestedFailoverPeerTimeout, nested.GuestVmlinux, nested.GuestInitramfs,
 		nestedFailoverLines, nestedFailoverSpin, nestedFailoverAddr, nestedFailoverEpoch, killAt, delayUS, nestedFailoverRetries,
 		imagelib.GuestDoneMarker)

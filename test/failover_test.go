@@ -244,19 +244,34 @@ func TestFailoverDrills(t *testing.T) {
 			}
 			failovers, late, repeated := 0, 0, 0
 			for i := range drillMoments {
-				pr := startPair(t, w)
+				var pr pair
+				var bres result
 				if w.input != nil {
+					pr = startPair(t, w)
 					drillEcho(t, w, pr, r.IntN(len(w.input)+1), time.Duration(r.IntN(20))*time.Millisecond)
+					bres = pr.backup.wait()
 				} else {
 					// After line k of the guest's console (0: as soon as
-					// the handshake is done), then a few milliseconds.
-					// The last moments may come after the guest's end:
-					// the backup then ends with the primary's goodbye.
-					pr.primary.waitLines(r.IntN(lines + 1))
-					time.Sleep(time.Duration(r.IntN(20)) * time.Millisecond)
-					pr.primary.kill()
+					// the handshake is done), then a few milliseconds. The
+					// console lags the guest (outputs wait for the
+					// backup's acknowledgement), so a kill may come after
+					// the guest's end: then again after an earlier line
+					// (killAfterLine's rule). A moment still late after
+					// killRetries checks the goodbye instead: the backup
+					// ends with the primary's status, printing nothing.
+					k, delay := r.IntN(lines+1), time.Duration(r.IntN(20))*time.Millisecond
+					for try := 0; ; try++ {
+						pr = startPair(t, w)
+						pr.primary.waitLines(k)
+						time.Sleep(delay)
+						pr.primary.kill()
+						bres = pr.backup.wait()
+						if try == killRetries || !lateKill(pr.primary.stdout(), bres) {
+							break
+						}
+						k, delay = k/2, 0
+					}
 				}
-				bres := pr.backup.wait()
 				if pe := pr.primary.stderr(); strings.Contains(pe, "backup lost") {
 					// The pair split before the kill (a replica heard
 					// nothing from its peer for --timeout): each side

@@ -196,10 +196,13 @@ func drillEcho(t *testing.T, w workload, pr pair, killAt int, delay time.Duratio
 			strings.Contains(pr.backup.stderr(), "ended on the primary")
 	})
 	// Joined at the backup's seam (the final join checks the repeated
-	// bytes; the backup may not have written them all yet).
+	// bytes). Until the backup has written again what the primary's
+	// console shows past the seam, the primary's console is the longer
+	// view: a client that looked only at the backup's would send a line
+	// the guest had answered.
 	merged := func() string {
 		p, b := pr.primary.stdout(), pr.backup.stdout()
-		if seam, _, ok := seamOf(pr.backup.stderr()); ok && seam <= len(p) {
+		if seam, _, ok := seamOf(pr.backup.stderr()); ok && seam <= len(p) && len(b) > len(p)-seam {
 			return p[:seam] + b
 		}
 		return p

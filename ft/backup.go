@@ -237,7 +237,7 @@ func (n *Node) checkpointHead(m wire.Checkpoint) Action {
 }
 
 func (n *Node) installed(cp wire.Checkpoint) {
-	n.epoch, n.pos, n.outSeq = cp.Epoch+1, cp.Pos, cp.OutSeq
+	n.epoch, n.pos, n.outSeq, n.outBytes = cp.Epoch+1, cp.Pos, cp.OutSeq, cp.OutBytes
 	n.st.Epochs++
 	n.st.CheckpointEpochs++
 	n.st.CheckpointBytes += uint64(len(cp.State))
@@ -267,7 +267,7 @@ func (n *Node) skipToRepair() bool {
 			}
 		case wire.Output:
 			n.confirm(m.Done)
-			n.absorb(Out{Seq: m.OutSeq, Kind: m.Kind, Data: m.Data})
+			n.absorb(Out{Seq: m.OutSeq, Kind: m.Kind, Offset: m.Offset, Data: m.Data})
 		}
 		n.pop()
 	}
@@ -313,15 +313,17 @@ func (n *Node) p4Output() Action {
 	o := &n.op
 	if o.stage == stStart {
 		n.outSeq++
+		n.outBytes += consoleLen(o.rkind, o.data)
 		o.stage = stMatch
 	}
 	if n.diverged || !n.hasState {
 		return goAction
 	}
+	off := n.outBytes - consoleLen(o.rkind, o.data) // this output's place in the console stream
 	if len(n.log) == 0 {
 		if n.replaying {
 			n.goLive()
-			n.perform = append(n.perform, Out{Seq: n.outSeq, Kind: o.rkind, Data: bytes.Clone(o.data)})
+			n.perform = append(n.perform, Out{Seq: n.outSeq, Kind: o.rkind, Offset: off, Data: bytes.Clone(o.data)})
 			return goAction
 		}
 		if n.goodbye {
@@ -330,13 +332,13 @@ func (n *Node) p4Output() Action {
 		return wait(WaitLog)
 	}
 	m, ok := n.log[0].(wire.Output)
-	if !ok || m.Epoch != n.epoch || m.Pos != o.pt.Pos || m.OutSeq != n.outSeq || m.Kind != o.rkind || !bytes.Equal(m.Data, o.data) {
-		return n.diverge(errorf("%w: output %d (%v, %d bytes) at %v; the primary's log has %s next",
-			ErrDivergence, n.outSeq, o.rkind, len(o.data), o.pt.Pos, describe(n.log[0])))
+	if !ok || m.Epoch != n.epoch || m.Pos != o.pt.Pos || m.OutSeq != n.outSeq || m.Kind != o.rkind || m.Offset != off || !bytes.Equal(m.Data, o.data) {
+		return n.diverge(errorf("%w: output %d (%v, %d bytes at console byte %d) at %v; the primary's log has %s next",
+			ErrDivergence, n.outSeq, o.rkind, len(o.data), off, o.pt.Pos, describe(n.log[0])))
 	}
 	n.pop()
 	n.confirm(m.Done)
-	out := Out{Seq: m.OutSeq, Kind: m.Kind, Data: m.Data}
+	out := Out{Seq: m.OutSeq, Kind: m.Kind, Offset: m.Offset, Data: m.Data}
 	if !n.replaying {
 		n.absorb(out)
 	} else if out.Seq > n.confirmed {
@@ -386,7 +388,7 @@ func (n *Node) diverge(err error) Action {
 		case opRead:
 			return Action{Kind: ActGo, Value: o.value}
 		case opOutput:
-			n.perform = append(n.perform, Out{Seq: n.outSeq, Kind: o.rkind, Data: bytes.Clone(o.data)})
+			n.perform = append(n.perform, Out{Seq: n.outSeq, Kind: o.rkind, Offset: n.outBytes - consoleLen(o.rkind, o.data), Data: bytes.Clone(o.data)})
 			return goAction
 		}
 		o.stage = stStart
@@ -517,6 +519,16 @@ func (n *Node) takeOver() {
 	n.st.Promotions++
 	n.events = n.events[:0]
 	n.epochStart, n.epochStartI = n.now, n.instrs
+	// A diverged backup skips to the repair first: the outputs the log
+	// announces before it are absorbed, and performed below with the rest.
+	if n.diverged && !n.skipToRepair() {
+		// The repair will never come; go on from this replica's state.
+		n.diverged = false
+		n.log = nil
+		n.note(NoteDivergence, errorf("%w: promoted before the repair: the guest goes on from the backup's diverged state", ErrDivergence))
+	}
+	n.st.Seam, n.st.SeamUncertain = n.seam()
+	n.notes = append(n.notes, Note{Kind: NoteTakeover, Epoch: n.epoch, Pos: n.pos, Seam: n.st.Seam, Uncertain: n.st.SeamUncertain})
 	// "Outstanding outputs whose performance was not confirmed are
 	// performed": a duplicate can only be one whose confirmation was in
 	// flight.
@@ -525,12 +537,50 @@ func (n *Node) takeOver() {
 		n.perform = append(n.perform, out)
 	}
 	n.absorbed = nil
-	if n.diverged && !n.skipToRepair() {
-		// The repair will never come; go on from this replica's state.
-		n.diverged = false
-		n.log = nil
-		n.note(NoteDivergence, errorf("%w: promoted before the repair: the guest goes on from the backup's diverged state", ErrDivergence))
+}
+
+// seam says where in the console stream a promoted backup's output
+// begins: the first byte of the first output the dead primary did not
+// confirm (every byte before it, the primary wrote), or where the stream
+// stands when it confirmed all. uncertain counts the bytes of the outputs
+// it did not confirm, absorbed or still in the log: the primary may have
+// written them, and they are performed again, identically.
+func (n *Node) seam() (at, uncertain uint64) {
+	at = n.outBytes
+	if n.op.kind == opOutput && n.op.stage == stMatch {
+		// An output counted but not matched yet (it waits for the log):
+		// it comes after the seam.
+		at -= consoleLen(n.op.rkind, n.op.data)
 	}
+	found := false
+	visit := func(seq, off uint64, k Kind, data []byte) {
+		switch {
+		case seq <= n.confirmed:
+			at = off + consoleLen(k, data)
+		case !found:
+			at, found = off, true
+			fallthrough
+		default:
+			uncertain += consoleLen(k, data)
+		}
+	}
+	for _, o := range n.absorbed {
+		visit(o.Seq, o.Offset, o.Kind, o.Data)
+	}
+	for _, m := range n.log {
+		switch m := m.(type) {
+		case wire.Output:
+			visit(m.OutSeq, m.Offset, m.Kind, m.Data)
+		case wire.Checkpoint:
+			if !found {
+				// Installed before any output to redo: the stream
+				// stands where the primary's did (a repair's full
+				// state replaces a diverged count).
+				at = m.OutBytes
+			}
+		}
+	}
+	return at, uncertain
 }
 
 // goLive: the log is replayed; the promoted backup is the primary.
@@ -560,7 +610,7 @@ func describe(m wire.Msg) string {
 	case wire.Record:
 		return fmt.Sprintf("a %v read at %v", m.Kind, m.Pos)
 	case wire.Output:
-		return fmt.Sprintf("output %d (%v, %d bytes) at %v", m.OutSeq, m.Kind, len(m.Data), m.Pos)
+		return fmt.Sprintf("output %d (%v, %d bytes at console byte %d) at %v", m.OutSeq, m.Kind, len(m.Data), m.Offset, m.Pos)
 	case wire.EpochEnd:
 		return fmt.Sprintf("the end of epoch %d at %v", m.Epoch, m.Pos)
 	case wire.Checkpoint:

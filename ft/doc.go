@@ -87,6 +87,14 @@
 // marked Uncertain: a repeat is only ever an output whose confirmation was
 // in flight, and it is identical. Nothing is lost.
 //
+// Each console output has its place in the guest's console stream (bytes
+// since boot): Output records carry it (Offset, checked by the backup like
+// the number and the bytes) and checkpoints the stream's length. A
+// promoted backup says where its console continues the dead primary's
+// (NoteTakeover, Status.Seam: the first byte it performs; every byte
+// before it the primary confirmed) and how many bytes from there may
+// repeat, so the two consoles join at a known byte.
+//
 // # Checkpoint epochs, repair, re-protection
 //
 // The primary captures state only at kick points, where the vCPU is

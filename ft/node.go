@@ -29,11 +29,12 @@ type Node struct {
 	hbEpoch   uint64 // last progress heartbeat sent (primary), or received (backup)
 	hbPos     Position
 
-	now     int64 // the latest timestamp seen
-	started bool  // the guest has run (primary)
-	epoch   uint64
-	pos     Position // the last point
-	outSeq  uint64   // outputs the guest produced
+	now      int64 // the latest timestamp seen
+	started  bool  // the guest has run (primary)
+	epoch    uint64
+	pos      Position // the last point
+	outSeq   uint64   // outputs the guest produced
+	outBytes uint64   // bytes of console output the guest produced (the stream's length)
 
 	op         op // the conversation with the vCPU thread in progress
 	stopAction Action
@@ -428,7 +429,7 @@ func (n *Node) Status() Status {
 	s.Link = n.link == linkUp
 	s.Protected, s.Joining, s.Replaying, s.Diverged = n.protected, n.joining, n.replaying, n.diverged
 	s.Claiming, s.Fenced = n.claiming, errors.Is(n.failed, ErrFenced)
-	s.Epoch, s.Pos, s.Outputs = n.epoch, n.pos, n.outSeq
+	s.Epoch, s.Pos, s.Outputs, s.ConsoleBytes = n.epoch, n.pos, n.outSeq, n.outBytes
 	if n.role == RolePrimary {
 		s.Performed = n.performed
 	} else {

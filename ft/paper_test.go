@@ -747,7 +747,7 @@ func TestFailoverReplaysLogThenGoesLive(t *testing.T) {
 func TestFailoverRedoesUnconfirmedOutputs(t *testing.T) {
 	_, b := pair(t, OutputCommit, false)
 	out := func(seq, pos uint64, done uint64, s string) wire.Output {
-		return wire.Output{Seq: seq, Epoch: 1, Pos: at(pos), OutSeq: seq, Done: done, Kind: wire.KindConsole, Data: []byte(s)}
+		return wire.Output{Seq: seq, Epoch: 1, Pos: at(pos), OutSeq: seq, Done: done, Kind: wire.KindConsole, Offset: seq - 1, Data: []byte(s)}
 	}
 	b.step(out(1, 2, 0, "a"), out(2, 3, 0, "b"), out(3, 4, 1, "c"), out(4, 5, 1, "d"), out(5, 6, 1, "e"))
 	for i, s := range []string{"a", "b", "c"} {
@@ -834,10 +834,12 @@ func TestHandshakeRefusals(t *testing.T) {
 		text   string
 	}{
 		{"protocol version 1", func(h *wire.Hello) { h.Version = 1 }, wire.RefuseVersion, "protocol version 1"},
-		{"a later protocol version", func(h *wire.Hello) { h.Version, h.Rest = 5, []byte("later fields") }, wire.RefuseVersion, "protocol version 5"},
+		{"a later protocol version", func(h *wire.Hello) { h.Version, h.Rest = ProtocolVersion+1, []byte("later fields") }, wire.RefuseVersion,
+			fmt.Sprintf("protocol version %d", ProtocolVersion+1)},
 		{"protocol version 3", func(h *wire.Hello) { h.Version = 3 }, wire.RefuseVersion, "protocol version 3"},
 		{"a disk on one side", func(h *wire.Hello) { h.Disks = []wire.Disk{{Size: 512}} }, wire.RefuseDisks, "different disks: 0 here, 1 on the peer"},
 		{"protocol version 2", func(h *wire.Hello) { h.Version = 2 }, wire.RefuseVersion, "protocol version 2"},
+		{"protocol version 3", func(h *wire.Hello) { h.Version = 3 }, wire.RefuseVersion, "protocol version 3"},
 		{"cpu", func(h *wire.Hello) { h.CPU[0] = 0xee }, wire.RefuseCPU, "different CPU"},
 		{"witness on one side", func(h *wire.Hello) { h.Witness[0] = 0xee }, wire.RefuseWitness, "different witness: none here"},
 		{"kernel", func(h *wire.Hello) { h.Kernel[0] = 0xee }, wire.RefuseKernel, "different kernel"},

@@ -240,7 +240,7 @@ func (n *Node) sendCheckpoint() {
 	if n.link == linkUp && (n.protected || n.joining) {
 		n.seq++
 		n.send(wire.Checkpoint{Seq: n.seq, Epoch: n.epoch, Pos: n.pos, Full: o.full, OutSeq: n.outSeq,
-			Events: o.events, State: o.state})
+			OutBytes: n.outBytes, Events: o.events, State: o.state})
 		o.waitSeq = n.seq
 		n.st.CheckpointEpochs++
 		n.st.CheckpointBytes += uint64(len(o.state))
@@ -263,14 +263,15 @@ func (n *Node) primaryOutput() Action {
 	if o.stage == stStart {
 		n.started = true
 		n.outSeq++
-		out := Out{Seq: n.outSeq, Kind: o.rkind, Data: append([]byte(nil), o.data...)}
+		out := Out{Seq: n.outSeq, Kind: o.rkind, Offset: n.outBytes, Data: append([]byte(nil), o.data...)}
+		n.outBytes += consoleLen(out.Kind, out.Data)
 		if !n.protected {
 			n.perform = append(n.perform, out)
 			return goAction
 		}
 		n.seq++
 		n.send(wire.Output{Seq: n.seq, Epoch: n.epoch, Pos: o.pt.Pos, OutSeq: out.Seq, Done: n.performed,
-			Kind: out.Kind, Data: out.Data})
+			Kind: out.Kind, Offset: out.Offset, Data: out.Data})
 		n.doneSent = max(n.doneSent, n.performed)
 		n.held = append(n.held, heldOut{out: out, seq: n.seq})
 		o.waitSeq, o.stage = n.seq, stAck

@@ -11,7 +11,8 @@ import (
 
 // ProtocolVersion is sent in Hello; peers with another version are refused.
 // Version 2 added the pair's instances and the witness to Hello; version 3
-// the interrupt windows and the CPUID hash; version 4 the disks.
+// the interrupt windows and the CPUID hash; version 4 the disks to Hello
+// and the console stream's offsets to Output and Checkpoint.
 const ProtocolVersion = 4
 
 // The wire types the protocol speaks in, under shorter names.
@@ -252,11 +253,25 @@ func (a Action) String() string {
 // failed primary may have performed it already; devices redo it (a
 // console repeats the bytes, TCP drops the duplicate, a disk write is
 // idempotent).
+//
+// Offset places a console output in the guest's console stream: its first
+// byte is byte Offset of the console output since boot. A promoted backup
+// knows it for every output it performs, so its console joins the dead
+// primary's at a known byte, not at a guessed overlap.
 type Out struct {
 	Seq       uint64
 	Kind      Kind
+	Offset    uint64
 	Data      []byte
 	Uncertain bool
+}
+
+// consoleLen is how far an output advances the console stream.
+func consoleLen(k Kind, data []byte) uint64 {
+	if k != wire.KindConsole {
+		return 0
+	}
+	return uint64(len(data))
 }
 
 // Ready is what the node produced since the last Ready: the driver drains
@@ -304,10 +319,11 @@ const (
 	NoteProtocol                        // the peer broke the protocol (Err); the link is closed
 	NoteClaim                           // the peer is lost (Err); asking the witness which replica goes on
 	NoteFenced                          // the witness chose the peer (Err): this replica stops
+	NoteTakeover                        // backup: it takes over; Seam and Uncertain place its console output
 )
 
 var noteNames = [...]string{"", "link up", "refused", "protected", "backup lost", "primary lost",
-	"live", "divergence", "repaired", "goodbye", "protocol error", "claim", "fenced"}
+	"live", "divergence", "repaired", "goodbye", "protocol error", "claim", "fenced", "takeover"}
 
 func (k NoteKind) String() string {
 	if int(k) < len(noteNames) && k > 0 {
@@ -324,12 +340,20 @@ type Note struct {
 	Status int        // NoteGoodbye
 	Peer   wire.Hello // NoteLinkUp
 	Err    error
+	// NoteTakeover: the console byte offset from which the promoted
+	// backup performs output (the dead primary confirmed every byte
+	// before it), and how many bytes from there on the dead primary may
+	// have written already (outputs it had not confirmed).
+	Seam, Uncertain uint64
 }
 
 func (n Note) String() string {
 	s := fmt.Sprintf("%v at epoch %d position %v", n.Kind, n.Epoch, n.Pos)
 	if n.Kind == NoteGoodbye {
 		s += fmt.Sprintf(", status %d", n.Status)
+	}
+	if n.Kind == NoteTakeover {
+		s += fmt.Sprintf(", performing from console byte offset %d (%d bytes uncertain)", n.Seam, n.Uncertain)
 	}
 	if n.Err != nil {
 		s += ": " + n.Err.Error()
@@ -368,6 +392,9 @@ type Status struct {
 	Epoch   uint64
 	Pos     Position
 	Outputs uint64 // outputs the guest produced
+	// ConsoleBytes: bytes of console output the guest produced since boot
+	// (the console stream's length after Outputs).
+	ConsoleBytes uint64
 	// Performed: primary, outputs the driver performed; backup, outputs
 	// the primary confirmed.
 	Performed uint64
@@ -382,6 +409,12 @@ type Status struct {
 	Divergences      uint64
 	Repairs          uint64
 	Promotions       uint64
+	// Seam (after a promotion): the console byte offset from which this
+	// replica performed output when it took over; SeamUncertain: how many
+	// bytes from there the dead primary may have written already. Its
+	// console joins the dead primary's at Seam, and those bytes repeat
+	// identically.
+	Seam, SeamUncertain uint64
 }
 
 func (s Status) String() string {
@@ -404,8 +437,12 @@ func (s Status) String() string {
 	case s.Claiming:
 		state += ", peer lost, waiting for the witness"
 	}
-	return fmt.Sprintf("%s; epoch %d at %v; %d outputs, %d performed; %d checkpoint epochs (%d bytes); %d divergences, %d repairs",
+	str := fmt.Sprintf("%s; epoch %d at %v; %d outputs, %d performed; %d checkpoint epochs (%d bytes); %d divergences, %d repairs",
 		state, s.Epoch, s.Pos, s.Outputs, s.Performed, s.CheckpointEpochs, s.CheckpointBytes, s.Divergences, s.Repairs)
+	if s.Promotions > 0 {
+		str += fmt.Sprintf("; took over performing from console byte offset %d (%d bytes uncertain)", s.Seam, s.SeamUncertain)
+	}
+	return str
 }
 
 func errorf(format string, args ...any) error { return fmt.Errorf(format, args...) }

@@ -133,7 +133,7 @@ func TestReplicaDisks(t *testing.T) {
 	if bres.status != 0 || !strings.Contains(bres.stderr, "taking over") {
 		t.Fatalf("backup after the failover: status %d\n%s", bres.status, bres.stderr)
 	}
-	out, _ := mergeSeam(p.stdout(), bres)
+	out, _ := mergeSeam(t, p.stdout(), bres)
 	w.checkComplete(t, out)
 
 	// One byte different: refused.

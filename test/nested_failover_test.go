@@ -3,6 +3,9 @@ package test
 import (
 	"context"
 	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -26,9 +29,19 @@ import (
 // One round per run: in the L1 the replicated boot reaches the workload
 // after about 2.5 minutes and the whole round takes about 4 (measured with
 // QEMU 10.0 and 250 ms epochs), so each further round would add 4 minutes
-// to CI. The kill moment is random: after a random line of the workload,
-// plus a random delay of up to a second, so that runs drill different
-// moments.
+// to CI. The kill moment is random and relative to the guest's progress:
+// after a random line of the workload shows on the primary's console, plus
+// a random delay of up to a second, so that runs drill different moments.
+// A kill that lands after the guest's end (the backup gets the primary's
+// goodbye and has nothing to take over) drilled nothing: it is neither a
+// pass nor a failure, and the round is run again with the kill after an
+// earlier line and without the delay, at most nestedFailoverRetries times.
+//
+// The consoles are joined at the console offset the backup logged when it
+// took over; the bytes from there that the primary's console already shows
+// must be identical to the backup's. The output files cross the L1's
+// console in hex (showx): a console translates line ends, and the offsets
+// count the guest's bytes.
 //
 // The L1 has one vCPU. With two (QEMU's multi-threaded TCG, the replicas
 // side by side) guests triple-faulted in 4 of 6 runs, replicated or not
@@ -47,6 +60,7 @@ const (
 	// The kill follows line nestedFailoverKillMin + [0, nestedFailoverKillSpan).
 	nestedFailoverKillMin  = 2
 	nestedFailoverKillSpan = 12
+	nestedFailoverRetries  = 2
 	nestedFailoverAddr     = "127.0.0.1:7100"
 	// The peer timeout is a hang guard: a killed primary's connection
 	// breaks, which the backup sees at once. In the L1 a replica's process
@@ -64,14 +78,15 @@ const (
 )
 
 // nestedFailoverScript runs the drill in the L1 and prints, between
-// "@@@ BEGIN <file>" and "@@@ END <file>" lines, every output file, and
-// "@@@ rc <what>=<n>" and "@@@ t <event>=<L1 uptime>" lines. Every wait is
-// bounded, so the outputs are printed even when something hangs.
+// "@@@ BEGIN <file>" (or "@@@ HEX <file>") and "@@@ END <file>" lines,
+// every output file of the last round, and "@@@ rc <what>=<n>" and "@@@ t
+// <event>=<L1 uptime>" lines ("@@@ late ..." for a round whose kill came
+// after the guest's end). Every wait is bounded, so the outputs are
+// printed even when something hangs.
 func nestedFailoverScript(killAt int, delayUS int) string {
 	return nestedShellLib + fmt.Sprintf(`F=%[1]s
 mkdir -p /tmp
 cd /tmp
-rm -f p.out p.err b.out b.err
 # has FILE LINE: FILE holds LINE as a whole line.
 has() { tr -d '\r' <$1 | grep -qx "$2"; }
 guest="--timeout %[2]s --mem 128 --kernel %[3]s --initrd %[4]s"
@@ -79,37 +94,66 @@ cmdline='quiet ftkvm.workload=lines ftkvm.lines=%[5]d ftkvm.spin=%[6]d'
 
 # The L1 brings up no interface by itself; the replicas talk over lo.
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
-$F --log-level info backup --listen %[7]s $guest --cmdline "$cmdline" >b.out 2>b.err &
-b=$!
-i=0
-until grep -q 'backup waiting for its primary' b.err; do
-	if ! alive $b || [ $i -ge 60 ]; then echo "@@@ no backup after $i s"; break; fi
-	sleep 1; i=$((i + 1))
-done
-echo "@@@ t start=$(up)"
-$F --log-level info primary --backup %[7]s --epoch-length %[8]s $guest --cmdline "$cmdline" >p.out 2>p.err &
-p=$!
-i=0
-first=
-until has p.out 'line %[9]d'; do
-	if [ -z "$first" ] && has p.out 'line 1'; then
-		first=1
-		echo "@@@ t line1=$(up)"
+# round K DELAY_US: a backup and a primary; the primary is killed
+# DELAY_US after its console shows line K (looked for every 0.1 s).
+round() {
+	rm -f p.out p.err b.out b.err
+	$F --log-level info backup --listen %[7]s $guest --cmdline "$cmdline" >b.out 2>b.err &
+	b=$!
+	i=0
+	until grep -q 'backup waiting for its primary' b.err; do
+		if ! alive $b || [ $i -ge 60 ]; then echo "@@@ no backup after $i s"; break; fi
+		sleep 1; i=$((i + 1))
+	done
+	echo "@@@ t start=$(up)"
+	$F --log-level info primary --backup %[7]s --epoch-length %[8]s $guest --cmdline "$cmdline" >p.out 2>p.err &
+	p=$!
+	i=0
+	first=
+	until has p.out "line $1"; do
+		if [ -z "$first" ] && has p.out 'line 1'; then
+			first=1
+			echo "@@@ t line1=$(up)"
+		fi
+		if ! alive $p || [ $i -ge 6000 ]; then echo "@@@ no line $1 after $((i / 10)) s"; break; fi
+		usleep 100000; i=$((i + 1))
+	done
+	[ -z "$first" ] && echo "@@@ t line1=$(up)"
+	usleep $2
+	kill -9 $p
+	echo "@@@ t kill=$(up)"
+	wait $p
+	echo "@@@ rc primary=$?"
+	waitpid $b 300 backup
+	echo "@@@ t end=$(up)"
+}
+k=%[9]d
+d=%[10]d
+try=0
+while :; do
+	round $k $d
+	# Too late: the primary's console shows the workload's end, and the
+	# backup got it from the primary and took nothing over. Again,
+	# earlier. (A guest that ended early is no late kill.)
+	if has p.out '%[12]s status=0' && grep -q 'ended on the primary' b.err && ! grep -q 'taking over' b.err && [ $try -lt %[11]d ]; then
+		echo "@@@ late: the kill after line $k (+$d us) came after the guest's end"
+		for f in p.err b.err; do cp $f late$try.$f; done
+		try=$((try + 1))
+		k=$((k / 2))
+		[ $k -lt 1 ] && k=1
+		d=0
+		continue
 	fi
-	if ! alive $p || [ $i -ge 600 ]; then echo "@@@ no line %[9]d after $i s"; break; fi
-	sleep 1; i=$((i + 1))
+	break
 done
-[ -z "$first" ] && echo "@@@ t line1=$(up)"
-usleep %[10]d
-kill -9 $p
-echo "@@@ t kill=$(up)"
-wait $p
-echo "@@@ rc primary=$?"
-waitpid $b 300 backup
-echo "@@@ t end=$(up)"
-for f in p.out p.err b.out b.err; do show $f; done
+echo "@@@ killed after line $k"
+for f in p.out b.out; do showx $f; done
+for f in p.err b.err late*.err; do
+	if [ -e $f ]; then show $f; fi
+done
 `, l1FTKVM, nestedFailoverPeerTimeout, nested.GuestVmlinux, nested.GuestInitramfs,
-		nestedFailoverLines, nestedFailoverSpin, nestedFailoverAddr, nestedFailoverEpoch, killAt, delayUS)
+		nestedFailoverLines, nestedFailoverSpin, nestedFailoverAddr, nestedFailoverEpoch, killAt, delayUS, nestedFailoverRetries,
+		imagelib.GuestDoneMarker)
 }
 
 // nestedFailoverOutput is the parsed output of nestedFailoverScript.
@@ -121,7 +165,7 @@ type nestedFailoverOutput struct {
 }
 
 var (
-	nfBeginRE = regexp.MustCompile(`^@@@ BEGIN (\S+)$`)
+	nfBeginRE = regexp.MustCompile(`^@@@ (BEGIN|HEX) (\S+)$`)
 	nfRCRE    = regexp.MustCompile(`^@@@ rc (\S+)=(-?\d+)$`)
 	nfTimeRE  = regexp.MustCompile(`^@@@ t (\S+)=([0-9.]+)$`)
 	nfLineRE  = regexp.MustCompile(`^line (\d+)$`)
@@ -134,12 +178,16 @@ func parseNestedFailover(out string) nestedFailoverOutput {
 		l := lines[i]
 		if m := nfBeginRE.FindStringSubmatch(l); m != nil {
 			var body []string
-			for i++; i < len(lines) && lines[i] != "@@@ END "+m[1]; i++ {
+			for i++; i < len(lines) && lines[i] != "@@@ END "+m[2]; i++ {
 				body = append(body, lines[i])
+			}
+			if m[1] == "HEX" {
+				o.files[m[2]] = unhex(body)
+				continue
 			}
 			// show adds one newline after the file's contents: the
 			// lines between the markers, joined, are the contents.
-			o.files[m[1]] = strings.Join(body, "\n")
+			o.files[m[2]] = strings.Join(body, "\n")
 			continue
 		}
 		if m := nfRCRE.FindStringSubmatch(l); m != nil {
@@ -153,18 +201,22 @@ func parseNestedFailover(out string) nestedFailoverOutput {
 	return o
 }
 
-// joinAtSeam joins a dead primary's console p and its backup's b by the
-// rule of merge in failover_test.go: the backup starts with the outputs the
-// primary had not confirmed, which it may have performed already, so the
-// longest suffix of p that is a prefix of b is printed once. It returns the
-// joined console and how many bytes repeated.
-func joinAtSeam(p, b string) (string, int) {
-	for k := min(len(p), len(b)); k > 0; k-- {
-		if strings.HasSuffix(p, b[:k]) {
-			return p + b[k:], k
+// unhex decodes od -An -tx1 lines (showx). A line that is not hex bytes
+// (console noise in the middle) is kept visibly, so that the checks fail
+// on it rather than lose it.
+func unhex(lines []string) string {
+	var b strings.Builder
+	for _, l := range lines {
+		for _, f := range strings.Fields(l) {
+			v, err := strconv.ParseUint(f, 16, 8)
+			if err != nil || len(f) != 2 {
+				fmt.Fprintf(&b, "<not hex: %q>", l)
+				break
+			}
+			b.WriteByte(byte(v))
 		}
 	}
-	return p + b, 0
+	return b.String()
 }
 
 // lineNumbersIn returns the numbers of the workload's "line <i>" lines in
@@ -209,7 +261,9 @@ func checkLinesConsole(console string, n int) error {
 func TestNestedFailover(t *testing.T) {
 	nestedTest(t)
 	// Hang guards, not assertions on speed.
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	// A round takes about 4 minutes; a late kill adds one (at most
+	// nestedFailoverRetries).
+	ctx, cancel := context.WithTimeout(context.Background(), 28*time.Minute)
 	defer cancel()
 	r := newRand(t)
 	killAt := nestedFailoverKillMin + r.IntN(nestedFailoverKillSpan)
@@ -218,7 +272,7 @@ func TestNestedFailover(t *testing.T) {
 	cfg := nested.Config{
 		Files:       map[string]string{l1FTKVM: ftkvmBin},
 		GuestImages: true,
-		Commands:    []nested.Command{{Name: "linux-failover", Cmd: nestedFailoverScript(killAt, delayUS), Timeout: 16 * time.Minute}},
+		Commands:    []nested.Command{{Name: "linux-failover", Cmd: nestedFailoverScript(killAt, delayUS), Timeout: 24 * time.Minute}},
 	}
 	res := runNested(ctx, t, cfg)
 	c := res.Command("linux-failover")
@@ -230,6 +284,8 @@ func TestNestedFailover(t *testing.T) {
 	o := parseNestedFailover(c.Output)
 	for _, n := range o.notes {
 		t.Log(n)
+		// The last round's kill moment (earlier than drawn after a late one).
+		fmt.Sscanf(n, "@@@ killed after line %d", &killAt)
 	}
 	pOut, pErr, bOut, bErr := o.files["p.out"], o.files["p.err"], o.files["b.out"], o.files["b.err"]
 	dump := func() string {
@@ -242,9 +298,16 @@ func TestNestedFailover(t *testing.T) {
 	ut := o.times
 	t.Logf("L1 uptime: primary's line 1 %.1fs after it started, line %d seen and the primary killed %.1fs after it started, backup exited %.1fs after the kill",
 		ut["line1"]-ut["start"], killAt, ut["kill"]-ut["start"], ut["end"]-ut["kill"])
-	for _, f := range []string{"p.err", "b.err"} {
+	lates := []string{"p.err", "b.err"}
+	for f := range o.files {
+		if strings.HasPrefix(f, "late") {
+			lates = append(lates, f) // a round whose kill came after the guest's end
+		}
+	}
+	for _, f := range lates {
 		for _, l := range strings.Split(o.files[f], "\n") {
-			if strings.Contains(l, "replica stopped") || strings.Contains(l, "DIVERGENCE") || strings.Contains(l, "repaired") {
+			if strings.Contains(l, "replica stopped") || strings.Contains(l, "DIVERGENCE") || strings.Contains(l, "repaired") ||
+				strings.Contains(l, "ended on the primary") {
 				t.Logf("%s: %s", f, l)
 			}
 		}
@@ -258,18 +321,63 @@ func TestNestedFailover(t *testing.T) {
 	}
 	// The backup took over and ran the guest to its end.
 	if rc, ok := o.rc["backup"]; !ok || rc != 0 || !strings.Contains(bErr, "taking over") || !strings.Contains(bErr, "this replica is the primary now") {
+		if strings.Contains(bErr, "ended on the primary") {
+			t.Fatalf("every kill, the last after line %d, came after the guest's end: nothing was drilled\n%s", killAt, dump())
+		}
 		t.Fatalf("backup: status %d (reported: %v), want 0 and a takeover on stderr\n%s", rc, ok, dump())
 	}
-	joined, repeated := joinAtSeam(pOut, bOut)
+	seam, uncertain, ok := seamOf(bErr)
+	if !ok {
+		t.Fatalf("the backup took over without one line saying from which console byte it performs\n%s", dump())
+	}
+	joined, repeated, err := joinAt(pOut, bOut, seam, uncertain)
+	if err != nil {
+		t.Fatalf("joining the consoles: %v\n%s", err, dump())
+	}
+	// The guest's console ends lines with \r\n.
+	joined = strings.ReplaceAll(joined, "\r", "")
+	pText, bText := strings.ReplaceAll(pOut, "\r", ""), strings.ReplaceAll(bOut, "\r", "")
 	// The primary's numbered lines are those it ended with a newline.
-	pNums, _ := lineNumbersIn(pOut[:strings.LastIndexByte(pOut, '\n')+1])
-	bNums, _ := lineNumbersIn(bOut)
-	t.Logf("the primary printed %d numbered lines, the backup %d whole ones (%d bytes); %d bytes repeated at the seam: %q",
-		len(pNums), len(bNums), len(bOut), repeated, bOut[:repeated])
+	pNums, _ := lineNumbersIn(pText[:strings.LastIndexByte(pText, '\n')+1])
+	bNums, _ := lineNumbersIn(bText)
+	t.Logf("the primary printed %d numbered lines (%d bytes), the backup %d whole ones (%d bytes) from console byte %d; %d bytes repeated identically at the seam (%d uncertain): %q",
+		len(pNums), len(pOut), len(bNums), len(bOut), seam, repeated, uncertain, bOut[:repeated])
 	if err := checkLinesConsole(joined, nestedFailoverLines); err != nil {
 		t.Fatalf("joined console: %v\n%s", err, dump())
 	}
 	if len(pNums) >= nestedFailoverLines || len(bNums) == 0 {
 		t.Fatalf("the backup printed no numbered line of its own: the kill did not come mid-workload\n%s", dump())
+	}
+}
+
+// TestShowxRoundTrip: a file shown with showx (nestedShellLib) and
+// read back by parseNestedFailover has exactly its bytes, line ends and
+// all. Runs the helpers with this host's busybox (the nested tier's
+// userland) or, without one, its sh and od.
+func TestShowxRoundTrip(t *testing.T) {
+	sh := []string{"sh", "-c"}
+	if _, err := os.Stat(imagelib.HostBusybox); err == nil {
+		sh = []string{imagelib.HostBusybox, "sh", "-c"}
+	}
+	want := "line 1\r\nline 2\r\n\x00\xff unterminated"
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "p.out"), []byte(want), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "empty"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(sh[0], append(sh[1:], nestedShellLib+"showx p.out; showx empty")...)
+	cmd.Dir = dir
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	o := parseNestedFailover(string(out))
+	if got, ok := o.files["p.out"]; !ok || got != want {
+		t.Fatalf("p.out read back as %q, want %q\nshown as:\n%s", got, want, out)
+	}
+	if got, ok := o.files["empty"]; !ok || got != "" {
+		t.Fatalf("an empty file read back as %q (found: %v)\n%s", got, ok, out)
 	}
 }

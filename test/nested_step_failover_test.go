@@ -21,8 +21,9 @@ import (
 // whose primary is killed with SIGKILL at a random fraction of that
 // length. The checks are those of
 // TestStepClockFailoverDrills: the dead primary's console followed by the
-// backup's is the workload's whole output, the overlap bounded by the
-// backup's "may repeat" line, and the backup exits 0.
+// backup's, joined at the console offset the backup logged (the consoles
+// cross the L1's in hex, byte for byte), is the workload's whole output,
+// and the backup exits 0.
 //
 // The workloads are small: stepping runs about a thousand instructions a
 // second in the L1 (each step is an L2 exit emulated by TCG). Linux runs
@@ -50,8 +51,8 @@ var nestedStepWorkloads = []workload{
 }
 
 // nestedStepDrillScript runs every workload's undisturbed run and its kills
-// in the L1, printing outputs between "@@@ BEGIN <file>" and "@@@ END
-// <file>", exit statuses as "@@@ rc <file>=<n>" and run lengths as "@@@ t
+// in the L1, printing outputs between "@@@ BEGIN <file>" (or "@@@ HEX
+// <file>") and "@@@ END <file>", exit statuses as "@@@ rc <file>=<n>" and run lengths as "@@@ t
 // <name>=<seconds>" (parseNestedFailover reads them). fracs[w][k] is where
 // in the undisturbed run kill k of workload w falls (0-1).
 func nestedStepDrillScript(fracs [][]float64) string {
@@ -86,7 +87,8 @@ pair() {
 	waitpid $p 300 $n.p
 	waitpid $b 300 $n.b
 	echo "@@@ t $n=$(awk -v a=$t0 -v b=$(up) 'BEGIN { printf "%%.2f", b - a }')"
-	for f in $n.p.out $n.p.err $n.b.out $n.b.err; do show $f; done
+	for f in $n.p.out $n.b.out; do showx $f; done
+	for f in $n.p.err $n.b.err; do show $f; done
 }
 `, l1FTKVM)
 	for i, w := range nestedStepWorkloads {
@@ -209,7 +211,7 @@ func TestNestedStepClockFailoverDrills(t *testing.T) {
 					if b.status != 0 {
 						t.Fatalf("the backup exited with status %d", b.status)
 					}
-					out, _ := mergeSeam(p.stdout, b)
+					out, _ := mergeSeam(t, p.stdout, b)
 					w.checkComplete(t, out)
 				})
 			}

@@ -22,8 +22,9 @@ const l1TestOS = "/guest/testos.elf"
 
 // nestedShellLib is the shell helpers the nested drills' L1 scripts share:
 // up (L1 uptime), alive PID, waitpid PID SECS NAME (bounded wait, prints
-// "@@@ rc NAME=status") and show FILE (prints it between "@@@ BEGIN" and
-// "@@@ END" lines).
+// "@@@ rc NAME=status"), show FILE (prints it between "@@@ BEGIN" and
+// "@@@ END" lines) and showx FILE (its bytes in hex, between "@@@ HEX" and
+// "@@@ END" lines: exact, where the console would translate line ends).
 const nestedShellLib = `up() { cut -d' ' -f1 /proc/uptime; }
 # alive PID: running (not exited, not a zombie waiting for the shell).
 alive() { [ -e /proc/$1/stat ] && [ "$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null)" != Z ]; }
@@ -46,6 +47,11 @@ show() {
 	echo "@@@ BEGIN $1"
 	cat $1
 	echo
+	echo "@@@ END $1"
+}
+showx() {
+	echo "@@@ HEX $1"
+	od -An -v -tx1 $1
 	echo "@@@ END $1"
 }
 `

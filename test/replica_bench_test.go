@@ -101,8 +101,8 @@ func BenchmarkReplicaFailover(b *testing.B) {
 		pr.primary.kill()
 		// The first byte the backup adds to what the dead primary showed.
 		pr.backup.waitUntil("new output from the backup", func() bool {
-			out, _ := merge(before, pr.backup.stdout())
-			return len(out) > len(before)
+			seam, _, ok := seamOf(pr.backup.stderr())
+			return ok && seam+len(pr.backup.stdout()) > len(before)
 		})
 		total += time.Since(kill)
 		if res := pr.backup.wait(); res.status != 0 {

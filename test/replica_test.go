@@ -61,11 +61,11 @@ func TestReplicaStrictPolicy(t *testing.T) {
 		t.Fatalf("backup: status %d, output %q\n%s", b.status, b.stdout, b.stderr)
 	}
 
-	pr = startPair(t, w, "--policy", "strict")
-	pr.primary.waitLines(20)
-	pr.primary.kill()
-	b := pr.backup.wait()
-	out, _ := mergeSeam(pr.primary.stdout(), b)
+	p, b := killAfterLine(t, func() (p, b *proc) {
+		pr := startPair(t, w, "--policy", "strict")
+		return pr.primary, pr.backup
+	}, 20)
+	out, _ := mergeSeam(t, p.stdout, b)
 	if b.status != 0 || !strings.Contains(b.stderr, "taking over") {
 		t.Fatalf("backup: status %d\n%s", b.status, b.stderr)
 	}
@@ -151,6 +151,13 @@ func TestReplicaReprotect(t *testing.T) {
 	if st.Replica == nil || st.Replica.Role != "primary" || !st.Replica.Protected || st.Replica.Promotions != 1 {
 		t.Fatalf("status after re-protection: %+v", st.Replica)
 	}
+	// ctl status says where the promoted backup's console continues the
+	// dead primary's, as its takeover line did.
+	if seam, uncertain, ok := seamOf(b1.stderr()); !ok || st.Replica.Seam != uint64(seam) || st.Replica.SeamUncertain != uint64(uncertain) ||
+		st.Replica.ConsoleBytes < st.Replica.Seam {
+		t.Fatalf("status seam %d (%d uncertain, console %d bytes); the takeover line says %d (%d uncertain)",
+			st.Replica.Seam, st.Replica.SeamUncertain, st.Replica.ConsoleBytes, seam, uncertain)
+	}
 	// The full state is sent; wait until the new backup acknowledged it
 	// (a backup killed before holding the whole state has nothing to take
 	// over, which TestJoiningBackupPromotesWithReceivedState covers).
@@ -167,8 +174,8 @@ func TestReplicaReprotect(t *testing.T) {
 	if res.status != 0 || !strings.Contains(res.stderr, "taking over") {
 		t.Fatalf("second backup: status %d\n%s", res.status, res.stderr)
 	}
-	out, _ := mergeSeam(p1.stdout(), result{stdout: b1.stdout(), stderr: b1.stderr()})
-	out, _ = mergeSeam(out, res)
+	out, _ := mergeSeam(t, p1.stdout(), result{stdout: b1.stdout(), stderr: b1.stderr()})
+	out, _ = mergeSeam(t, out, res)
 	w.checkComplete(t, out)
 }
 
@@ -304,11 +311,11 @@ func TestReplicaNetns(t *testing.T) {
 	}
 
 	t.Run("failover", func(t *testing.T) {
-		p, b := startNS()
-		p.waitLines(10)
-		p.kill()
-		res := b.wait()
-		out, _ := mergeSeam(p.stdout(), res)
+		// The peer timeout as in the host drills (replicaArgs): a
+		// replica stalled for 100 ms on a loaded machine must not make
+		// the pair split before the kill.
+		p, res := killAfterLine(t, func() (p, b *proc) { return startNS("--timeout", drillPeerTimeout) }, 10)
+		out, _ := mergeSeam(t, p.stdout, res)
 		if res.status != 0 || !strings.Contains(res.stderr, "taking over") {
 			t.Fatalf("backup: status %d\n%s", res.status, res.stderr)
 		}
@@ -379,7 +386,7 @@ func TestReplicaNetns(t *testing.T) {
 				if pres.status != 125 || !strings.Contains(bres.stderr, "taking over") {
 					t.Fatalf("fenced primary status %d; backup:\n%s", pres.status, bres.stderr)
 				}
-				out, _ := mergeSeam(pres.stdout, bres)
+				out, _ := mergeSeam(t, pres.stdout, bres)
 				w.checkComplete(t, out)
 				won["backup"]++
 			default:
@@ -391,11 +398,8 @@ func TestReplicaNetns(t *testing.T) {
 	})
 
 	t.Run("failover with a witness", func(t *testing.T) {
-		p, b := startNS("--witness", witnessAddr)
-		p.waitLines(10)
-		p.kill()
-		res := b.wait()
-		out, _ := mergeSeam(p.stdout(), res)
+		p, res := killAfterLine(t, func() (p, b *proc) { return startNS("--witness", witnessAddr, "--timeout", drillPeerTimeout) }, 10)
+		out, _ := mergeSeam(t, p.stdout, res)
 		if res.status != 0 || !strings.Contains(res.stderr, "the witness chose this replica") || !strings.Contains(res.stderr, "taking over") {
 			t.Fatalf("backup: status %d\n%s", res.status, res.stderr)
 		}

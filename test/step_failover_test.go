@@ -90,7 +90,7 @@ func TestStepClockFailoverDrills(t *testing.T) {
 				time.Sleep(time.Duration(r.Int64N(int64(whole))))
 				pr.primary.kill()
 				bres := pr.backup.wait()
-				out, _ := mergeSeam(pr.primary.stdout(), bres)
+				out, _ := mergeSeam(t, pr.primary.stdout(), bres)
 				if strings.Contains(bres.stderr, "taking over") {
 					failovers++
 				}

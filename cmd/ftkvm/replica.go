@@ -367,7 +367,8 @@ func (a replicaAPI) ReplicaStatus() api.ReplicaStatus {
 		Outputs: s.Outputs, Performed: s.Performed, Held: s.Held, LogSent: s.LogSent, LogAcked: s.LogAcked,
 		Backlog: s.Backlog, LinkBytes: a.r.LinkBytes(), Epochs: s.Epochs, CheckpointEpochs: s.CheckpointEpochs,
 		CheckpointBytes: s.CheckpointBytes, Divergences: s.Divergences, Repairs: s.Repairs,
-		Promotions: s.Promotions, Summary: s.String(), Profile: ptr(a.r.Profile()),
+		Promotions: s.Promotions, Seam: s.Seam, SeamUncertain: s.SeamUncertain, ConsoleBytes: s.ConsoleBytes,
+		Summary: s.String(), Profile: ptr(a.r.Profile()),
 	}
 }
 

@@ -704,18 +704,6 @@ func (r *Replica) drain() {
 		}
 	}
 	if len(rd.Perform) > 0 {
-		// After a promotion, outputs whose performance the dead primary
-		// had not confirmed (absorbed ones, and those replayed from the
-		// log) are performed as uncertain: it may have performed them.
-		n := 0
-		for _, o := range rd.Perform {
-			if o.Uncertain {
-				n += len(o.Data)
-			}
-		}
-		if n > 0 {
-			r.log.Warnf("replica: %d bytes of output may repeat (the primary had not confirmed them)", n)
-		}
 		r.perfQ = append(r.perfQ, rd.Perform...)
 		r.perfCond.Broadcast()
 	}
@@ -761,6 +749,14 @@ func (r *Replica) noted(n ft.Note) {
 			break
 		}
 		f.Warnf("replica: primary lost (%v); taking over", n.Err)
+	case ft.NoteTakeover:
+		// After a promotion, outputs whose performance the dead primary
+		// had not confirmed (absorbed ones, and those replayed from the
+		// log) are performed as uncertain: it may have performed them.
+		// The offset places this replica's console output in the guest's
+		// console stream, so that it joins the dead primary's exactly.
+		f.Warnf("replica: performing from console byte offset %d (%d bytes uncertain: the primary had not confirmed them, they may repeat)",
+			n.Seam, n.Uncertain)
 	case ft.NoteLive:
 		f.Warnf("replica: log replayed; this replica is the primary now, unprotected")
 	case ft.NoteDivergence:

@@ -145,8 +145,11 @@ type Checkpoint struct {
 	Pos    Position // where the primary was: the count at its last exit
 	Full   bool     // the complete state, not the pages dirtied since the last one
 	OutSeq uint64   // outputs the guest had produced; all were performed
-	Events []Event
-	State  []byte
+	// OutBytes: bytes of console output the guest had written since boot
+	// (the console stream's length at OutSeq).
+	OutBytes uint64
+	Events   []Event
+	State    []byte
 }
 
 // Output announces the primary's output OutSeq before it leaves the
@@ -160,6 +163,9 @@ type Output struct {
 	OutSeq uint64
 	Done   uint64 // outputs performed up to here (a piggybacked Performed)
 	Kind   Kind
+	// Offset: for a console output, where its first byte falls in the
+	// guest's console stream (bytes of console output written before it).
+	Offset uint64
 	Data   []byte
 }
 
@@ -349,6 +355,7 @@ func (m Checkpoint) appendBody(b []byte) []byte {
 	b = appendPos(b, m.Pos)
 	b = append(b, boolByte(m.Full))
 	b = le64(b, m.OutSeq)
+	b = le64(b, m.OutBytes)
 	b = appendEvents(b, m.Events)
 	return appendBytes(b, m.State)
 }
@@ -360,6 +367,7 @@ func decodeCheckpoint(r *reader) Msg {
 	m.Pos = r.pos()
 	m.Full = r.bool()
 	m.OutSeq = r.u64()
+	m.OutBytes = r.u64()
 	m.Events = r.events()
 	m.State = r.bytes()
 	return m
@@ -372,6 +380,7 @@ func (m Output) appendBody(b []byte) []byte {
 	b = le64(b, m.OutSeq)
 	b = le64(b, m.Done)
 	b = append(b, byte(m.Kind))
+	b = le64(b, m.Offset)
 	return appendBytes(b, m.Data)
 }
 
@@ -383,6 +392,7 @@ func decodeOutput(r *reader) Msg {
 	m.OutSeq = r.u64()
 	m.Done = r.u64()
 	m.Kind = Kind(r.u8())
+	m.Offset = r.u64()
 	m.Data = r.bytes()
 	return m
 }

@@ -71,7 +71,13 @@ type ReplicaStatus struct {
 	Divergences      uint64 `json:"divergences"`
 	Repairs          uint64 `json:"repairs"`
 	Promotions       uint64 `json:"promotions"`
-	Summary          string `json:"summary"`
+	// After a promotion: the console byte offset (bytes of console output
+	// since boot) from which this replica performed output, and how many
+	// bytes from there the dead primary may have written already.
+	Seam          uint64 `json:"seam_offset"`
+	SeamUncertain uint64 `json:"seam_uncertain_bytes"`
+	ConsoleBytes  uint64 `json:"console_bytes"` // the guest's console output since boot
+	Summary       string `json:"summary"`
 	// Profile is the replica profile (docs/PROFILE.md): how epochs ended
 	// and what capture, install, hashes and the link cost.
 	Profile *driver.ReplicaProfile `json:"profile,omitempty"`

@@ -89,13 +89,15 @@ type simReplica struct {
 	r    *Replica
 	m    *fakeMachine
 
-	mu        sync.Mutex // guards the fields below
-	dead      bool       // killed: performs nothing more
-	outs      []simOut   // outputs performed
-	uncertain int        // bytes announced as possibly repeated
-	liveAt    int        // len(m.delivered) when it went live (-1: never)
-	promoted  bool
-	lines     []string // its log
+	mu         sync.Mutex // guards the fields below
+	dead       bool       // killed: performs nothing more
+	outs       []simOut   // outputs performed
+	uncertain  int        // bytes announced as possibly repeated
+	seam       int        // the console byte offset the takeover line gave
+	seamLogged bool
+	liveAt     int // len(m.delivered) when it went live (-1: never)
+	promoted   bool
+	lines      []string // its log
 
 	ran      bool // its run was started
 	attached bool
@@ -142,10 +144,11 @@ func (s *simReplica) Fire(e *logrus.Entry) error {
 		s.m.mu.Lock()
 		s.liveAt = len(s.m.delivered)
 		s.m.mu.Unlock()
-	case strings.Contains(msg, "bytes of output may repeat"):
-		var n int
-		if _, err := fmt.Sscanf(msg, "replica: %d bytes", &n); err == nil {
+	case strings.Contains(msg, "performing from console byte offset"):
+		var off, n int
+		if _, err := fmt.Sscanf(msg, "replica: performing from console byte offset %d (%d bytes uncertain", &off, &n); err == nil {
 			s.uncertain += n
+			s.seam, s.seamLogged = off, true
 		}
 	}
 	return nil
@@ -237,6 +240,9 @@ func (s *sim) add(name string, role ft.Role) *simReplica {
 	}
 	if role == ft.RoleBackup {
 		opts.InjectDivergence = s.cfg.inject
+		// A backup of the simulation may join a running guest (the
+		// second backup of re-protection), as backup --join does.
+		opts.Node.Join = true
 	}
 	sr.r = New(opts)
 	sr.m = newFakeMachine(s.cfg.exits, 150)
@@ -400,6 +406,17 @@ func (s *sim) checkSeams(chain ...*simReplica) {
 	for i, sr := range chain {
 		if i > 0 && !sr.promoted && len(sr.outs) > 0 {
 			s.fail("%s performed %d outputs without taking over", sr.name, len(sr.outs))
+		}
+		if i > 0 && sr.promoted && len(sr.outs) > 0 {
+			// The takeover line places the first output it performs in
+			// the console stream: the bytes of every output before it.
+			before := 0
+			for _, m := range merged[:min(len(merged), int(sr.outs[0].seq)-1)] {
+				before += len(m.data)
+			}
+			if !sr.seamLogged || sr.seam != before {
+				s.fail("%s performs output %d from console byte %d (logged %v); the outputs before it hold %d bytes", sr.name, sr.outs[0].seq, sr.seam, sr.seamLogged, before)
+			}
 		}
 		repeated := 0
 		for j, o := range sr.outs {

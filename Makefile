@@ -1,11 +1,12 @@
-# ftkvm build. `make run` builds and boots the test guest; `make test`
-# installs the test dependencies and runs every test.
+# ftkvm build. `make run` builds ftkvm and the test guest and runs a short
+# failover drill of it (ftkvm drill); `make boot` just boots the test
+# guest; `make test` installs the test dependencies and runs every test.
 GO       ?= go
 BIN      := bin/ftkvm
 TESTOS   := guest/testos/testos.elf
 WORKLOAD ?= counter
 
-.PHONY: all build testos run test deps deps-build vet clean bench
+.PHONY: all build testos run boot test deps deps-build vet clean bench
 
 all: build testos
 
@@ -17,7 +18,14 @@ build:
 testos:
 	$(MAKE) -s -C guest/testos
 
+# The drill: a witness, a backup and a primary on this machine; the
+# primary killed KILLS times while the guest counts, a new backup joined
+# after each takeover; the consoles checked for loss; drill.png.
+KILLS ?= 3
 run: deps-build all
+	$(BIN) drill --kernel $(TESTOS) --mem 32 --cmdline "workload=counter lines=800 wait=4 hz=200" --kills $(KILLS) --timeout 2s
+
+boot: deps-build all
 	$(BIN) run --kernel $(TESTOS) --cmdline "workload=$(WORKLOAD)"
 
 deps-build:

@@ -283,6 +283,11 @@ func (c *drillCmd) run() (int, error) {
 			}
 			return 0, err
 		}
+		// Kill while the guest writes: after its console grew, then at
+		// a random moment within --within.
+		for n0, t0 := len(primary.stdout()), time.Now(); len(primary.stdout()) == n0 && !primary.exited() && time.Since(t0) < time.Minute; {
+			time.Sleep(5 * time.Millisecond)
+		}
 		time.Sleep(time.Duration(rng.Int64N(int64(c.Within) + 1)))
 		if primary.exited() {
 			ended = true

@@ -10,7 +10,7 @@ import (
 	"time"
 )
 
-// Failover drills (issue 5): a primary and a backup ftkvm on this machine,
+// Failover drills (ft/doc.go, "Failover"): a primary and a backup ftkvm on this machine,
 // over loopback, the primary killed with SIGKILL at random moments of the
 // guest's progress (after a random console line). The primary's console
 // up to its death joined with the backup's at the console offset the

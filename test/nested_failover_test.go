@@ -16,9 +16,8 @@ import (
 	"github.com/ftkvm/ftkvm/tools/images/imagelib"
 )
 
-// A failover drill with a Linux guest, in the nested tier (issue 5: "the
-// same drills in the nested tier, with a Linux guest running its
-// numbered-lines workload"). In one L1 boot, an `ftkvm backup` and an
+// A failover drill with a Linux guest, in the nested tier: the host's
+// drills with a Linux guest running its numbered-lines workload. In one L1 boot, an `ftkvm backup` and an
 // `ftkvm primary` run the Debian guest with the lines workload over
 // loopback; once the primary's console shows a few lines, the primary is
 // killed with SIGKILL, and the backup takes over and runs the guest to its

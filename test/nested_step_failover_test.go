@@ -12,9 +12,8 @@ import (
 	"github.com/ftkvm/ftkvm/test/nested"
 )
 
-// Failover drills under the step clock in the nested tier (issue 6: "in the
-// nested tier with ring-3 workloads and with a Linux guest running
-// briefly"). The L1's kvm_amd single-steps every
+// Failover drills under the step clock in the nested tier, with ring-3
+// workloads and with a Linux guest running briefly (docs/STEP-CLOCK.md). The L1's kvm_amd single-steps every
 // ring, so testos runs its workloads at ring 3 there, as it does by default.
 // In one L1 boot, for each workload: an undisturbed replicated run in
 // verify mode, whose length (L1 uptime) sets the scale, then a few runs

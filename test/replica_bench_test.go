@@ -7,7 +7,7 @@ import (
 	"time"
 )
 
-// Replication benchmarks (issue 5), ratios within one run:
+// Replication benchmarks, ratios within one run:
 //
 //	go test -run '^$' -bench Replica -benchtime 3x ./test/
 //

@@ -9,7 +9,7 @@ import (
 	"time"
 )
 
-// Failover drills under the step clock (issue 6): on this host single-step
+// Failover drills under the step clock (docs/STEP-CLOCK.md): on this host single-step
 // works at ring 0 only, so the workloads run at ring 0 (testos ring=0),
 // small, since every instruction is a KVM exit (~1e5 steps/s).
 

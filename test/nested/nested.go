@@ -1,6 +1,6 @@
 // Package nested runs commands inside an L1 Linux guest that has a real
 // KVM. This project's machines only have a paravirtual KVM that emulates
-// guest ring 0 (too slow for Linux, see shared/ENVIRONMENT.md), but QEMU's
+// guest ring 0 (too slow for Linux, see docs/KVM-HOSTS.md), but QEMU's
 // TCG emulates AMD SVM with nested paging: a Debian kernel booted under
 // `qemu-system-x86_64 -accel tcg -cpu max` loads kvm_amd and its /dev/kvm
 // runs Linux L2 guests. Run builds an initramfs holding busybox, the kvm
@@ -215,7 +215,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if cfg.Append != "" {
 		appendLine += " " + cfg.Append
 	}
-	// The recipe measured in shared/ENVIRONMENT.md: -cpu max exposes
+	// The recipe measured on the test VMs (docs/KVM-HOSTS.md): -cpu max exposes
 	// SVM with NPT to the L1; -no-reboot plus panic=-1 turns an L1 panic
 	// into a QEMU exit instead of a reboot loop. -nodefaults drops the
 	// VGA, NIC and drives the L1 has no use for (less to probe at boot).

@@ -25,7 +25,7 @@ func linuxImages(t *testing.T) *imagelib.Images {
 	return im
 }
 
-// On this host's KVM guest ring 0 is emulated (ENVIRONMENT.md), so a Linux
+// On this host's KVM guest ring 0 is emulated (docs/KVM-HOSTS.md), so a Linux
 // kernel cannot get far. The PVH boot of the Debian vmlinux must still reach
 // the kernel's version banner and its first console lines, which proves the
 // PVH entry, start_info, the memory map, the command line defaults and the

@@ -5,7 +5,7 @@ import "github.com/ftkvm/ftkvm/kvm"
 // CPUID bits ftkvm hides from the guest. A replica must not be able to read
 // host time or randomness except through the environment, and must not see
 // anything that differs between two hosts or that this project's KVM
-// cannot run (ENVIRONMENT.md: the ring-0 emulator rejects xsave/xrstor and
+// cannot run (docs/KVM-HOSTS.md: the ring-0 emulator rejects xsave/xrstor and
 // cmpxchg16b).
 const (
 	// Leaf 1 ECX.

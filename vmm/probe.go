@@ -22,7 +22,7 @@ type ProbeReport struct {
 	Ring0IPS, Ring3IPS float64
 	// Ring0Native is true when ring 0 runs within a factor of 20 of ring 3
 	// or above 50 million instructions/s; a KVM that emulates ring 0
-	// (ENVIRONMENT.md) manages 1-2 million.
+	// (docs/KVM-HOSTS.md) manages 1-2 million.
 	Ring0Native bool
 
 	SingleStepRing0, SingleStepRing3             bool

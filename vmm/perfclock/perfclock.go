@@ -5,7 +5,7 @@
 // overflow a safety margin before the target, let the guest run at full
 // speed, then single-step the rest.
 //
-// No host of this project has performance counters (ENVIRONMENT.md), so
+// No host of this project has performance counters (docs/KVM-HOSTS.md), so
 // vmm does not wire the perf clock; the algorithm is here, with its tests,
 // driven through Engine, which the tests implement with the step clock
 // standing in for the counter.

@@ -2,11 +2,14 @@ package test
 
 import (
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ftkvm/ftkvm/ft"
 )
 
 // The command line as an operator's tooling uses it: --version, probe
@@ -15,7 +18,7 @@ import (
 func TestCLI(t *testing.T) {
 	t.Run("version", func(t *testing.T) {
 		r := ftkvm(t, time.Minute, "", "--version")
-		if r.status != 0 || !strings.Contains(r.stdout, "replication protocol 3") || !strings.Contains(r.stdout, "snapshot format") {
+		if r.status != 0 || !strings.Contains(r.stdout, fmt.Sprintf("replication protocol %d", ft.ProtocolVersion)) || !strings.Contains(r.stdout, "snapshot format") {
 			t.Fatalf("status %d\n%s%s", r.status, r.stdout, r.stderr)
 		}
 	})

@@ -186,22 +186,11 @@ func (c *ctlCmd) migrate(s *ctlMigrateCmd) (int, error) {
 // parseRate parses a byte rate: a number with an optional K, M or G suffix
 // (powers of 1024), optionally followed by "iB", "B" and "/s".
 func parseRate(s string) (int64, error) {
-	t := strings.TrimSuffix(strings.TrimSpace(s), "/s")
-	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "i")
-	shift := 0
-	if n := len(t); n > 0 {
-		switch t[n-1] {
-		case 'K', 'k':
-			shift = 10
-		case 'M', 'm':
-			shift = 20
-		case 'G', 'g':
-			shift = 30
-		}
-		if shift != 0 {
-			t = t[:n-1]
-		}
+	t, shift := splitSize(strings.TrimSuffix(strings.TrimSpace(s), "/s"))
+	if shift > 30 {
+		return 0, fmt.Errorf("--bandwidth %q: want a byte rate such as 0, 512K or 100M", s)
 	}
+	shift = max(shift, 0)
 	v, err := strconv.ParseInt(t, 10, 64)
 	if err != nil || v < 0 || v > 1<<40 {
 		return 0, fmt.Errorf("--bandwidth %q: want a byte rate such as 0, 512K or 100M", s)

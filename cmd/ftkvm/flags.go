@@ -30,26 +30,29 @@ func (m *memMiB) Decode(ctx *kong.DecodeContext) error {
 	return nil
 }
 
-// parseMiB parses a memory size into MiB.
-func parseMiB(s string) (uint64, error) {
+// splitSize splits a size such as "512M", "1GiB" or "100MB" into its
+// number and the binary shift of its K, M, G or T suffix (-1: none).
+func splitSize(s string) (string, int) {
 	t := strings.TrimSpace(s)
 	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "i")
-	shift := -1 // no suffix: MiB
 	if n := len(t); n > 0 {
 		switch t[n-1] {
 		case 'k', 'K':
-			shift = 10
+			return t[:n-1], 10
 		case 'm', 'M':
-			shift = 20
+			return t[:n-1], 20
 		case 'g', 'G':
-			shift = 30
+			return t[:n-1], 30
 		case 't', 'T':
-			shift = 40
-		}
-		if shift >= 0 {
-			t = t[:n-1]
+			return t[:n-1], 40
 		}
 	}
+	return t, -1
+}
+
+// parseMiB parses a memory size into MiB.
+func parseMiB(s string) (uint64, error) {
+	t, shift := splitSize(s)
 	n, err := strconv.ParseUint(t, 10, 64)
 	if err != nil {
 		return 0, fmt.Errorf("%q is not a size (a number of MiB, or with a K, M, G or T suffix)", s)

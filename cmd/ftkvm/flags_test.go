@@ -24,3 +24,19 @@ func TestParseMiB(t *testing.T) {
 		}
 	}
 }
+
+func TestParseRate(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+		ok   bool
+	}{
+		{"0", 0, true}, {"512K", 512 << 10, true}, {"100M", 100 << 20, true}, {"1GiB/s", 1 << 30, true},
+		{"2T", 0, false}, {"x", 0, false}, {"-1", 0, false},
+	} {
+		got, err := parseRate(tc.in)
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("%q: %d %v", tc.in, got, err)
+		}
+	}
+}

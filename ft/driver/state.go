@@ -1,0 +1,122 @@
+package driver
+
+// State: the state hash of an epoch end, checkpoint capture and install.
+//
+// Locking: called from carry with r.mu held; hash releases it while it
+// digests memory, which only the vCPU thread touches.
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"fmt"
+
+	"github.com/ftkvm/ftkvm/ft"
+	"github.com/ftkvm/ftkvm/vmm"
+	"github.com/ftkvm/ftkvm/vmm/snapshot"
+)
+
+// hash is the state hash of an epoch end: the registers and all of guest
+// memory (memHash: the pages dirtied since the last hash are hashed
+// again). The dirtied pages are kept for the next checkpoint.
+func (r *Replica) hash() (ft.Digest, error) {
+	var d ft.Digest
+	if _, err := r.m.DirtyLog(r.scratch); err != nil {
+		return d, fmt.Errorf("state hash: %w", err)
+	}
+	for i, w := range r.scratch {
+		r.accum[i] |= w
+	}
+	if r.opts.InjectDivergence > 0 && !r.injected && r.node.Status().Role == ft.RoleBackup &&
+		r.node.Status().Epoch >= r.opts.InjectDivergence {
+		r.injectDivergence()
+	}
+	if r.mh == nil {
+		// Verify mode that Attach did not know of.
+		r.mh = newMemHash(r.m.Memory())
+	}
+	r.mh.mark(r.scratch)
+	h := sha256.New()
+	if err := r.m.WriteRegsHash(h); err != nil {
+		return d, fmt.Errorf("state hash: %w", err)
+	}
+	// Hashing many pages (after an install, or the first time) takes a
+	// while: the ticker and the link reader go on meanwhile, as while the
+	// vCPU waits. The vCPU thread alone touches memHash and the memory.
+	r.mu.Unlock()
+	mem := r.mh.digest()
+	r.mu.Lock()
+	h.Write(mem[:])
+	copy(d[:], h.Sum(nil))
+	return d, nil
+}
+
+// injectDivergence flips a byte of the first page the guest dirtied in
+// this epoch: a real difference of state that the hash must catch.
+func (r *Replica) injectDivergence() {
+	mem := r.m.Memory()
+	vmm.ForEachPage(r.scratch, func(pfn uint64) {
+		if r.injected {
+			return
+		}
+		mem[pfn*snapshot.PageSize+snapshot.PageSize-1] ^= 0x5a
+		r.injected = true
+		r.log.Warnf("replica: test divergence injected into guest page %#x", pfn)
+	})
+}
+
+// capture is a checkpoint at a quiescent point, as one stream.
+func (r *Replica) capture(full bool) ([]byte, error) {
+	// The checkpoint would drain the dirty log (a full one drops it): take
+	// it first, so that the verify hash sees those pages, and only those.
+	if _, err := r.m.DirtyLog(r.scratch); err != nil {
+		return nil, fmt.Errorf("checkpoint: %w", err)
+	}
+	for i, w := range r.scratch {
+		r.accum[i] |= w
+	}
+	if r.mh != nil {
+		r.mh.mark(r.scratch)
+	}
+	if err := r.m.CheckpointWith(&r.cp, vmm.CheckpointOptions{Full: full, Extra: r.accum}); err != nil {
+		return nil, fmt.Errorf("checkpoint: %w", err)
+	}
+	clear(r.accum)
+	var buf bytes.Buffer
+	if err := r.cp.Write(snapshot.NewWriter(&buf)); err != nil {
+		return nil, fmt.Errorf("checkpoint: %w", err)
+	}
+	return buf.Bytes(), nil
+}
+
+// install replaces the machine's state with the primary's.
+func (r *Replica) install(blob []byte) error {
+	sr := snapshot.NewStreamReader(snapshot.NewReader(bytes.NewReader(blob)), func(h snapshot.Header) ([]byte, error) {
+		if h.MemSize != r.m.MemSize() {
+			return nil, fmt.Errorf("state for %d MiB of guest memory, this replica has %d MiB", h.MemSize>>20, r.m.MemSize()>>20)
+		}
+		return r.m.Memory(), nil
+	})
+	// The verify hash must see the pages the install changed (the dirty
+	// log does not: the guest did not write them).
+	if r.mh != nil {
+		sr.Wrote = r.mh.markPage
+	}
+	st, err := sr.Read()
+	if err != nil {
+		return fmt.Errorf("install the primary's state: %w", err)
+	}
+	if err := r.m.Install(st); err != nil {
+		return fmt.Errorf("install the primary's state: %w", err)
+	}
+	r.last = vmm.Point{Kind: vmm.PointKind(st.Machine.PointKind), Exits: st.Machine.PointExits, Instrs: st.Machine.Stats.Instrs}
+	// What this replica's guest dirtied is replaced, and the install's
+	// own writes are not the guest's.
+	if _, err := r.m.DirtyLog(r.scratch); err != nil {
+		return fmt.Errorf("install: %w", err)
+	}
+	if r.mh != nil {
+		r.mh.mark(r.scratch)
+	}
+	clear(r.accum)
+	return nil
+}

@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"strconv"
 	"strings"
@@ -546,11 +547,12 @@ func (s *sim) typeInput(p *simReplica) {
 // ---- The scenarios ----
 
 // simStride is the stride over message indices. Every index (1) is run
-// for the scenario marked every, without -race; the others, and every
-// scenario under -race (which slows each run several times) or -short,
-// run about simSamples indices spread over the range.
+// for the scenario marked every, without -race and -short, and for all
+// the fault scenarios with -sim.every (`make race` runs them under -race
+// that way); otherwise, and under -race (which slows each run several
+// times) or -short, about simSamples indices spread over the range run.
 func simStride(total int, every bool) int {
-	if every && !raceEnabled && !testing.Short() {
+	if *simEvery || every && !raceEnabled && !testing.Short() {
 		return 1
 	}
 	n := simSamples
@@ -559,6 +561,8 @@ func simStride(total int, every bool) int {
 	}
 	return max(1, total/n)
 }
+
+var simEvery = flag.Bool("sim.every", false, "run every fault scenario at every message index, also under -race and -short")
 
 const (
 	simSamples     = 40

@@ -6,7 +6,7 @@ BIN      := bin/ftkvm
 TESTOS   := guest/testos/testos.elf
 WORKLOAD ?= counter
 
-.PHONY: all build testos run boot test deps deps-build vet clean bench
+.PHONY: all build testos run boot test race deps deps-build vet clean bench
 
 all: build testos
 
@@ -42,6 +42,12 @@ vet:
 # failure, not a skip.
 test: deps all vet
 	FTKVM_TEST_STRICT=1 $(GO) test -count=1 -timeout 50m ./...
+	$(MAKE) race
+
+# The replica driver's crash simulation under the race detector, every
+# fault at every message index (ft/driver/sim_test.go).
+race:
+	$(GO) test -race -count=1 -timeout 40m -run '^TestSim' ./ft/driver -sim.every
 
 bench: all
 	$(GO) test -run '^$$' -bench . -benchtime 1x ./vmm/ ./test/

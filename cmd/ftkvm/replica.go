@@ -359,8 +359,11 @@ func runReplica(m *vmm.Machine, r *driver.Replica, apiPath string, exitStats boo
 type replicaAPI struct{ r *driver.Replica }
 
 func (a replicaAPI) ReplicaStatus() api.ReplicaStatus {
-	s := a.r.Status()
+	m := a.r.Metrics()
+	s := m.Status
 	return api.ReplicaStatus{
+		LagRecords: m.Lag.Records, LagBytes: m.Lag.Bytes, LagSeconds: m.Lag.Age.Seconds(),
+		HeldOutputs: m.Holds.Count, HoldSeconds: m.Holds.Sum,
 		Role: s.Role.String(), Link: s.Link, Protected: s.Protected, Joining: s.Joining,
 		Replaying: s.Replaying, Diverged: s.Diverged, Claiming: s.Claiming, Fenced: s.Fenced,
 		Epoch: s.Epoch, Position: s.Pos.String(),

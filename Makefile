@@ -21,9 +21,12 @@ testos:
 # The drill: a witness, a backup and a primary on this machine; the
 # primary killed KILLS times while the guest counts, a new backup joined
 # after each takeover; the consoles checked for loss; drill.png.
+# The guest counts long enough for every kill (each takes about 80 of
+# its lines: a takeover, then a new backup joining).
 KILLS ?= 3
+LINES ?= $(shell echo $$((400 + 120 * $(KILLS))))
 run: deps-build all
-	$(BIN) drill --kernel $(TESTOS) --mem 32 --cmdline "workload=counter lines=800 wait=4 hz=200" --kills $(KILLS) --timeout 2s
+	$(BIN) drill --kernel $(TESTOS) --mem 32 --cmdline "workload=counter lines=$(LINES) wait=4 hz=200" --kills $(KILLS) --timeout 2s
 
 boot: deps-build all
 	$(BIN) run --kernel $(TESTOS) --cmdline "workload=$(WORKLOAD)"

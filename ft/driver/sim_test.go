@@ -594,8 +594,24 @@ func TestSimNoFailure(t *testing.T) {
 			if len(b.m.delivered) == 0 {
 				s.fail("nothing delivered")
 			}
+			// Metrics: every output the primary performed was timed, the
+			// backup performed none; the lag in records, bytes and time
+			// agree (the backup may stop at the goodbye with records not
+			// replayed).
+			pm, bm := p.r.Metrics(), b.r.Metrics()
+			if pm.Holds.Count != pm.Status.Performed || pm.Holds.Count != uint64(len(p.outs)) || pm.Holds.Sum <= 0 {
+				s.fail("hold times of %d outputs (%v s), %d performed, %d seen", pm.Holds.Count, pm.Holds.Sum, pm.Status.Performed, len(p.outs))
+			}
+			if bm.Holds.Count != 0 || bm.Lag.Records != bm.Status.Backlog {
+				s.fail("backup metrics at the end: %+v", bm)
+			}
+			for _, m := range []Metrics{pm, bm} {
+				if l := m.Lag; (l.Records == 0) != (l.Bytes == 0) || (l.Records == 0) != (l.Age == 0) {
+					s.fail("%v lag: %+v", m.Status.Role, l)
+				}
+			}
 			ps := p.r.Status()
-			t.Logf("primary %v; backup %v; frames %v", ps, b.r.Status(), l.count)
+			t.Logf("primary %v; backup %v; frames %v; lag %+v", ps, b.r.Status(), l.count, pm.Lag)
 		})
 	}
 }

@@ -1,14 +1,14 @@
-// Package perfclock is the algorithm of the perf epoch clock (vmm
-// EpochPerf): how to stop a guest exactly N instructions after its last
-// exit with a hardware instruction counter whose overflow interrupt lands a
-// few instructions late (skid), as ReVirt, rr and VMware FT do. Program the
-// overflow a safety margin before the target, let the guest run at full
-// speed, then single-step the rest.
+// Package perfclock is the perf epoch clock (vmm EpochPerf): how to stop a
+// guest at an exact point of its execution with a hardware event counter
+// whose overflow interrupt lands a few events late (skid), as ReVirt, rr
+// and VMware FT do. Program the overflow a safety margin before the
+// target, let the guest run at full speed, then single-step the rest.
 //
-// No host of this project has performance counters (docs/KVM-HOSTS.md), so
-// vmm does not wire the perf clock; the algorithm is here, with its tests,
-// driven through Engine, which the tests implement with the step clock
-// standing in for the counter.
+// The algorithm (Clock) works on an Engine; the counter (Counter, Event)
+// is perf_event_open's, counting retired conditional branches of the guest
+// only, as rr does; a Position is such a count plus the registers that
+// place an instruction between two branches. vmm implements the Engine
+// over a vCPU. See docs/PERF-CLOCK.md for what of this has run where.
 package perfclock
 
 import (
@@ -18,16 +18,19 @@ import (
 
 // Engine runs the guest for the clock.
 type Engine interface {
-	// Retired is the number of guest instructions retired since the last
-	// guest-caused exit (vmm.Point.Instrs).
+	// Retired is the count of the clock's event since the last
+	// guest-caused exit: retired conditional branches for the hardware
+	// counter, instructions for the step clock standing in for it in
+	// tests (vmm.Point.Instrs).
 	Retired() uint64
 	// RunOverflow runs the guest with the counter set to overflow after n
-	// more instructions (n > 0). It returns when the guest stopped: after
+	// more events (n > 0). It returns when the guest stopped: after
 	// the overflow, which may land up to the counter's skid past n, never
 	// before; or earlier, at a guest-caused exit (exited), or for a
 	// host-side reason (a signal), short of n.
 	RunOverflow(n uint64) (exited bool, err error)
-	// Step runs exactly one instruction, or stops at a guest-caused exit.
+	// Step runs at most one instruction (a signal may stop it before
+	// the instruction), or stops at a guest-caused exit.
 	Step() (exited bool, err error)
 }
 
@@ -41,6 +44,11 @@ type Clock struct {
 	// MaxRuns bounds the runs RunTo makes (0: 1000), so that an engine
 	// that never gets anywhere (a signal storm) fails instead of looping.
 	MaxRuns int
+	// MaxSteps bounds the single steps Seek takes after the count is
+	// reached (0: 1<<20): code without conditional branches (a loop
+	// closed by an unconditional jump, a long REP string instruction)
+	// can keep the count still for ever.
+	MaxSteps int
 }
 
 // Errors of RunTo.
@@ -51,7 +59,76 @@ var (
 	// ErrOvershoot: the counter's skid was larger than the margin; the
 	// guest is past the target, which is lost.
 	ErrOvershoot = errors.New("perfclock: the counter overshot the target by more than the margin")
+	// ErrNotFound: the guest went from the position's count to the next
+	// without passing the position's registers: this execution does not
+	// contain the position (a divergence).
+	ErrNotFound = errors.New("perfclock: the position is not in this execution")
 )
+
+// Position is a point of the guest's execution under the perf clock. The
+// counted event (retired conditional branches) does not tell apart the
+// instructions between two branches, so a position is the count since the
+// last guest-caused exit plus the instruction pointer and a digest of the
+// registers (what rr compares): the count says which stretch between
+// branches, RIP which instruction in it, and the registers which pass of
+// a loop that retires no conditional branch, or which iteration of a REP
+// string instruction (RCX). It is what the primary records where it
+// delivers, and what a replica seeks.
+type Position struct {
+	Events uint64 // the event's count since the last guest-caused exit
+	RIP    uint64
+	Regs   uint64 // digest of the general registers and flags (vmm computes it)
+}
+
+// Seeker is an Engine that can say where the guest stands.
+type Seeker interface {
+	Engine
+	// Here returns the guest's RIP and the digest of its registers.
+	Here() (rip, regs uint64, err error)
+}
+
+// Locate returns the position the guest is at.
+func Locate(e Seeker) (Position, error) {
+	rip, regs, err := e.Here()
+	return Position{Events: e.Retired(), RIP: rip, Regs: regs}, err
+}
+
+// Seek brings the guest, which must not be past p, exactly to p: RunTo the
+// count, then single steps while the count stays there until the
+// registers match. Passing the next counted event first is ErrNotFound.
+func (c Clock) Seek(e Seeker, p Position) (Stats, error) {
+	st, err := c.RunTo(e, p.Events)
+	if err != nil {
+		return st, err
+	}
+	maxSteps := c.MaxSteps
+	if maxSteps == 0 {
+		maxSteps = 1 << 20
+	}
+	for n := 0; ; n++ {
+		rip, regs, err := e.Here()
+		if err != nil {
+			return st, err
+		}
+		if cur := e.Retired(); cur != p.Events {
+			return st, fmt.Errorf("%w (count %d reached %d before rip %#x with register digest %#x)", ErrNotFound, p.Events, cur, p.RIP, p.Regs)
+		}
+		if rip == p.RIP && regs == p.Regs {
+			return st, nil
+		}
+		if n == maxSteps {
+			return st, fmt.Errorf("perfclock: %d single steps at count %d did not reach rip %#x", n, p.Events, p.RIP)
+		}
+		st.Steps++
+		exited, err := e.Step()
+		if err != nil {
+			return st, err
+		}
+		if exited {
+			return st, fmt.Errorf("%w (at count %d, seeking rip %#x)", ErrExit, e.Retired(), p.RIP)
+		}
+	}
+}
 
 // Stats says how RunTo got there.
 type Stats struct {

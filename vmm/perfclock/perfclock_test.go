@@ -120,3 +120,59 @@ type stuckEngine struct{ runs int }
 func (e *stuckEngine) Retired() uint64                  { return 0 }
 func (e *stuckEngine) RunOverflow(uint64) (bool, error) { e.runs++; return false, nil }
 func (e *stuckEngine) Step() (bool, error)              { return false, nil }
+
+// branchSim is a guest loop of seven instructions whose last is a
+// conditional branch, with a register counting instructions: the event
+// is the branch, so seven instructions share each count, and the loop
+// repeats its RIPs, which only the register tells apart.
+type branchSim struct {
+	instrs uint64 // instructions retired
+	skid   uint64
+	rng    *rand.Rand
+}
+
+func (b *branchSim) Retired() uint64 { return (b.instrs + 1) / 7 } // instruction 6 of each pass is the branch
+
+func (b *branchSim) RunOverflow(n uint64) (bool, error) {
+	target := b.Retired() + n + b.rng.Uint64N(b.skid+1)
+	for b.Retired() < target {
+		b.instrs++
+	}
+	// The overflow interrupt lands somewhere in the stretch after the
+	// branch that overflowed.
+	b.instrs += b.rng.Uint64N(6)
+	return false, nil
+}
+
+func (b *branchSim) Step() (bool, error) { b.instrs++; return false, nil }
+
+func (b *branchSim) Here() (uint64, uint64, error) { return 0x1000 + b.instrs%7, b.instrs, nil }
+
+func TestSeek(t *testing.T) {
+	for _, instrs := range []uint64{0, 3, 6, 7, 700, 7001, 70_005} {
+		ref := &branchSim{instrs: instrs}
+		want, _ := Locate(ref)
+		for seed := uint64(1); seed <= 10; seed++ {
+			b := &branchSim{skid: 20, rng: rand.New(rand.NewPCG(seed, instrs))}
+			st, err := Clock{Margin: 32}.Seek(b, want)
+			if err != nil {
+				t.Fatalf("instrs %d seed %d: %v", instrs, seed, err)
+			}
+			if b.instrs != instrs {
+				t.Fatalf("seed %d: stopped at instruction %d, want %d", seed, b.instrs, instrs)
+			}
+			if st.Steps > 33*7 { // the margin is in branches, seven instructions each
+				t.Fatalf("%d steps", st.Steps)
+			}
+		}
+	}
+	// A position whose registers never occur at its count is not found.
+	b := &branchSim{skid: 0, rng: rand.New(rand.NewPCG(1, 1))}
+	if _, err := (Clock{Margin: 32}).Seek(b, Position{Events: 100, RIP: 0x1003, Regs: 5}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("err %v", err)
+	}
+	// Nor one the count never stays still long enough to be bounded.
+	if _, err := (Clock{Margin: 32, MaxSteps: 3}).Seek(&branchSim{rng: rand.New(rand.NewPCG(1, 1))}, Position{Events: 0, RIP: 0x1005, Regs: 5}); err == nil || errors.Is(err, ErrNotFound) {
+		t.Fatalf("MaxSteps 3, target 5 steps away: %v", err)
+	}
+}

@@ -1,0 +1,200 @@
+package vmm
+
+import (
+	"runtime"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ftkvm/ftkvm/kvm"
+	"github.com/ftkvm/ftkvm/vmm/perfclock"
+)
+
+// The perf clock's path around its counter, on the real /dev/kvm with the
+// one counter this host can open: the software task-clock (nanoseconds of
+// the thread's CPU time, which a spinning guest accumulates). Its overflow
+// goes through the same perf_event_open, fcntl(F_SETOWN_EX, F_SETSIG,
+// O_ASYNC), PERF_EVENT_IOC_PERIOD and signal as the hardware branch
+// counter's; only what is counted differs.
+
+// spinForever is 64-bit code that never exits: `1: jmp 1b`.
+var spinForever = []byte{0xeb, 0xfe}
+
+// taskClockEngine opens a task-clock counter for the calling (locked)
+// thread, signalling it with the kick's signal, over a probe VM running
+// code at ring cpl.
+func taskClockEngine(t *testing.T, sys *kvm.System, cpl uint8, code []byte) (*perfEngine, *probeVM) {
+	t.Helper()
+	p, err := newProbeVM(sys, cpl, code)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	ctr, err := perfclock.Open(perfclock.TaskClock, unix.Gettid(), kvm.KickSignal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ctr.Close() })
+	e, err := newPerfEngine(p.vcpu, ctr, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e, p
+}
+
+// watchdog kicks the vCPU if the test has not finished after a long
+// while, so that a missing overflow signal fails the test instead of
+// spinning in KVM_RUN for ever. It is a hang guard, not a timing check.
+func watchdog(t *testing.T, p *probeVM) *atomic.Bool {
+	fired := &atomic.Bool{}
+	p.vcpu.BindThread()
+	timer := time.AfterFunc(60*time.Second, func() { fired.Store(true); p.vcpu.Kick() })
+	t.Cleanup(func() { timer.Stop(); p.vcpu.UnbindThread() })
+	return fired
+}
+
+// An armed overflow interrupts KVM_RUN of a guest that never exits, at
+// ring 3 (native here) and ring 0 (emulated here): the signal reaches the
+// locked vCPU thread, and the count has passed the period when it does.
+func TestPerfOverflowInterruptsKVMRun(t *testing.T) {
+	sys, err := kvm.Open("/dev/kvm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sys.Close()
+	for _, cpl := range []uint8{3, 0} {
+		runtime.LockOSThread()
+		e, p := taskClockEngine(t, sys, cpl, spinForever)
+		fired := watchdog(t, p)
+		const period = 3_000_000 // ns of the thread's CPU time
+		runs := 0
+		for e.Retired() < period {
+			if runs++; runs > 1000 {
+				t.Fatalf("ring %d: 1000 runs did not reach the period (at %d)", cpl, e.Retired())
+			}
+			exited, err := e.RunOverflow(period - e.Retired())
+			if err != nil || exited {
+				t.Fatalf("ring %d: exited %v (%v), err %v", cpl, exited, e.exit, err)
+			}
+		}
+		if fired.Load() {
+			t.Fatalf("ring %d: the watchdog's kick ended KVM_RUN, not the overflow signal", cpl)
+		}
+		t.Logf("ring %d: %d KVM_RUNs to the overflow, count %d ns past a %d ns period", cpl, runs, e.Retired()-period, uint64(period))
+		runtime.UnlockOSThread()
+	}
+}
+
+// After the overflow stopped the guest, single steps take it on one
+// instruction at a time (ring 0: the KVM here steps only there), and the
+// position follows.
+func TestPerfStepAfterOverflow(t *testing.T) {
+	sys, err := kvm.Open("/dev/kvm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sys.Close()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	e, p := taskClockEngine(t, sys, 0, skidLoop)
+	fired := watchdog(t, p)
+	for e.Retired() < 2_000_000 {
+		if exited, err := e.RunOverflow(2_000_000 - e.Retired()); err != nil || exited {
+			t.Fatalf("exited %v (%v), err %v", exited, e.exit, err)
+		}
+	}
+	if fired.Load() {
+		t.Fatal("the watchdog ended the run")
+	}
+	const loop, jnz = probeCode + 2, probeCode + 5 // skidLoop's dec rcx and jnz
+	rip, _, err := e.Here()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rip != loop && rip != jnz {
+		t.Fatalf("stopped at %#x, outside the loop", rip)
+	}
+	var before kvm.Regs
+	if err := p.vcpu.GetRegs(&before); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 6; i++ {
+		pos0, err := perfclock.Locate(e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var exited bool
+		for {
+			// A step a signal ended before its instruction leaves the
+			// position as it was; step again.
+			if exited, err = e.Step(); err != nil || exited {
+				t.Fatalf("step %d: exited %v (%v), err %v", i, exited, e.exit, err)
+			}
+			pos, err := perfclock.Locate(e)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if pos.RIP != pos0.RIP {
+				if want := map[uint64]uint64{loop: jnz, jnz: loop}[pos0.RIP]; pos.RIP != want || pos.Regs == pos0.Regs {
+					t.Fatalf("step %d went from %#x to %#x, want %#x with new registers", i, pos0.RIP, pos.RIP, want)
+				}
+				break
+			}
+		}
+	}
+	var after kvm.Regs
+	if err := p.vcpu.GetRegs(&after); err != nil {
+		t.Fatal(err)
+	}
+	if before.RCX-after.RCX != 3 {
+		t.Fatalf("six steps decremented rcx by %d, want 3", before.RCX-after.RCX)
+	}
+}
+
+// MeasureSkid's mechanics (arm, run, read the overshoot, re-arm) over the
+// task-clock: every sample ends with the count past its period.
+func TestMeasureSkidMechanics(t *testing.T) {
+	sys, err := kvm.Open("/dev/kvm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sys.Close()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	ctr, err := perfclock.Open(perfclock.TaskClock, unix.Gettid(), kvm.KickSignal)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctr.Close()
+	s, err := MeasureSkid(sys, ctr, 3, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Samples != 4 {
+		t.Fatalf("%d samples", s.Samples)
+	}
+	t.Logf("task-clock overshoot up to %d ns", s.Max)
+}
+
+func TestRegsDigest(t *testing.T) {
+	base := kvm.Regs{RAX: 1, RCX: 1000, RIP: 0x10000, RFLAGS: 2}
+	seen := map[uint64]string{regsDigest(&base): "base"}
+	for name, f := range map[string]func(*kvm.Regs){
+		"rcx":    func(r *kvm.Regs) { r.RCX-- },
+		"rax":    func(r *kvm.Regs) { r.RAX = 0 },
+		"r15":    func(r *kvm.Regs) { r.R15 = 1 << 63 },
+		"rip":    func(r *kvm.Regs) { r.RIP++ },
+		"rflags": func(r *kvm.Regs) { r.RFLAGS |= 0x40 },
+		"swap":   func(r *kvm.Regs) { r.RAX, r.RCX = r.RCX, r.RAX },
+	} {
+		r := base
+		f(&r)
+		d := regsDigest(&r)
+		if other, ok := seen[d]; ok {
+			t.Fatalf("%s has the digest of %s", name, other)
+		}
+		seen[d] = name
+	}
+}

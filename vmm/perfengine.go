@@ -78,15 +78,24 @@ func (e *perfEngine) RunOverflow(n uint64) (bool, error) {
 	return e.run()
 }
 
-// Step runs at most one instruction single-stepped, with the overflow
-// disarmed. A signal may end the KVM_RUN before the instruction; Seek
-// checks the position after every step, so nothing is skipped.
+// stepGuard is the overflow period armed while single-stepping: a step
+// that KVM loses (on a KVM that steps with the guest's TF, an exception
+// entering its handler clears it; docs/STEP-CLOCK.md) lets the guest run
+// free, and the guard's overflow brings it back after at most this many
+// events, where Seek finds the count past its target and says so, instead
+// of the guest running unobserved until its next exit, or for ever.
+const stepGuard = 1 << 16
+
+// Step runs at most one instruction single-stepped, with only the guard
+// overflow armed. A signal (the guard's, the runtime's) may end the
+// KVM_RUN before the instruction; Seek checks the position after every
+// step, so nothing is skipped.
 func (e *perfEngine) Step() (bool, error) {
 	if e.err != nil {
 		return false, e.err
 	}
 	if !e.stepping {
-		if err := e.ctr.Overflow(0); err != nil {
+		if err := e.ctr.Overflow(stepGuard); err != nil {
 			return false, err
 		}
 	}

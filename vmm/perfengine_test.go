@@ -344,3 +344,33 @@ func TestPerfSeekOnPMU(t *testing.T) {
 		t.Logf("branch %d: %d counter runs, %d single steps", rf.pos.Events, st.Runs, st.Steps)
 	}
 }
+
+// A step that KVM loses (simulated: single-stepping turned off behind the
+// engine's back) does not let the guest run for ever: the guard overflow
+// armed while stepping brings the vCPU back.
+func TestPerfStepGuard(t *testing.T) {
+	sys, err := kvm.Open("/dev/kvm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sys.Close()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	e, p := taskClockEngine(t, sys, 0, spinForever)
+	fired := watchdog(t, p)
+	if exited, err := e.Step(); err != nil || exited {
+		t.Fatalf("exited %v (%v), err %v", exited, e.exit, err)
+	}
+	if err := p.vcpu.SetSingleStep(false); err != nil {
+		t.Fatal(err)
+	}
+	start := e.Retired()
+	for e.Retired()-start < stepGuard {
+		if exited, err := e.Step(); err != nil || exited {
+			t.Fatalf("exited %v (%v), err %v", exited, e.exit, err)
+		}
+	}
+	if fired.Load() {
+		t.Fatal("the watchdog's kick, not the guard, ended the lost step")
+	}
+}

@@ -146,9 +146,11 @@ func regsDigest(r *kvm.Regs) uint64 {
 }
 
 // skidLoop is 64-bit code for MeasureSkid: a conditional branch every two
-// instructions, for 2^64 iterations.
+// instructions, 2^30 times, then a port write. It is finite so that an
+// overflow that never stops KVM_RUN ends in an exit MeasureSkid reports,
+// not in a hang: 2^30 branches are far more than its samples need.
 var skidLoop = []byte{
-	0x31, 0xc9, // xor ecx, ecx
+	0xb9, 0x00, 0x00, 0x00, 0x40, // mov ecx, 1<<30
 	0x48, 0xff, 0xc9, // 1: dec rcx
 	0x75, 0xfb, //    jnz 1b
 	0xe6, 0x80, //    out 0x80, al

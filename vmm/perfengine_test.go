@@ -108,7 +108,7 @@ func TestPerfStepAfterOverflow(t *testing.T) {
 	if fired.Load() {
 		t.Fatal("the watchdog ended the run")
 	}
-	const loop, jnz = probeCode + 2, probeCode + 5 // skidLoop's dec rcx and jnz
+	const loop, jnz = probeCode + 5, probeCode + 8 // skidLoop's dec rcx and jnz
 	rip, _, err := e.Here()
 	if err != nil {
 		t.Fatal(err)

@@ -178,7 +178,9 @@ func (c *Counter) Overflow(n uint64) error {
 	c.period = n
 	// PERF_EVENT_IOC_PERIOD restarts the period from the current count
 	// (the kernel zeroes period_left and reprograms the counter) without
-	// resetting the count.
+	// resetting the count. Kernels before 4.7 applied it only after the
+	// next overflow (rr checks for that); ftkvm's KVM requirements (the
+	// user-space MSR exits and filter) need a far newer one.
 	if _, _, e := unix.Syscall(unix.SYS_IOCTL, uintptr(c.fd), unix.PERF_EVENT_IOC_PERIOD, uintptr(unsafe.Pointer(&c.period))); e != 0 {
 		return fmt.Errorf("perf counter: PERF_EVENT_IOC_PERIOD %d: %w", n, e)
 	}

@@ -8,9 +8,10 @@ import (
 	"github.com/ftkvm/ftkvm/vmm/perfclock"
 )
 
-// perfEngine is the perf clock's engine over one vCPU (perfclock.Seeker):
-// guest runs with the counter's overflow armed, single steps, and the
-// guest's position. The counter must have been opened for the thread that
+// perfEngine is the perf clock's engine over one vCPU
+// (perfclock.BreakpointRunner): guest runs with the counter's overflow
+// armed, runs to an instruction breakpoint, single steps, and the guest's
+// position. The counter must have been opened for the thread that
 // calls these methods (the vCPU thread, locked to its goroutine) with
 // kvm.KickSignal as its signal: the overflow then interrupts KVM_RUN the
 // way a Kick does, and the Go runtime, which already handles that signal
@@ -23,6 +24,8 @@ type perfEngine struct {
 	base     uint64 // the count at the last guest-caused exit
 	last     uint64 // the last count read
 	stepping bool
+	bp       bool           // an instruction breakpoint is set (RunToRIP)
+	dbg      kvm.GuestDebug // RunToRIP's KVM_SET_GUEST_DEBUG argument
 	// rearm requests single-stepping before every step, on a KVM that
 	// steps by setting TF in the guest (stepHow).
 	rearm bool
@@ -66,12 +69,34 @@ func (e *perfEngine) RunOverflow(n uint64) (bool, error) {
 	if e.err != nil {
 		return false, e.err
 	}
-	if e.stepping {
+	if e.stepping || e.bp {
 		if err := e.vcpu.SetSingleStep(false); err != nil {
 			return false, err
 		}
-		e.stepping = false
+		e.stepping, e.bp = false, false
 	}
+	if err := e.ctr.Overflow(n); err != nil {
+		return false, err
+	}
+	return e.run()
+}
+
+// RunToRIP runs the guest with an instruction breakpoint at rip and the
+// overflow armed n events on (perfclock.BreakpointRunner). The breakpoint
+// address is linear: RIP itself in long mode, where segment bases are 0.
+func (e *perfEngine) RunToRIP(rip, n uint64) (bool, error) {
+	if e.err != nil {
+		return false, e.err
+	}
+	d, err := kvm.StepDebug(false, rip)
+	if err != nil {
+		return false, err
+	}
+	e.dbg = d
+	if err := e.vcpu.SetGuestDebug(&e.dbg); err != nil {
+		return false, err
+	}
+	e.stepping, e.bp = false, true
 	if err := e.ctr.Overflow(n); err != nil {
 		return false, err
 	}
@@ -100,10 +125,11 @@ func (e *perfEngine) Step() (bool, error) {
 		}
 	}
 	if !e.stepping || e.rearm {
+		// This also removes RunToRIP's breakpoint: stepping off it.
 		if err := e.vcpu.SetSingleStep(true); err != nil {
 			return false, err
 		}
-		e.stepping = true
+		e.stepping, e.bp = true, false
 	}
 	return e.run()
 }
@@ -113,7 +139,7 @@ func (e *perfEngine) run() (bool, error) {
 	switch {
 	case err != nil:
 		return false, err
-	case reason == kvm.ExitIntr, reason == kvm.ExitDebug && e.stepping:
+	case reason == kvm.ExitIntr, reason == kvm.ExitDebug && (e.stepping || e.bp):
 		return false, nil
 	}
 	e.exit = reason

@@ -374,3 +374,57 @@ func TestPerfStepGuard(t *testing.T) {
 		t.Fatal("the watchdog's kick, not the guard, ended the lost step")
 	}
 }
+
+// Runs to an instruction breakpoint on /dev/kvm (ring 0, where breakpoints
+// work here): each stops before the loop's jnz with RCX one lower than the
+// last, after a step off the breakpoint; a breakpoint never reached leaves
+// the run to the overflow.
+func TestPerfRunToRIP(t *testing.T) {
+	sys, err := kvm.Open("/dev/kvm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sys.Close()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	e, p := taskClockEngine(t, sys, 0, skidLoop)
+	fired := watchdog(t, p)
+	const jnz = probeCode + 8
+	var last uint64
+	for i := 0; i < 5; i++ {
+		for {
+			exited, err := e.RunToRIP(jnz, 1<<40)
+			if err != nil || exited {
+				t.Fatalf("exited %v (%v), err %v", exited, e.exit, err)
+			}
+			if rip, _, _ := e.Here(); rip == jnz {
+				break
+			}
+			// A stray signal ended the run short of the breakpoint.
+		}
+		if i > 0 && last-e.regs.RCX != 1 {
+			t.Fatalf("hit %d: rcx %d after %d", i, e.regs.RCX, last)
+		}
+		last = e.regs.RCX
+		for {
+			if exited, err := e.Step(); err != nil || exited {
+				t.Fatalf("exited %v (%v), err %v", exited, e.exit, err)
+			}
+			if rip, _, _ := e.Here(); rip != jnz {
+				break
+			}
+		}
+	}
+	start := e.Retired()
+	for e.Retired()-start < 1_000_000 {
+		if exited, err := e.RunToRIP(probeCode+0x800, 1_000_000-(e.Retired()-start)); err != nil || exited {
+			t.Fatalf("exited %v (%v), err %v", exited, e.exit, err)
+		}
+	}
+	if fired.Load() {
+		t.Fatal("the watchdog ended a run")
+	}
+	if n := testing.AllocsPerRun(5, func() { _, _ = e.RunToRIP(jnz, 1<<40) }); n != 0 {
+		t.Fatalf("a breakpoint run allocates (%v)", n)
+	}
+}

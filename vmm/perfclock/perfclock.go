@@ -87,17 +87,38 @@ type Seeker interface {
 	Here() (rip, regs uint64, err error)
 }
 
+// BreakpointRunner is a Seeker that can also run the guest to an
+// instruction breakpoint: what rr does to reach a RIP in code that retires
+// no conditional branch for long (a loop closed by an unconditional jump,
+// a long straight stretch), where single steps would cost one exit per
+// instruction.
+type BreakpointRunner interface {
+	Seeker
+	// RunToRIP runs the guest with an instruction breakpoint at rip (a
+	// linear address: RIP itself in long mode and flat segments) and the
+	// counter set to overflow after n more events (n > 0). It returns at
+	// the breakpoint, before the instruction there; or after the overflow
+	// (up to the skid later); or earlier, at a signal or a guest-caused
+	// exit (exited).
+	RunToRIP(rip, n uint64) (exited bool, err error)
+}
+
 // Locate returns the position the guest is at.
 func Locate(e Seeker) (Position, error) {
 	rip, regs, err := e.Here()
 	return Position{Events: e.Retired(), RIP: rip, Regs: regs}, err
 }
 
-// Seek brings the guest, which must not be past p, exactly to p: RunTo the
-// count, then single steps while the count stays there until the
-// registers match. Passing the next counted event first is ErrNotFound.
+// Seek brings the guest, which must not be past p, exactly to p. With a
+// BreakpointRunner it runs the counter to the margin, then, as rr does,
+// runs to an instruction breakpoint at p.RIP with the overflow set one
+// event past p's count, checking the count and registers at each stop and
+// stepping off the breakpoint where they do not match yet. Otherwise it
+// runs RunTo to the count and single-steps until the registers match.
+// Passing p's count without meeting its registers is ErrNotFound.
 func (c Clock) Seek(e Seeker, p Position) (Stats, error) {
-	st, err := c.RunTo(e, p.Events)
+	br, bp := e.(BreakpointRunner)
+	st, err := c.runTo(e, p.Events, !bp)
 	if err != nil {
 		return st, err
 	}
@@ -110,17 +131,26 @@ func (c Clock) Seek(e Seeker, p Position) (Stats, error) {
 		if err != nil {
 			return st, err
 		}
-		if cur := e.Retired(); cur != p.Events {
+		cur := e.Retired()
+		if cur > p.Events {
 			return st, fmt.Errorf("%w (count %d reached %d before rip %#x with register digest %#x)", ErrNotFound, p.Events, cur, p.RIP, p.Regs)
 		}
-		if rip == p.RIP && regs == p.Regs {
+		if cur == p.Events && rip == p.RIP && regs == p.Regs {
 			return st, nil
 		}
 		if n == maxSteps {
-			return st, fmt.Errorf("perfclock: %d single steps at count %d did not reach rip %#x", n, p.Events, p.RIP)
+			return st, fmt.Errorf("perfclock: %d single steps and breakpoint runs at count %d did not reach rip %#x", n, p.Events, p.RIP)
 		}
-		st.Steps++
-		exited, err := e.Step()
+		var exited bool
+		if bp && rip != p.RIP {
+			// The overflow one event past p's count stops a guest
+			// that leaves it without passing p.RIP.
+			st.Breaks++
+			exited, err = br.RunToRIP(p.RIP, p.Events-cur+1)
+		} else {
+			st.Steps++
+			exited, err = e.Step()
+		}
 		if err != nil {
 			return st, err
 		}
@@ -132,8 +162,9 @@ func (c Clock) Seek(e Seeker, p Position) (Stats, error) {
 
 // Stats says how RunTo got there.
 type Stats struct {
-	Runs  int // RunOverflow calls
-	Steps int // Step calls
+	Runs   int // RunOverflow calls
+	Steps  int // Step calls
+	Breaks int // RunToRIP calls
 }
 
 // RunTo brings the guest to exactly target instructions after its last
@@ -142,6 +173,12 @@ type Stats struct {
 // absorbs; a run cut short by a signal is simply run again), then it
 // single-steps the remainder.
 func (c Clock) RunTo(e Engine, target uint64) (Stats, error) {
+	return c.runTo(e, target, true)
+}
+
+// runTo is RunTo; without step it returns once the guest is within the
+// margin of target, leaving the rest to the caller.
+func (c Clock) runTo(e Engine, target uint64, step bool) (Stats, error) {
 	var st Stats
 	maxRuns := c.MaxRuns
 	if maxRuns == 0 {
@@ -164,6 +201,8 @@ func (c Clock) RunTo(e Engine, target uint64) (Stats, error) {
 			}
 			st.Runs++
 			exited, err = e.RunOverflow(remaining - c.Margin)
+		} else if !step {
+			return st, nil
 		} else {
 			st.Steps++
 			exited, err = e.Step()

@@ -18,6 +18,8 @@ import (
 // (it is its preemption signal), lets it through.
 //
 // Its methods are the exit path's: no allocation, logging or locks.
+// Machine.Run does not drive it yet: it knows nothing of Kick's
+// ImmediateExit, which would end every run at once until cleared.
 type perfEngine struct {
 	vcpu     *kvm.VCPU
 	ctr      *perfclock.Counter

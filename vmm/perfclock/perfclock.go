@@ -34,12 +34,13 @@ type Engine interface {
 	Step() (exited bool, err error)
 }
 
-// Clock stops guests at exact instruction counts.
+// Clock stops guests at exact event counts and positions.
 type Clock struct {
-	// Margin is how many instructions before the target the overflow is
-	// programmed: it must be at least the counter's worst skid (a few
-	// dozen on x86; rr uses 100 for its branch counter), and is what is
-	// left to single-step.
+	// Margin is how many events before the target the overflow is
+	// programmed: it must be at least the counter's worst skid (rr uses
+	// 100-125 branches on Intel, 10000 on AMD Zen; vmm.MeasureSkid
+	// measures it), and is what is left to single steps or breakpoint
+	// runs.
 	Margin uint64
 	// MaxRuns bounds the runs RunTo makes (0: 1000), so that an engine
 	// that never gets anywhere (a signal storm) fails instead of looping.
@@ -160,14 +161,14 @@ func (c Clock) Seek(e Seeker, p Position) (Stats, error) {
 	}
 }
 
-// Stats says how RunTo got there.
+// Stats says how RunTo or Seek got there.
 type Stats struct {
 	Runs   int // RunOverflow calls
 	Steps  int // Step calls
 	Breaks int // RunToRIP calls
 }
 
-// RunTo brings the guest to exactly target instructions after its last
+// RunTo brings the guest to exactly target events after its last
 // exit: while more than Margin remain, it lets the counter run to Margin
 // before the target (each run may overshoot by the skid, which the margin
 // absorbs; a run cut short by a signal is simply run again), then it
@@ -190,14 +191,14 @@ func (c Clock) runTo(e Engine, target uint64, step bool) (Stats, error) {
 		case cur == target:
 			return st, nil
 		case cur > target:
-			return st, fmt.Errorf("%w (%d instructions, target %d, margin %d)", ErrOvershoot, cur, target, c.Margin)
+			return st, fmt.Errorf("%w (%d events, target %d, margin %d)", ErrOvershoot, cur, target, c.Margin)
 		}
 		remaining := target - cur
 		var exited bool
 		var err error
 		if remaining > c.Margin {
 			if st.Runs == maxRuns {
-				return st, fmt.Errorf("perfclock: %d runs did not reach %d instructions (at %d)", st.Runs, target, cur)
+				return st, fmt.Errorf("perfclock: %d runs did not reach %d events (at %d)", st.Runs, target, cur)
 			}
 			st.Runs++
 			exited, err = e.RunOverflow(remaining - c.Margin)
@@ -211,7 +212,7 @@ func (c Clock) runTo(e Engine, target uint64, step bool) (Stats, error) {
 			return st, err
 		}
 		if exited {
-			return st, fmt.Errorf("%w (at %d instructions, target %d)", ErrExit, e.Retired(), target)
+			return st, fmt.Errorf("%w (at %d events, target %d)", ErrExit, e.Retired(), target)
 		}
 	}
 }

@@ -210,3 +210,21 @@ func TestBranchEventOnThisHost(t *testing.T) {
 	c.Close()
 	t.Logf("%s opened", ev.Name)
 }
+
+// FuzzParseCPUInfo: any text gives a CPU with a vendor or an error, never
+// a panic; a parsed CPU's event lookup never panics either.
+func FuzzParseCPUInfo(f *testing.F) {
+	f.Add("vendor_id : GenuineIntel\ncpu family : 6\nmodel : 94\n")
+	f.Add("vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: hypervisor\n\nvendor_id : x\n")
+	f.Add("model : -1\ncpu family : 99999999999999999999\n")
+	f.Fuzz(func(t *testing.T, in string) {
+		cpu, err := parseCPUInfo(strings.NewReader(in))
+		if err != nil {
+			return
+		}
+		if cpu.Vendor == "" || cpu.RawFamilyModel == "" {
+			t.Fatalf("parsed %+v from %q", cpu, in)
+		}
+		_, _ = BranchEvent(cpu)
+	})
+}

@@ -315,6 +315,9 @@ func probePerf(sys *kvm.System, r *ProbeReport) {
 		r.PMU, r.PMUDetail = true, ev.Name+" opens"
 		r.PerfGuestOnlyDetail = err.Error()
 		return
+	case errors.Is(err, perfclock.ErrNoPMU) && cpu.Hypervisor:
+		r.PMUDetail = err.Error() + "; this host is itself a virtual machine, and its hypervisor exposes no PMU to it"
+		return
 	case err != nil:
 		r.PMUDetail = err.Error()
 		return

@@ -29,11 +29,13 @@ const (
 	// ring 0. It runs at the speed of one KVM_RUN per instruction
 	// (~50-140k instructions/s).
 	EpochStep
-	// EpochPerf would count instructions with a hardware performance
-	// counter and single-step only the last few (vmm/perfclock holds the
-	// algorithm). No host ftkvm runs on has counters: New fails with
-	// ErrNoPerfCounters, and where counters exist, with an error saying the
-	// clock is not implemented.
+	// EpochPerf would count the guest's retired conditional branches with
+	// a hardware performance counter and single-step only the last few
+	// instructions before a target (vmm/perfclock: the counter, the
+	// algorithm, positions). New fails with ErrPerfClock naming the first
+	// missing piece (PerfClockUsable), wrapping ErrNoPerfCounters where
+	// there is no usable PMU; with every piece present it fails too, since
+	// the vCPU loop does not run the clock yet.
 	EpochPerf
 )
 
@@ -58,8 +60,9 @@ func ParseEpochClock(s string) (EpochClock, error) {
 
 var (
 	// ErrNoPerfCounters: the perf epoch clock needs hardware performance
-	// counters, and perf_event_open found none.
-	ErrNoPerfCounters = errors.New("the perf epoch clock needs hardware performance counters, and this host has none")
+	// counters, and none can be used here (none exist, or
+	// perf_event_paranoid forbids them).
+	ErrNoPerfCounters = errors.New("it needs hardware performance counters")
 	// ErrStepRing3: under the step clock the guest reached, or was about to
 	// enter, ring 3 on a KVM whose single-step trap at ring 3 goes to the
 	// guest instead of to ftkvm. Run stops instead of running instructions
@@ -79,21 +82,56 @@ func (m *Machine) initEpoch(cfg *Config) error {
 	case EpochStep:
 		return m.initStep()
 	case EpochPerf:
-		if ok, detail := probePMU(); !ok {
-			return fmt.Errorf("%w (%s); the step clock (ring-0 guests on this host) and the exit clock work without them", ErrNoPerfCounters, detail)
-		}
-		return errors.New("the perf epoch clock is not implemented: this host has counters, but ftkvm has only its algorithm (vmm/perfclock); use the step clock or the exit clock")
+		r := &ProbeReport{}
+		probePerf(m.sys, r)
+		r.SingleStepRing0, r.SingleStepRing0Detail = singleStep(m.sys, 0)
+		_, r.StepExact, r.StepExactDetail = stepBehaviour(m.sys)
+		r.Breakpoints, r.BreakpointsDetail = breakpointStops(m.sys)
+		_, why := PerfClockUsable(r)
+		return &perfClockError{why: why, noPMU: !r.PMU}
 	}
 	return fmt.Errorf("unknown epoch clock %d", cfg.Epoch)
 }
 
-// PerfClockUsable reports, for `ftkvm probe`, whether the perf epoch clock
-// can run here: never yet (it is not implemented), and the reason.
+// perfClockError is ErrPerfClock with its missing piece, and also
+// ErrNoPerfCounters where that piece is the PMU.
+type perfClockError struct {
+	why   string
+	noPMU bool
+}
+
+func (e *perfClockError) Error() string { return ErrPerfClock.Error() + ": " + e.why }
+
+func (e *perfClockError) Is(target error) bool {
+	return target == ErrPerfClock || e.noPMU && target == ErrNoPerfCounters
+}
+
+// PerfClockUsable reports, for `ftkvm probe` and `--epoch perf`, whether
+// the perf epoch clock can run here, or the first piece it lacks: a PMU
+// it may use, an exact event for this CPU, guest-only counting, a measured
+// skid, working instruction breakpoints, exact single-step. With all of
+// them it still cannot: the vCPU loop does not drive the clock yet
+// (docs/PERF-CLOCK.md).
 func PerfClockUsable(r *ProbeReport) (bool, string) {
-	if !r.PMU {
-		return false, "no hardware performance counters: " + r.PMUDetail
+	switch {
+	case !r.PMU:
+		return false, r.PMUDetail
+	case !r.PerfEventKnown:
+		return false, "no exact event: " + r.PerfEvent
+	case !r.PerfGuestOnly:
+		return false, r.PerfGuestOnlyDetail
+	case r.PerfSkidDetail != "":
+		return false, "skid not measured: " + r.PerfSkidDetail
+	case !r.Breakpoints:
+		return false, "no working breakpoints: " + r.BreakpointsDetail
+	case !r.SingleStepRing0 || !r.StepExact:
+		detail := r.StepExactDetail
+		if !r.SingleStepRing0 {
+			detail = r.SingleStepRing0Detail
+		}
+		return false, "no exact single-step: " + detail
 	}
-	return false, "counters found, but the perf clock is not implemented"
+	return false, fmt.Sprintf("every piece is here (%s, guest-only, skid up to %d, margin %d), but ftkvm's vCPU loop does not run the perf clock yet", r.PerfEvent, r.PerfSkid, r.PerfMargin)
 }
 
 // StepClockUsable reports whether the step clock can run a guest on the KVM

@@ -137,3 +137,117 @@ func TestPerfClockOnStepClock(t *testing.T) {
 		t.Fatalf("margin 4, skid up to 400: %v", err)
 	}
 }
+
+// kvmBranchEngine is the stand-in for the retired-conditional-branch
+// counter: the step clock counts xorshiftLoop's one conditional branch
+// (the jnz) as the event, and a "counter run" of n events steps until n
+// branches plus a pseudo-random skid of branches and then of instructions
+// have retired. Positions are then (branches, RIP, register digest), as
+// with the hardware counter.
+type kvmBranchEngine struct {
+	*kvmStepEngine
+	branches uint64
+	regs     kvm.Regs
+}
+
+const xorshiftJNZ = probeCode + 47 // the loop's jnz
+
+func (e *kvmBranchEngine) Retired() uint64 { return e.branches }
+
+func (e *kvmBranchEngine) Step() (bool, error) {
+	if err := e.vcpu.GetRegs(&e.regs); err != nil {
+		return false, err
+	}
+	rip := e.regs.RIP
+	exited, err := e.kvmStepEngine.Step()
+	if err == nil && !exited && rip == xorshiftJNZ {
+		e.branches++
+	}
+	return exited, err
+}
+
+func (e *kvmBranchEngine) RunOverflow(n uint64) (bool, error) {
+	target := e.branches + n + e.rng.Uint64N(e.skid+1)
+	for e.branches < target {
+		if exited, err := e.Step(); exited || err != nil {
+			return exited, err
+		}
+	}
+	for range e.rng.Uint64N(11) {
+		if exited, err := e.Step(); exited || err != nil {
+			return exited, err
+		}
+	}
+	return false, nil
+}
+
+func (e *kvmBranchEngine) Here() (uint64, uint64, error) {
+	if err := e.vcpu.GetRegs(&e.regs); err != nil {
+		return 0, 0, err
+	}
+	return e.regs.RIP, regsDigest(&e.regs), nil
+}
+
+// Seeking a position (branch count, RIP, registers) recorded in a plain
+// single-stepped run lands on exactly that run's state, eleven
+// instructions sharing each count; a position whose registers never occur
+// is reported as not found.
+func TestPerfClockSeekOnStepClock(t *testing.T) {
+	sys, err := kvm.Open("/dev/kvm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sys.Close()
+	targets := []uint64{3, 5, 700, 2501, 3000}
+	type ref struct {
+		pos  perfclock.Position
+		regs kvm.Regs
+	}
+	refs := map[uint64]ref{}
+	se, done := newStepEngine(t, sys, 0, 1)
+	e := &kvmBranchEngine{kvmStepEngine: se}
+	for se.retired < targets[len(targets)-1] {
+		if exited, err := e.Step(); exited || err != nil {
+			t.Fatalf("reference run ended at %d: %v", se.retired, err)
+		}
+		for _, tg := range targets {
+			if se.retired == tg {
+				pos, err := perfclock.Locate(e)
+				if err != nil {
+					t.Fatal(err)
+				}
+				refs[tg] = ref{pos, e.regs}
+			}
+		}
+	}
+	done()
+	for _, tg := range targets {
+		for seed := uint64(1); seed <= 3; seed++ {
+			se, done := newStepEngine(t, sys, 6, seed*tg)
+			e := &kvmBranchEngine{kvmStepEngine: se}
+			st, err := perfclock.Clock{Margin: 8}.Seek(e, refs[tg].pos)
+			var r kvm.Regs
+			if err == nil {
+				err = e.vcpu.GetRegs(&r)
+			}
+			done()
+			if err != nil {
+				t.Fatalf("instruction %d (%+v), seed %d: %v", tg, refs[tg].pos, seed, err)
+			}
+			if r != refs[tg].regs || se.retired != tg {
+				t.Fatalf("instruction %d: stopped after %d instructions at rip %#x rcx %d, the reference at rip %#x rcx %d",
+					tg, se.retired, r.RIP, r.RCX, refs[tg].regs.RIP, refs[tg].regs.RCX)
+			}
+			if seed == 1 {
+				t.Logf("instruction %d = branch %d at %#x: %d counter runs, %d single steps", tg, refs[tg].pos.Events, refs[tg].pos.RIP, st.Runs, st.Steps)
+			}
+		}
+	}
+	bad := refs[700].pos
+	bad.Regs++
+	se, done = newStepEngine(t, sys, 0, 1)
+	defer done()
+	if _, err := (perfclock.Clock{Margin: 8}).Seek(&kvmBranchEngine{kvmStepEngine: se}, bad); !errors.Is(err, perfclock.ErrNotFound) {
+		t.Fatalf("a position with other registers: %v", err)
+	}
+}

@@ -3,12 +3,14 @@ package vmm
 import (
 	"errors"
 	"fmt"
+	"runtime"
 	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/ftkvm/ftkvm/kvm"
+	"github.com/ftkvm/ftkvm/vmm/perfclock"
 )
 
 // ProbeReport is what `ftkvm probe` measures about a host's KVM.
@@ -33,8 +35,26 @@ type ProbeReport struct {
 	StepExact       bool
 	StepExactDetail string
 
+	// The perf clock's pieces. PMU: the counter it needs opens here
+	// (PMUDetail: which, or the missing piece: no PMU, perf_event_paranoid).
 	PMU       bool
 	PMUDetail string
+	// PerfEvent names the retired-conditional-branch event for this CPU
+	// (PerfEventKnown), or says why there is none.
+	PerfEvent      string
+	PerfEventKnown bool
+	// PerfGuestOnly: the event counts guest execution only (exclude_host).
+	PerfGuestOnly       bool
+	PerfGuestOnlyDetail string
+	// PerfSkid is the largest overshoot of the counter's overflow signal
+	// measured here, in events; PerfMargin the margin the clock would use
+	// (the larger of rr's for this CPU and twice PerfSkid).
+	PerfSkid, PerfMargin uint64
+	PerfSkidDetail       string // why the skid could not be measured
+	// Breakpoints: a KVM_GUESTDBG_USE_HW_BP instruction breakpoint stops
+	// the vCPU before the instruction.
+	Breakpoints       bool
+	BreakpointsDetail string
 }
 
 // CapStatus is one KVM capability and the value KVM_CHECK_EXTENSION gave.
@@ -96,7 +116,11 @@ func Probe(path string) (*ProbeReport, error) {
 	r.SingleStepRing0, r.SingleStepRing0Detail = singleStep(sys, 0)
 	r.SingleStepRing3, r.SingleStepRing3Detail = singleStep(sys, 3)
 	_, r.StepExact, r.StepExactDetail = stepHow(sys)
-	r.PMU, r.PMUDetail = probePMU()
+	r.Breakpoints, r.BreakpointsDetail = breakpointStops(sys)
+	if r.Breakpoints {
+		r.BreakpointsDetail = "an instruction breakpoint stopped the vCPU before the instruction"
+	}
+	probePerf(sys, r)
 	return r, nil
 }
 
@@ -211,6 +235,12 @@ func loopSpeed(sys *kvm.System, cpl uint8, n uint32) (float64, error) {
 	run := func(port uint16) (time.Duration, error) {
 		start := time.Now()
 		reason, err := p.vcpu.Run()
+		for reason == kvm.ExitIntr && err == nil {
+			// A signal that is not ours (the runtime's preemption
+			// signal can reach a thread just entered KVM_RUN): the
+			// loop goes on where it was.
+			reason, err = p.vcpu.Run()
+		}
 		elapsed := time.Since(start)
 		if err != nil {
 			return 0, err
@@ -243,6 +273,9 @@ func singleStep(sys *kvm.System, cpl uint8) (bool, string) {
 	}
 	for i := 1; i <= 3; i++ {
 		reason, err := p.vcpu.Run()
+		for reason == kvm.ExitIntr && err == nil {
+			reason, err = p.vcpu.Run() // a stray signal, not a step
+		}
 		if err != nil {
 			return false, err.Error()
 		}
@@ -256,8 +289,53 @@ func singleStep(sys *kvm.System, cpl uint8) (bool, string) {
 	return true, "3 of 3 steps stopped at the next instruction"
 }
 
-// probePMU tries to open a hardware instruction counter for this thread,
-// counting guest execution, as `--epoch perf` would.
+// probePerf fills in the perf clock's counter pieces of r: the event for
+// this CPU, whether it opens for guest-only counting on this thread, and
+// its skid, measured with a loop at guest ring 3 (where every KVM runs
+// natively; the skid is the PMU's, whatever the ring).
+func probePerf(sys *kvm.System, r *ProbeReport) {
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	cpu, err := perfclock.HostCPU()
+	if err != nil {
+		r.PMUDetail = err.Error()
+		return
+	}
+	ev, err := perfclock.BranchEvent(cpu)
+	if err != nil {
+		// Is there a PMU at all? Say which piece is missing first.
+		r.PerfEvent = err.Error()
+		r.PMU, r.PMUDetail = probePMU()
+		return
+	}
+	r.PerfEvent, r.PerfEventKnown = ev.Name, true
+	ctr, err := perfclock.Open(ev, unix.Gettid(), kvm.KickSignal)
+	switch {
+	case errors.Is(err, perfclock.ErrNoGuestOnly):
+		r.PMU, r.PMUDetail = true, ev.Name+" opens"
+		r.PerfGuestOnlyDetail = err.Error()
+		return
+	case errors.Is(err, perfclock.ErrNoPMU) && cpu.Hypervisor:
+		r.PMUDetail = err.Error() + "; this host is itself a virtual machine, and its hypervisor exposes no PMU to it"
+		return
+	case err != nil:
+		r.PMUDetail = err.Error()
+		return
+	}
+	defer ctr.Close()
+	r.PMU, r.PMUDetail = true, ev.Name+" opens"
+	r.PerfGuestOnly, r.PerfGuestOnlyDetail = true, "exclude_host accepted"
+	s, err := MeasureSkid(sys, ctr, 3, 32)
+	if err != nil {
+		r.PerfSkidDetail = err.Error()
+		return
+	}
+	r.PerfSkid, r.PerfMargin = s.Max, max(ev.Margin, 2*s.Max)
+}
+
+// probePMU tries to open a generic hardware instruction counter for this
+// thread: whether there is a PMU at all, where no exact event is known
+// for the CPU.
 func probePMU() (bool, string) {
 	attr := unix.PerfEventAttr{
 		Type:   unix.PERF_TYPE_HARDWARE,
@@ -268,7 +346,7 @@ func probePMU() (bool, string) {
 	fd, err := unix.PerfEventOpen(&attr, 0, -1, -1, unix.PERF_FLAG_FD_CLOEXEC)
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENODEV) {
-			return false, fmt.Sprintf("no hardware instruction counter (perf_event_open: %v)", err)
+			return false, fmt.Sprintf("no hardware performance counters (perf_event_open: %v)", err)
 		}
 		return false, fmt.Sprintf("perf_event_open: %v", err)
 	}

@@ -53,7 +53,20 @@ func (c *probeCmd) run() (int, error) {
 	fmt.Fprintf(w, "single-step ring 0\t%s (%s)\n", yesNo(r.SingleStepRing0), r.SingleStepRing0Detail)
 	fmt.Fprintf(w, "single-step ring 3\t%s (%s)\n", yesNo(r.SingleStepRing3), r.SingleStepRing3Detail)
 	fmt.Fprintf(w, "single-step exact\t%s (%s)\n", yesNo(r.StepExact), r.StepExactDetail)
+	fmt.Fprintf(w, "breakpoints\t%s (%s)\n", yesNo(r.Breakpoints), r.BreakpointsDetail)
 	fmt.Fprintf(w, "performance counters\t%s (%s)\n", yesNo(r.PMU), r.PMUDetail)
+	fmt.Fprintf(w, "perf event\t%s (%s)\n", yesNo(r.PerfEventKnown), r.PerfEvent)
+	if r.PMU {
+		fmt.Fprintf(w, "perf guest-only\t%s (%s)\n", yesNo(r.PerfGuestOnly), r.PerfGuestOnlyDetail)
+	}
+	switch {
+	case r.PerfSkidDetail != "":
+		fmt.Fprintf(w, "perf skid\tnot measured (%s)\n", r.PerfSkidDetail)
+	case r.PerfGuestOnly:
+		fmt.Fprintf(w, "perf skid\tup to %d events measured, margin %d\n", r.PerfSkid, r.PerfMargin)
+	default:
+		fmt.Fprintf(w, "perf skid\tnot measured (no counter)\n")
+	}
 	ok, detail := vmm.StepClockUsable(r)
 	fmt.Fprintf(w, "epoch clock step\t%s (%s)\n", yesNo(ok), detail)
 	ok, detail = vmm.PerfClockUsable(r)

@@ -25,7 +25,7 @@ type guestFlags struct {
 	Initrd  string `help:"Initial ramdisk." type:"path" placeholder:"FILE"`
 	Cmdline string `help:"Kernel command line. For Linux kernels it adds to or overrides ftkvm's defaults (console=ttyS0 and lpj)."`
 	Mem     memMiB `help:"Guest memory: MiB, or a size with a K, M, G or T suffix (1G = 1024 MiB); a multiple of 2 MiB." default:"256" placeholder:"SIZE"`
-	Epoch   string `help:"How positions in the guest's execution are counted: exit (guest-caused exits; full speed), step (single-step every instruction: exact instruction counts, RDTSC and friends served by ftkvm; ring-0 guests only on a KVM that emulates ring 0, see ftkvm probe), perf (hardware performance counters: not implemented yet, always refused with the reason)." enum:"exit,step,perf" default:"exit"`
+	Epoch   string `help:"How positions in the guest's execution are counted: exit (guest-caused exits; full speed), step (single-step every instruction: exact instruction counts, RDTSC and friends served by ftkvm; ring-0 guests only on a KVM that emulates ring 0, see ftkvm probe), perf (hardware performance counters: refused with the first missing piece, see ftkvm probe; the vCPU loop does not run it yet)." enum:"exit,step,perf" default:"exit"`
 }
 
 // load reads the files and builds the machine configuration.
@@ -98,7 +98,7 @@ func (c *runCmd) run() (int, error) {
 		var de *vmm.DiskError
 		var ne *vmm.NICError
 		switch {
-		case errors.Is(err, vmm.ErrNoPerfCounters):
+		case errors.Is(err, vmm.ErrPerfClock):
 			return 0, fmt.Errorf("--epoch perf: %w", err)
 		case errors.As(err, &de):
 			return 0, fmt.Errorf("--disk: %w", err)

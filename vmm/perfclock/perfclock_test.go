@@ -120,3 +120,151 @@ type stuckEngine struct{ runs int }
 func (e *stuckEngine) Retired() uint64                  { return 0 }
 func (e *stuckEngine) RunOverflow(uint64) (bool, error) { e.runs++; return false, nil }
 func (e *stuckEngine) Step() (bool, error)              { return false, nil }
+
+// branchSim is a guest loop of seven instructions whose last is a
+// conditional branch, with a register counting instructions: the event
+// is the branch, so seven instructions share each count, and the loop
+// repeats its RIPs, which only the register tells apart.
+type branchSim struct {
+	instrs uint64 // instructions retired
+	skid   uint64
+	rng    *rand.Rand
+}
+
+func (b *branchSim) Retired() uint64 { return (b.instrs + 1) / 7 } // instruction 6 of each pass is the branch
+
+func (b *branchSim) RunOverflow(n uint64) (bool, error) {
+	target := b.Retired() + n + b.rng.Uint64N(b.skid+1)
+	for b.Retired() < target {
+		b.instrs++
+	}
+	// The overflow interrupt lands somewhere in the stretch after the
+	// branch that overflowed.
+	b.instrs += b.rng.Uint64N(6)
+	return false, nil
+}
+
+func (b *branchSim) Step() (bool, error) { b.instrs++; return false, nil }
+
+func (b *branchSim) Here() (uint64, uint64, error) { return 0x1000 + b.instrs%7, b.instrs, nil }
+
+func TestSeek(t *testing.T) {
+	for _, instrs := range []uint64{0, 3, 6, 7, 700, 7001, 70_005} {
+		ref := &branchSim{instrs: instrs}
+		want, _ := Locate(ref)
+		for seed := uint64(1); seed <= 10; seed++ {
+			b := &branchSim{skid: 20, rng: rand.New(rand.NewPCG(seed, instrs))}
+			st, err := Clock{Margin: 32}.Seek(b, want)
+			if err != nil {
+				t.Fatalf("instrs %d seed %d: %v", instrs, seed, err)
+			}
+			if b.instrs != instrs {
+				t.Fatalf("seed %d: stopped at instruction %d, want %d", seed, b.instrs, instrs)
+			}
+			if st.Steps > 33*7 { // the margin is in branches, seven instructions each
+				t.Fatalf("%d steps", st.Steps)
+			}
+		}
+	}
+	// A position whose registers never occur at its count is not found.
+	b := &branchSim{skid: 0, rng: rand.New(rand.NewPCG(1, 1))}
+	if _, err := (Clock{Margin: 32}).Seek(b, Position{Events: 100, RIP: 0x1003, Regs: 5}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("err %v", err)
+	}
+	// Nor one the count never stays still long enough to be bounded.
+	if _, err := (Clock{Margin: 32, MaxSteps: 3}).Seek(&branchSim{rng: rand.New(rand.NewPCG(1, 1))}, Position{Events: 0, RIP: 0x1005, Regs: 5}); err == nil || errors.Is(err, ErrNotFound) {
+		t.Fatalf("MaxSteps 3, target 5 steps away: %v", err)
+	}
+}
+
+// loopSim is a guest whose conditional branch retires every period
+// instructions while its RIPs repeat every loopLen (an inner loop closed
+// by an unconditional jump), with a register counting instructions. With
+// bp it is a BreakpointRunner.
+type loopSim struct {
+	instrs, period, loopLen uint64
+	skid                    uint64
+	rng                     *rand.Rand
+	runs, steps, breaks     int
+}
+
+func (l *loopSim) Retired() uint64 { return l.instrs / l.period }
+func (l *loopSim) rip() uint64     { return 0x1000 + l.instrs%l.loopLen }
+
+func (l *loopSim) Here() (uint64, uint64, error) { return l.rip(), l.instrs, nil }
+
+func (l *loopSim) RunOverflow(n uint64) (bool, error) {
+	l.runs++
+	target := l.Retired() + n + l.rng.Uint64N(l.skid+1)
+	for l.Retired() < target {
+		l.instrs++
+	}
+	l.instrs += l.rng.Uint64N(l.period)
+	return false, nil
+}
+
+func (l *loopSim) Step() (bool, error) { l.steps++; l.instrs++; return false, nil }
+
+type bpSim struct{ *loopSim }
+
+func (b bpSim) RunToRIP(rip, n uint64) (bool, error) {
+	b.breaks++
+	limit := b.Retired() + n
+	for {
+		b.instrs++
+		if b.Retired() >= limit {
+			b.instrs += b.rng.Uint64N(b.skid + 1) // the overflow's skid
+			return false, nil
+		}
+		if b.rip() == rip {
+			return false, nil
+		}
+	}
+}
+
+// In code that retires a conditional branch only every 5000 instructions,
+// an inner loop of 10 repeating its RIPs, single steps would take
+// thousands of exits to place a position; breakpoint runs at its RIP take
+// two per pass of the inner loop (the run, and the step off the
+// breakpoint), through the margin and the stretch. They land exactly.
+func TestSeekWithBreakpoints(t *testing.T) {
+	for _, instrs := range []uint64{4_321, 25_000, 123_456, 130_001} {
+		ref := &loopSim{instrs: instrs, period: 5000, loopLen: 10}
+		want, _ := Locate(ref)
+		for seed := uint64(1); seed <= 5; seed++ {
+			l := &loopSim{period: 5000, loopLen: 10, skid: 3, rng: rand.New(rand.NewPCG(seed, instrs))}
+			st, err := Clock{Margin: 4}.Seek(bpSim{l}, want)
+			if err != nil {
+				t.Fatalf("instrs %d seed %d: %v", instrs, seed, err)
+			}
+			if l.instrs != instrs {
+				t.Fatalf("seed %d: stopped at instruction %d, want %d", seed, l.instrs, instrs)
+			}
+			if st.Breaks != l.breaks || st.Steps != l.steps || st.Runs != l.runs {
+				t.Fatalf("instrs %d: %+v, engine saw %d runs, %d breakpoint runs, %d steps", instrs, st, l.runs, l.breaks, l.steps)
+			}
+			// Steps only off the breakpoint: at most one per pass of the
+			// inner loop through the margin and the stretch.
+			if st.Steps > (4+1)*5000/10 {
+				t.Fatalf("instrs %d: %d single steps", instrs, st.Steps)
+			}
+			// Single steps alone land there too, at several times the
+			// exits (one per instruction through the margin's branches
+			// and the stretch).
+			s := &loopSim{period: 5000, loopLen: 10, skid: 3, rng: rand.New(rand.NewPCG(seed, instrs))}
+			sst, err := Clock{Margin: 4}.Seek(s, want)
+			if err != nil || s.instrs != instrs {
+				t.Fatalf("instrs %d by single steps: at %d, %v", instrs, s.instrs, err)
+			}
+			if bpExits := st.Runs + st.Breaks + st.Steps; 3*bpExits > sst.Runs+sst.Steps {
+				t.Fatalf("instrs %d: breakpoints took %d exits, single steps %d", instrs, bpExits, sst.Runs+sst.Steps)
+			}
+		}
+	}
+	// A position whose registers never occur at its RIP and count: the
+	// overflow one event on ends the breakpoint runs, and it is not found.
+	l := &loopSim{period: 5000, loopLen: 10, rng: rand.New(rand.NewPCG(1, 1))}
+	if _, err := (Clock{Margin: 4}).Seek(bpSim{l}, Position{Events: 3, RIP: 0x1004, Regs: 15_005}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("err %v", err)
+	}
+}

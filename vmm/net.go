@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
+	"strings"
 
 	"github.com/ftkvm/ftkvm/devices"
 	"github.com/ftkvm/ftkvm/devices/tap"
+	"github.com/ftkvm/ftkvm/vmm/snapshot"
 )
 
 // Network interfaces: virtio-net devices (devices/virtio_net.go) in the
@@ -108,6 +111,46 @@ func (m *Machine) NICStats() []NICStats {
 			MAC: v.net.MAC().String(), NetCounters: v.net.NetCounters, Pending: v.net.Pending(),
 			DeviceErrors: v.t.Errors(), Unhandled: v.t.Unhandled(),
 		})
+	}
+	return out
+}
+
+// NICMismatchError is a state installed into a machine whose network
+// interfaces differ from those of the machine it was captured from (count
+// or address): the guest's driver knows the captured ones.
+type NICMismatchError struct{ Msg string }
+
+func (e *NICMismatchError) Error() string { return e.Msg }
+
+// CheckNICs compares the machine's network interfaces with those a state
+// recorded: the same number, with the same addresses, in order.
+func (m *Machine) CheckNICs(want []snapshot.NIC) error {
+	var have, rec []string
+	for _, v := range m.nics {
+		have = append(have, v.net.MAC().String())
+	}
+	for _, n := range want {
+		rec = append(rec, net.HardwareAddr(n.MAC[:]).String())
+	}
+	if slices.Equal(have, rec) {
+		return nil
+	}
+	list := func(l []string) string {
+		if len(l) == 0 {
+			return "no network interfaces"
+		}
+		return fmt.Sprintf("%d network interfaces (%s)", len(l), strings.Join(l, ", "))
+	}
+	return &NICMismatchError{fmt.Sprintf("the guest was captured with %s; this machine was given %s (pass as many --net, in order, with the captured addresses: mac=)",
+		list(rec), list(have))}
+}
+
+// NICMACs returns the network interfaces' addresses, in order (what the
+// replicas' handshake compares).
+func (m *Machine) NICMACs() []net.HardwareAddr {
+	var out []net.HardwareAddr
+	for _, v := range m.nics {
+		out = append(out, v.net.MAC())
 	}
 	return out
 }

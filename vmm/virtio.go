@@ -153,12 +153,6 @@ func DescribeDisks(disks []Disk) ([]DiskInfo, error) {
 	return out, nil
 }
 
-// ErrNICsNotCaptured refuses to capture a machine with network
-// interfaces: the snapshot format does not carry virtio-net's state yet
-// (the transport, the frames waiting in the device), so a snapshot,
-// migration or checkpoint of it would lose them.
-var ErrNICsNotCaptured = errors.New("the guest has network interfaces, whose device state snapshots, migration and replication do not carry yet")
-
 // DiskError is a disk image that cannot be used (missing, unreadable, too
 // small, in use).
 type DiskError struct{ Err error }

@@ -154,7 +154,7 @@ func (s *sim) checkFrames(chain ...*simReplica) {
 		if i > 0 && !promoted && (len(nic.frames) > 0 || nic.announced > 0) {
 			s.fail("%s sent %d frames and %d announcements without taking over", sr.name, len(nic.frames), nic.announced)
 		}
-		if i > 0 && promoted && nic.port != nil && !nic.announcedFirst {
+		if i > 0 && len(nic.frames) > 0 && !nic.announcedFirst {
 			s.fail("%s sent frames before announcing the guest's address (%d announcements)", sr.name, nic.announced)
 		}
 		for j, o := range nic.frames {

@@ -96,6 +96,10 @@ func NewNet(mac net.HardwareAddr, tx io.Writer) *Net {
 	return &Net{mac: append(net.HardwareAddr(nil), mac...), tx: tx, bufs: make([]Desc, 0, netQueueSize)}
 }
 
+// SetMAC changes the device's address: for a machine restoring a captured
+// device, which takes the captured address with its state.
+func (n *Net) SetMAC(mac net.HardwareAddr) { n.mac = append(n.mac[:0], mac...) }
+
 // MAC is the device's address.
 func (n *Net) MAC() net.HardwareAddr { return n.mac }
 

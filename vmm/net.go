@@ -47,9 +47,12 @@ func macSeed(cfg Config) []byte {
 	return append(append(k[:], i[:]...), cfg.Cmdline...)
 }
 
-// wireNICs puts a virtio-net device for each NIC in the windows after the
-// disks'. wireVirtio has checked that there are lines for all.
-func (m *Machine) wireNICs(cfg Config) error {
+// NICAddrs returns the MAC addresses the machine cfg describes gives its
+// network interfaces, in order: those given, or those derived from the
+// guest (what the replicas' handshake compares, before either machine
+// exists).
+func NICAddrs(cfg Config) []net.HardwareAddr {
+	var out []net.HardwareAddr
 	var seed []byte
 	for i, c := range cfg.NICs {
 		mac := c.MAC
@@ -59,6 +62,21 @@ func (m *Machine) wireNICs(cfg Config) error {
 			}
 			mac = tap.DefaultMAC(seed, i)
 		}
+		out = append(out, mac)
+	}
+	return out
+}
+
+// wireNICs puts a virtio-net device for each NIC in the windows after the
+// disks'. wireVirtio has checked that there are lines for all.
+func (m *Machine) wireNICs(cfg Config) error {
+	macs := NICAddrs(cfg)
+	for i, c := range cfg.NICs {
+		mac := macs[i]
+		adopt := cfg.empty && c.MAC == nil
+		if adopt {
+			mac = net.HardwareAddr{0x02, 0, 0, 0, 0, 0} // until Install sets the captured one
+		}
 		if len(mac) != 6 || mac[0]&1 != 0 {
 			return &NICError{fmt.Errorf("network interface %d: MAC %s is not a 6-byte unicast address", i, mac)}
 		}
@@ -66,7 +84,7 @@ func (m *Machine) wireNICs(cfg Config) error {
 			c.Tx = io.Discard
 		}
 		n := len(m.virtio)
-		v := &virtioDev{base: virtioMMIOBase + uint64(n)*devices.VirtioMMIOWindow, irq: virtioIRQs[n], net: devices.NewNet(mac, c.Tx)}
+		v := &virtioDev{base: virtioMMIOBase + uint64(n)*devices.VirtioMMIOWindow, irq: virtioIRQs[n], net: devices.NewNet(mac, c.Tx), adoptMAC: adopt}
 		v.t = devices.NewMMIOTransport(v.net, guestMemory{m}, m.pic, v.irq)
 		m.virtio = append(m.virtio, v)
 		m.nics = append(m.nics, v)
@@ -124,9 +142,14 @@ func (e *NICMismatchError) Error() string { return e.Msg }
 
 // CheckNICs compares the machine's network interfaces with those a state
 // recorded: the same number, with the same addresses, in order.
+// Interfaces of a machine from NewEmpty given no MAC match any address.
 func (m *Machine) CheckNICs(want []snapshot.NIC) error {
 	var have, rec []string
-	for _, v := range m.nics {
+	for i, v := range m.nics {
+		if v.adoptMAC && i < len(want) {
+			have = append(have, net.HardwareAddr(want[i].MAC[:]).String())
+			continue
+		}
 		have = append(have, v.net.MAC().String())
 	}
 	for _, n := range want {

@@ -255,6 +255,10 @@ func (m *Machine) Install(s *snapshot.State) error {
 		}
 	}
 	for i, v := range m.nics {
+		if v.adoptMAC {
+			v.net.SetMAC(s.NICs[i].MAC[:])
+			v.adoptMAC = false
+		}
 		if err := v.t.SetState(s.NICs[i].Transport); err != nil {
 			return fmt.Errorf("install network interface %d: %w", i, err)
 		}

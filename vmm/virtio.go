@@ -34,6 +34,9 @@ type virtioDev struct {
 	blk  *devices.Block     // for a disk
 	img  *devices.DiskImage // closed with the machine
 	net  *devices.Net       // for a network interface
+	// adoptMAC: a network interface of a machine from NewEmpty given no
+	// MAC: Install sets the captured one.
+	adoptMAC bool
 }
 
 // guestMemory is guest RAM as devices see it: writes they make are marked

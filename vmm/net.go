@@ -159,8 +159,11 @@ func (m *Machine) CheckNICs(want []snapshot.NIC) error {
 		return nil
 	}
 	list := func(l []string) string {
-		if len(l) == 0 {
+		switch len(l) {
+		case 0:
 			return "no network interfaces"
+		case 1:
+			return "1 network interface (" + l[0] + ")"
 		}
 		return fmt.Sprintf("%d network interfaces (%s)", len(l), strings.Join(l, ", "))
 	}

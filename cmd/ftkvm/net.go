@@ -49,7 +49,7 @@ func parseNets(flags []string) ([]netFlag, error) {
 			return nil, fmt.Errorf("--net %q: no tap name (tap=NAME[,mac=MAC])", f)
 		}
 		if len(n.tap) >= unix.IFNAMSIZ {
-			return nil, fmt.Errorf("--net %q: tap name %q is longer than %d bytes", f, n.tap, unix.IFNAMSIZ-1)
+			return nil, fmt.Errorf("--net %q: tap %q: a name of 1 to %d bytes is needed", f, n.tap, unix.IFNAMSIZ-1)
 		}
 		if seen[n.tap] {
 			return nil, fmt.Errorf("--net %q: tap %s given twice", f, n.tap)

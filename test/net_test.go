@@ -146,10 +146,12 @@ func TestReplicaNICs(t *testing.T) {
 	if m := regexp.MustCompile(`(\d+) divergences, (\d+) repairs`).FindStringSubmatch(bres.stderr); m == nil || m[1] != "0" {
 		t.Errorf("backup counters: %v\n%s", m, bres.stderr)
 	}
-	pm, po, pp := nicStats(t, "primary", res.stderr)
-	bm, bo, bp := nicStats(t, "backup", bres.stderr)
-	if pm != mac || bm != mac || po != bo || pp != bp || pp == "0" {
-		t.Errorf("device counters differ or are empty: primary %s overflow %s pending %s; backup %s overflow %s pending %s", pm, po, pp, bm, bo, bp)
+	// (The backup stops at the goodbye, wherever its replay stands: its
+	// device's counters at the end need not be the primary's. The
+	// failover below checks that the log carried the frames.)
+	pm, _, pp := nicStats(t, "primary", res.stderr)
+	if pm != mac || pp == "0" {
+		t.Errorf("primary's interface %s has %s frames waiting; want %s and the frames sent", pm, pp, mac)
 	}
 	if strings.Contains(bres.stderr, "announcements") && !strings.Contains(bres.stderr, " 0 announcements") {
 		t.Errorf("the backup announced the guest without taking over:\n%s", bres.stderr)
@@ -157,10 +159,18 @@ func TestReplicaNICs(t *testing.T) {
 
 	// A failover: the backup's tap appears only now, announces the guest.
 	ptap, btap = tapName("ftp"), tapName("ftb")
-	b = start(t, append([]string{"--log-level", "info", "backup", "--listen", "127.0.0.1:0", "--net", "tap=" + btap}, replicaArgs(w)...)...)
-	p = start(t, append([]string{"--log-level", "info", "primary", "--backup", b.backupAddr(), "--net", "tap=" + ptap}, replicaArgs(w)...)...)
+	b = start(t, append([]string{"--log-level", "info", "backup", "--listen", "127.0.0.1:0", "--net", "tap=" + btap + ",mac=" + mac}, replicaArgs(w)...)...)
+	p = start(t, append([]string{"--log-level", "info", "primary", "--backup", b.backupAddr(), "--net", "tap=" + ptap + ",mac=" + mac}, replicaArgs(w)...)...)
 	p.waitOutput("echo: ready\n")
-	w.feed(p, 0, 1)
+	ps = openPacket(t, ptap)
+	for i := range 20 {
+		ps.send(t, testFrame(guestMAC, uint32(i)))
+	}
+	// Two lines: the second is typed after the first came back, by when
+	// the primary has read the frames; its bytes are delivered at an
+	// epoch end after theirs, and its echo leaves only once the backup
+	// holds the log up to it.
+	w.feed(p, 0, 2)
 	if linkExists(btap) {
 		t.Fatalf("the backup opened its tap %s while it was a backup", btap)
 	}
@@ -177,27 +187,34 @@ func TestReplicaNICs(t *testing.T) {
 	}) {
 		t.Fatalf("no RARP announcement on the backup's tap after the takeover\n%s", b.stderr())
 	}
-	w.feed(b, 1, len(w.input))
+	w.feed(b, 2, len(w.input))
 	bres = b.wait()
 	if bres.status != 0 || !strings.Contains(bres.stderr, "taking over") {
 		t.Fatalf("backup after the failover: status %d\n%s", bres.status, bres.stderr)
 	}
-	bm, _, _ = nicStats(t, "promoted backup", bres.stderr)
+	// The promoted backup's device received the frames sent to the
+	// primary before its death (they waited in the device, no driver),
+	// which only the log could bring it: its tap did not exist then.
+	bm, bo, bp := nicStats(t, "promoted backup", bres.stderr)
+	if atoi(bo)+atoi(bp) < 20 {
+		t.Errorf("the promoted backup's device received %s+%s frames; 20 were sent to the primary before the failover\n%s", bp, bo, bres.stderr)
+	}
 	if !bytes.Equal(announced[6:12], mustMAC(t, bm)) || !bytes.Equal(announced[22:28], mustMAC(t, bm)) || !bytes.Equal(announced[:6], []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}) {
 		t.Errorf("announcement % x is not a broadcast RARP for the guest's MAC %s", announced[:42], bm)
 	}
 	out, _ := mergeSeam(t, p.stdout(), bres)
 	w.checkComplete(t, out)
 
-	// Different interfaces: refused by both, one line each.
+	// Different interfaces: refused by the backup (which tells the
+	// primary why: "here" is the backup), one line on the primary.
 	for _, tc := range []struct {
 		name         string
 		backup, prim []string
 		want         string
 	}{
 		{"mac", []string{"--net", "tap=" + tapName("ftb") + ",mac=02:00:5e:00:53:01"}, []string{"--net", "tap=" + tapName("ftp") + ",mac=02:00:5e:00:53:02"},
-			"different network interfaces: interface 0 has MAC 02:00:5e:00:53:02 here, 02:00:5e:00:53:01 on the peer"},
-		{"count", nil, []string{"--net", "tap=" + tapName("ftp")}, "different network interfaces: 1 here, 0 on the peer"},
+			"different network interfaces: interface 0 has MAC 02:00:5e:00:53:01 here, 02:00:5e:00:53:02 on the peer"},
+		{"count", nil, []string{"--net", "tap=" + tapName("ftp")}, "different network interfaces: 0 here, 1 on the peer"},
 	} {
 		b := start(t, append(append([]string{"backup", "--listen", "127.0.0.1:0"}, tc.backup...), replicaArgs(w)...)...)
 		pr := ftkvm(t, time.Minute, "", append(append([]string{"primary", "--backup", b.backupAddr()}, tc.prim...), replicaArgs(w)...)...)
@@ -205,7 +222,7 @@ func TestReplicaNICs(t *testing.T) {
 			t.Fatalf("%s: primary status %d\n%s", tc.name, pr.status, pr.stderr)
 		}
 		oneLine(t, tc.name+": primary", pr.stderr, tc.want)
-		b.waitUntil("the refusal logged", func() bool { return strings.Contains(b.stderr(), "different network interfaces") })
+		b.waitUntil("the refusal logged", func() bool { return strings.Contains(b.stderr(), tc.want) })
 	}
 }
 

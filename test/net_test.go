@@ -294,3 +294,40 @@ func TestSnapshotRestoreWithNIC(t *testing.T) {
 		t.Errorf("restored interface %s with %s frames waiting; captured %s with %s", amac, apending, mac, pending)
 	}
 }
+
+// TestMigrateWithNIC: a guest with a network interface whose device holds
+// frames migrates to `ftkvm receive --net` on another tap; it keeps its
+// MAC and the waiting frames and runs to its end there.
+func TestMigrateWithNIC(t *testing.T) {
+	requireKVM(t)
+	w := workloadNamed(t, "counter")
+	dst := start(t, "--log-level", "info", "receive", "--listen", "127.0.0.1:0", "--net", "tap="+tapName("ftd"))
+	addr := dst.listenAddr()
+	sock := tempSocket(t)
+	tp := tapName("ftm")
+	src := start(t, "--log-level", "info", "run", "--kernel", testosELF, "--mem", "64", "--cmdline", w.cmdline, "--api", sock, "--net", "tap="+tp)
+	src.waitLines(2)
+	ps := openPacket(t, tp)
+	for i := range 5 {
+		ps.send(t, testFrame(net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, uint32(i)))
+	}
+	time.Sleep(50 * time.Millisecond) // frames delivered at the guest's next points
+	ctl := ftkvm(t, time.Minute, "", "ctl", "--api", sock, "migrate", addr)
+	if ctl.status != 0 {
+		t.Fatalf("ctl migrate: status %d\n%s%s", ctl.status, ctl.stdout, ctl.stderr)
+	}
+	before := src.wait()
+	if before.status != 0 || !strings.Contains(before.stderr, "ftkvm: guest migrated to "+addr) {
+		t.Fatalf("source: status %d\nstderr:\n%s", before.status, before.stderr)
+	}
+	after := dst.wait()
+	if after.status != 0 {
+		t.Fatalf("destination: status %d\n%s\n%s", after.status, after.stdout, after.stderr)
+	}
+	w.checkComplete(t, before.stdout+after.stdout)
+	mac, _, pending := nicStats(t, "source", before.stderr)
+	dmac, _, dpending := nicStats(t, "destination", after.stderr)
+	if pending == "0" || dmac != mac || atoi(dpending) < atoi(pending) {
+		t.Errorf("source %s with %s frames waiting; destination %s with %s", mac, pending, dmac, dpending)
+	}
+}

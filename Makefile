@@ -6,7 +6,7 @@ BIN      := bin/ftkvm
 TESTOS   := guest/testos/testos.elf
 WORKLOAD ?= counter
 
-.PHONY: all build testos run boot test deps deps-build vet clean bench
+.PHONY: all build testos run boot test race deps deps-build vet clean bench
 
 all: build testos
 
@@ -21,9 +21,12 @@ testos:
 # The drill: a witness, a backup and a primary on this machine; the
 # primary killed KILLS times while the guest counts, a new backup joined
 # after each takeover; the consoles checked for loss; drill.png.
+# The guest counts long enough for every kill (each takes about 80 of
+# its lines: a takeover, then a new backup joining).
 KILLS ?= 3
+LINES ?= $(shell echo $$((400 + 120 * $(KILLS))))
 run: deps-build all
-	$(BIN) drill --kernel $(TESTOS) --mem 32 --cmdline "workload=counter lines=800 wait=4 hz=200" --kills $(KILLS) --timeout 2s
+	$(BIN) drill --kernel $(TESTOS) --mem 32 --cmdline "workload=counter lines=$(LINES) wait=4 hz=200" --kills $(KILLS) --timeout 2s
 
 boot: deps-build all
 	$(BIN) run --kernel $(TESTOS) --cmdline "workload=$(WORKLOAD)"
@@ -42,6 +45,12 @@ vet:
 # failure, not a skip.
 test: deps all vet
 	FTKVM_TEST_STRICT=1 $(GO) test -count=1 -timeout 50m ./...
+	$(MAKE) race
+
+# The replica driver's crash simulation under the race detector, every
+# fault at every message index (ft/driver/sim_test.go).
+race:
+	$(GO) test -race -count=1 -timeout 40m -run '^TestSim' ./ft/driver -sim.every
 
 bench: all
 	$(GO) test -run '^$$' -bench . -benchtime 1x ./vmm/ ./test/

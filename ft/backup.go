@@ -267,7 +267,7 @@ func (n *Node) skipToRepair() bool {
 			}
 		case wire.Output:
 			n.confirm(m.Done)
-			n.absorb(Out{Seq: m.OutSeq, Kind: m.Kind, Offset: m.Offset, Data: m.Data})
+			n.absorb(Out{Seq: m.OutSeq, Kind: m.Kind, Offset: m.Offset, Data: m.Data, At: n.now})
 		}
 		n.pop()
 	}
@@ -323,7 +323,7 @@ func (n *Node) p4Output() Action {
 	if len(n.log) == 0 {
 		if n.replaying {
 			n.goLive()
-			n.perform = append(n.perform, Out{Seq: n.outSeq, Kind: o.rkind, Offset: off, Data: bytes.Clone(o.data)})
+			n.perform = append(n.perform, Out{Seq: n.outSeq, Kind: o.rkind, Offset: off, Data: bytes.Clone(o.data), At: n.now})
 			return goAction
 		}
 		if n.goodbye {
@@ -338,7 +338,7 @@ func (n *Node) p4Output() Action {
 	}
 	n.pop()
 	n.confirm(m.Done)
-	out := Out{Seq: m.OutSeq, Kind: m.Kind, Offset: m.Offset, Data: m.Data}
+	out := Out{Seq: m.OutSeq, Kind: m.Kind, Offset: m.Offset, Data: m.Data, At: n.now}
 	if !n.replaying {
 		n.absorb(out)
 	} else if out.Seq > n.confirmed {
@@ -388,7 +388,7 @@ func (n *Node) diverge(err error) Action {
 		case opRead:
 			return Action{Kind: ActGo, Value: o.value}
 		case opOutput:
-			n.perform = append(n.perform, Out{Seq: n.outSeq, Kind: o.rkind, Offset: n.outBytes - consoleLen(o.rkind, o.data), Data: bytes.Clone(o.data)})
+			n.perform = append(n.perform, Out{Seq: n.outSeq, Kind: o.rkind, Offset: n.outBytes - consoleLen(o.rkind, o.data), Data: bytes.Clone(o.data), At: n.now})
 			return goAction
 		}
 		o.stage = stStart

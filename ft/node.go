@@ -438,7 +438,7 @@ func (n *Node) Status() Status {
 	} else {
 		s.Performed = n.confirmed
 	}
-	s.Held, s.LogSent, s.LogAcked, s.Backlog = len(n.held), n.seq, n.acked, len(n.log)
+	s.Held, s.LogSent, s.LogAcked, s.LogReceived, s.Backlog = len(n.held), n.seq, n.acked, n.recv, len(n.log)
 	return s
 }
 

@@ -282,7 +282,7 @@ func (n *Node) primaryOutput() Action {
 	if o.stage == stStart {
 		n.started = true
 		n.outSeq++
-		out := Out{Seq: n.outSeq, Kind: o.rkind, Offset: n.outBytes, Data: append([]byte(nil), o.data...)}
+		out := Out{Seq: n.outSeq, Kind: o.rkind, Offset: n.outBytes, Data: append([]byte(nil), o.data...), At: n.now}
 		n.outBytes += consoleLen(out.Kind, out.Data)
 		if !n.protected {
 			n.perform = append(n.perform, out)

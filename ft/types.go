@@ -263,12 +263,17 @@ func (a Action) String() string {
 // byte is byte Offset of the console output since boot. A promoted backup
 // knows it for every output it performs, so its console joins the dead
 // primary's at a known byte, not at a guessed overlap.
+//
+// At is the node's time (the clock of Tick and Point.Now) when the guest
+// produced it, or when a promoted backup replayed it: the driver measures
+// how long outputs are held from it.
 type Out struct {
 	Seq       uint64
 	Kind      Kind
 	Offset    uint64
 	Data      []byte
 	Uncertain bool
+	At        int64
 }
 
 // consoleLen is how far an output advances the console stream.
@@ -406,7 +411,10 @@ type Status struct {
 	Held      int    // primary: outputs waiting for acknowledgements
 	LogSent   uint64 // primary: log records sent on this link
 	LogAcked  uint64
-	Backlog   int // backup: log records received, not replayed yet
+	// LogReceived (backup): log records received on this link; the last
+	// LogReceived-Backlog of them are replayed.
+	LogReceived uint64
+	Backlog     int // backup: log records received, not replayed yet
 
 	Epochs           uint64 // epochs ended (primary) or replayed (backup)
 	CheckpointEpochs uint64

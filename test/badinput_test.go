@@ -41,7 +41,7 @@ func TestBadInput(t *testing.T) {
 	disk := write("disk.img", make([]byte, 4096))
 
 	usage := map[string]bool{"odd memory size": true, "memory size not a size": true, "unknown flag": true,
-		"missing kernel flag": true, "unknown command": true}
+		"missing kernel flag": true, "unknown command": true, "arbiter not etcd": true, "arbiter etcds without TLS": true}
 	for _, tc := range []struct {
 		name string
 		args []string
@@ -86,6 +86,8 @@ func TestBadInput(t *testing.T) {
 		{"witness state not a state file", []string{"witness", "--listen", "127.0.0.1:0", "--state", notState}, "not a witness state file"},
 		{"witness state in a missing directory", []string{"witness", "--listen", "127.0.0.1:0", "--state", filepath.Join(dir, "missing", "state")}, "no such file"},
 		{"witness bad address", []string{"witness", "--listen", "no-such-host.invalid:99999"}, "witness:"},
+		{"arbiter not etcd", []string{"backup", "--listen", "127.0.0.1:0", "--kernel", testosELF, "--arbiter", "https://127.0.0.1:2379"}, "want etcd://"},
+		{"arbiter etcds without TLS", []string{"backup", "--listen", "127.0.0.1:0", "--kernel", testosELF, "--arbiter", "etcds://127.0.0.1:2379"}, "needs --tls-cert"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := ftkvm(t, time.Minute, "", tc.args...)

@@ -86,14 +86,30 @@ func TestMetrics(t *testing.T) {
 		{"failovers agree", third["ftkvm_replica_failovers_total"] == float64(rs.Promotions)},
 		{"divergences agree", third["ftkvm_replica_divergences_total"] == float64(rs.Divergences)},
 		{"no unhandled accesses", third[`ftkvm_device_unhandled_accesses_total{device="port bus"}`] == 0},
+		// Every output performed was timed (read under one lock with
+		// the status), and the counts agree with ctl status.
+		{"outputs timed", second["ftkvm_replica_output_hold_seconds_count"] == second["ftkvm_replica_outputs_performed_total"] &&
+			second["ftkvm_replica_output_hold_seconds_count"] > first["ftkvm_replica_output_hold_seconds_count"]},
+		{"hold times agree with ctl status", second["ftkvm_replica_output_hold_seconds_count"] <= float64(rs.HeldOutputs) &&
+			float64(rs.HeldOutputs) <= third["ftkvm_replica_output_hold_seconds_count"] && rs.HeldOutputs <= rs.Performed},
+		{"hold histogram", second[`ftkvm_replica_output_hold_seconds_bucket{le="+Inf"}`] == second["ftkvm_replica_output_hold_seconds_count"] &&
+			second["ftkvm_replica_output_hold_seconds_sum"] > 0},
+		{"lag in records, bytes and time agree", lagAgrees(first) && lagAgrees(second) && lagAgrees(third) &&
+			(rs.LagRecords == 0) == (rs.LagBytes == 0) && (rs.LagRecords == 0) == (rs.LagSeconds == 0)},
+		{"no claims", third[`ftkvm_replica_claims_total{outcome="won"}`] == 0 && third[`ftkvm_replica_claims_total{outcome="lost"}`] == 0},
 	} {
 		if !c.ok {
 			t.Errorf("%s: first %v\nsecond %v\nstatus %+v", c.name, ours(first), ours(second), rs)
 		}
 	}
+	t.Logf("primary: lag %v records, %v bytes, %v s; %v outputs held %v s in all; ctl status: lag %d records, %d bytes, %v s, %d outputs timed",
+		second["ftkvm_replica_lag_records"], second["ftkvm_replica_lag_bytes"], second["ftkvm_replica_lag_seconds"],
+		second["ftkvm_replica_output_hold_seconds_count"], second["ftkvm_replica_output_hold_seconds_sum"],
+		rs.LagRecords, rs.LagBytes, rs.LagSeconds, rs.HeldOutputs)
 	// The backup's view: a backup, linked.
 	bs := scrape(t, bm)
-	if bs[`ftkvm_replica_role{role="backup"}`] != 1 || bs["ftkvm_replica_link_up"] != 1 {
+	if bs[`ftkvm_replica_role{role="backup"}`] != 1 || bs["ftkvm_replica_link_up"] != 1 || !lagAgrees(bs) ||
+		bs["ftkvm_replica_output_hold_seconds_count"] != 0 {
 		t.Errorf("backup metrics: %v", bs)
 	}
 	p.kill()
@@ -110,6 +126,13 @@ func TestMetrics(t *testing.T) {
 			t.Errorf("witness %s = %v, %v", k, v, ok)
 		}
 	}
+}
+
+// lagAgrees: a scrape's lag in records, bytes and seconds are all zero or
+// all not (they are read under one lock).
+func lagAgrees(m map[string]float64) bool {
+	r, b, s := m["ftkvm_replica_lag_records"], m["ftkvm_replica_lag_bytes"], m["ftkvm_replica_lag_seconds"]
+	return (r == 0) == (b == 0) && (r == 0) == (s == 0)
 }
 
 // ours keeps ftkvm's metrics (not Go's or the process's).

@@ -1,7 +1,10 @@
 package test
 
 import (
+	"fmt"
 	"net"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -121,4 +124,53 @@ func TestTLSMigration(t *testing.T) {
 	}
 	w.checkComplete(t, before.stdout+after.stdout)
 	plain.wait()
+}
+
+// A pair on mutual TLS whose arbiter is etcd over TLS (etcds://, Debian's
+// etcd-server with --client-cert-auth and a certificate from the pair's
+// CA): the primary is killed, the backup claims the pair over TLS, wins,
+// logs its fencing token, counts the claim in its metrics, and finishes
+// the guest.
+func TestTLSArbiterEtcd(t *testing.T) {
+	requireKVM(t)
+	bin, err := exec.LookPath("etcd")
+	if err != nil {
+		t.Fatal("etcd is not installed (Debian's etcd-server; the test set-up installs it)")
+	}
+	tf := tlsFiles(t, "primary", "backup", "etcd")
+	ports := make([]int, 2)
+	for i := range ports {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ports[i] = l.Addr().(*net.TCPAddr).Port
+		l.Close()
+	}
+	client, peer := fmt.Sprintf("127.0.0.1:%d", ports[0]), fmt.Sprintf("http://127.0.0.1:%d", ports[1])
+	et := tf["etcd"] // --tls-cert CERT --tls-key KEY --tls-ca CA
+	startCmd(t, bin, "--name", "m0", "--data-dir", filepath.Join(t.TempDir(), "etcd"),
+		"--listen-client-urls", "https://"+client, "--advertise-client-urls", "https://"+client,
+		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "m0="+peer,
+		"--cert-file", et[1], "--key-file", et[3], "--client-cert-auth", "--trusted-ca-file", et[5],
+		"--logger", "zap", "--log-level", "error")
+	w := workload{name: "counter", cmdline: "workload=counter lines=400 wait=3 hz=200"}
+	args := []string{"--kernel", testosELF, "--mem", "32", "--cmdline", w.cmdline, "--timeout", "5s",
+		"--arbiter", "etcds://" + client + "/ftkvm-tls"}
+	b := start(t, append(append(append([]string{}, tf["backup"]...), "--log-level", "info", "backup", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"), args...)...)
+	addr := b.backupAddr()
+	p := start(t, append(append(append([]string{}, tf["primary"]...), "--log-level", "info", "primary", "--backup", addr), args...)...)
+	p.waitLines(5)
+	p.kill()
+	b.waitUntil("the takeover", func() bool { return strings.Contains(b.stderr(), "this replica is the primary now") })
+	m := scrape(t, metricsAddr(b))
+	if m[`ftkvm_replica_claims_total{outcome="won"}`] != 1 || m[`ftkvm_replica_claims_total{outcome="lost"}`] != 0 {
+		t.Errorf("claims: %v", ours(m))
+	}
+	res := b.wait()
+	if res.status != 0 || !strings.Contains(res.stderr, "fencing token") || !strings.Contains(res.stderr, "this claim won") ||
+		strings.Contains(res.stderr, "plain text") {
+		t.Fatalf("backup: status %d\n%s", res.status, res.stderr)
+	}
+	checkCounterTail(t, res.stdout, 400)
 }

@@ -123,6 +123,7 @@ func (m *Machine) CaptureState(s *snapshot.State) error {
 			return fmt.Errorf("capture %s: %w", step.what, step.err)
 		}
 	}
+	normalizeEvents(&v.Events)
 	v.MSRs = slices.Grow(v.MSRs[:0], len(m.msrIndices))[:len(m.msrIndices)]
 	for i, idx := range m.msrIndices {
 		v.MSRs[i] = kvm.MSREntry{Index: idx}
@@ -418,4 +419,23 @@ func ForEachPage(bitmap []uint64, fn func(pfn uint64)) {
 			w &= w - 1
 		}
 	}
+}
+
+// normalizeEvents puts captured vCPU events in the form KVM_SET_VCPU_EVENTS
+// keeps, so that a state installed and captured again is the same state
+// (and hashes the same on both replicas). Without KVM_CAP_EXCEPTION_PAYLOAD,
+// which ftkvm does not enable, KVM keeps the original ABI: GET reports a
+// pending exception as injected (and may also set exception.pending), and
+// SET establishes no pending exception and no payload (the KVM API,
+// KVM_GET_VCPU_EVENTS and KVM_CAP_EXCEPTION_PAYLOAD). The exception is
+// delivered as the injected one either way.
+func normalizeEvents(e *kvm.VCPUEvents) {
+	if e.Flags&kvm.VCPUEventValidPayload != 0 {
+		return
+	}
+	if e.Exception.Pending != 0 {
+		e.Exception.Injected = 1
+		e.Exception.Pending = 0
+	}
+	e.ExceptionHasPayload, e.ExceptionPayload = 0, 0
 }

@@ -191,3 +191,31 @@ func strip(s string) string {
 }
 
 var _ = kvm.MPStateRunnable
+
+// A pending exception captured without KVM_CAP_EXCEPTION_PAYLOAD is kept
+// as the injected one, which is what KVM_SET_VCPU_EVENTS installs; with
+// the payload flag, the events are KVM's own and stay as they are.
+func TestNormalizeEvents(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		in, out kvm.ExceptionState
+		flags   uint32
+	}{
+		{"none", kvm.ExceptionState{}, kvm.ExceptionState{}, 0},
+		{"injected", kvm.ExceptionState{Injected: 1, Nr: 6}, kvm.ExceptionState{Injected: 1, Nr: 6}, 0},
+		{"pending folded", kvm.ExceptionState{Injected: 1, Pending: 1, Nr: 6}, kvm.ExceptionState{Injected: 1, Nr: 6}, 0},
+		{"pending only", kvm.ExceptionState{Pending: 1, Nr: 13, HasErrorCode: 1, ErrorCode: 8}, kvm.ExceptionState{Injected: 1, Nr: 13, HasErrorCode: 1, ErrorCode: 8}, 0},
+		{"payload ABI", kvm.ExceptionState{Pending: 1, Nr: 14}, kvm.ExceptionState{Pending: 1, Nr: 14}, kvm.VCPUEventValidPayload},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := kvm.VCPUEvents{Exception: tc.in, Flags: tc.flags, ExceptionHasPayload: 1, ExceptionPayload: 0x1000}
+			normalizeEvents(&e)
+			if e.Exception != tc.out {
+				t.Errorf("exception %+v, want %+v", e.Exception, tc.out)
+			}
+			if tc.flags == 0 && (e.ExceptionHasPayload != 0 || e.ExceptionPayload != 0) {
+				t.Errorf("payload kept without the payload ABI: %d %#x", e.ExceptionHasPayload, e.ExceptionPayload)
+			}
+		})
+	}
+}

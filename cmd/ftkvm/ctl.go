@@ -102,6 +102,12 @@ func (c *ctlCmd) status(s *ctlStatusCmd) (int, error) {
 			fmt.Fprintf(w, "health\tNOT PROTECTED: %s\n", why)
 		}
 		fmt.Fprintf(w, "log\t%d records sent, %d acknowledged, %d bytes on the link\n", rs.LogSent, rs.LogAcked, rs.LinkBytes)
+		fmt.Fprintf(w, "lag\t%d records, %d bytes, the oldest %v old\n", rs.LagRecords, rs.LagBytes,
+			time.Duration(rs.LagSeconds*1e9).Round(time.Millisecond))
+		if rs.HeldOutputs > 0 {
+			fmt.Fprintf(w, "outputs held\t%d now; %d performed held %v on average\n", rs.Held, rs.HeldOutputs,
+				time.Duration(rs.HoldSeconds/float64(rs.HeldOutputs)*1e9).Round(time.Microsecond))
+		}
 	}
 	fmt.Fprintf(w, "virtual time\t%v\n", time.Duration(st.VirtualTimeNs).Round(time.Microsecond))
 	fmt.Fprintf(w, "exits\t%d (kicks %d, interrupts injected %d, timer ticks %d)\n",

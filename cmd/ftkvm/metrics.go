@@ -52,12 +52,16 @@ var (
 	mLogSent     = prometheus.NewDesc("ftkvm_replica_log_records_sent_total", "Log records the primary sent on its current link.", nil, nil)
 	mLogAcked    = prometheus.NewDesc("ftkvm_replica_log_records_acked_total", "Log records the backup acknowledged on the current link.", nil, nil)
 	mLag         = prometheus.NewDesc("ftkvm_replica_lag_records", "Log records sent and not yet acknowledged (primary), or received and not yet replayed (backup).", nil, nil)
+	mLagBytes    = prometheus.NewDesc("ftkvm_replica_lag_bytes", "Bytes of log records sent and not yet acknowledged (primary), or received after the last record replayed (backup).", nil, nil)
+	mLagSeconds  = prometheus.NewDesc("ftkvm_replica_lag_seconds", "Age of the oldest log record not yet acknowledged (primary) or not yet replayed (backup); 0 when none.", nil, nil)
+	mHoldSeconds = prometheus.NewDesc("ftkvm_replica_output_hold_seconds", "How long each performed output was held: from the guest's write to its performance (primary; a promoted backup from its replay).", nil, nil)
 	mLinkBytes   = prometheus.NewDesc("ftkvm_replica_link_bytes_total", "Bytes this replica wrote to its links.", nil, nil)
 	mHeld        = prometheus.NewDesc("ftkvm_replica_held_outputs", "Outputs the primary holds until the backup acknowledges them.", nil, nil)
 	mOutputs     = prometheus.NewDesc("ftkvm_replica_outputs_total", "Outputs the guest produced.", nil, nil)
 	mPerformed   = prometheus.NewDesc("ftkvm_replica_outputs_performed_total", "Outputs performed (primary), or confirmed by the primary (backup).", nil, nil)
 	mDivergences = prometheus.NewDesc("ftkvm_replica_divergences_total", "Divergences found (verify mode, or a log that did not match).", nil, nil)
 	mRepairs     = prometheus.NewDesc("ftkvm_replica_repairs_total", "Divergences repaired from the primary's full state.", nil, nil)
+	mClaimsOut   = prometheus.NewDesc("ftkvm_replica_claims_total", "Claims this replica made to its witness or arbiter after losing its peer, by outcome: won (it went on), lost (fenced), failed (no answer; asked again).", []string{"outcome"}, nil)
 	mPromotions  = prometheus.NewDesc("ftkvm_replica_failovers_total", "Times this replica took over as the primary.", nil, nil)
 )
 
@@ -117,7 +121,8 @@ func (c machineCollector) Collect(ch chan<- prometheus.Metric) {
 	if c.r == nil {
 		return
 	}
-	st := c.r.Status()
+	rm := c.r.Metrics()
+	st := rm.Status
 	for _, role := range []ft.Role{ft.RolePrimary, ft.RoleBackup} {
 		gauge(mRole, b(st.Role == role), role.String())
 	}
@@ -131,11 +136,14 @@ func (c machineCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(mCkptBytes, float64(st.CheckpointBytes))
 	counter(mLogSent, float64(st.LogSent))
 	counter(mLogAcked, float64(st.LogAcked))
-	lag := float64(st.Backlog)
-	if st.Role == ft.RolePrimary {
-		lag = float64(st.LogSent - min(st.LogAcked, st.LogSent))
+	gauge(mLag, float64(rm.Lag.Records))
+	gauge(mLagBytes, float64(rm.Lag.Bytes))
+	gauge(mLagSeconds, rm.Lag.Age.Seconds())
+	buckets := make(map[float64]uint64, len(driver.HoldBuckets))
+	for i, b := range driver.HoldBuckets {
+		buckets[b] = rm.Holds.Counts[i]
 	}
-	gauge(mLag, lag)
+	ch <- prometheus.MustNewConstHistogram(mHoldSeconds, rm.Holds.Count, rm.Holds.Sum, buckets)
 	counter(mLinkBytes, float64(c.r.LinkBytes()))
 	gauge(mHeld, float64(st.Held))
 	counter(mOutputs, float64(st.Outputs))
@@ -143,6 +151,10 @@ func (c machineCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(mDivergences, float64(st.Divergences))
 	counter(mRepairs, float64(st.Repairs))
 	counter(mPromotions, float64(st.Promotions))
+	cl := c.r.Claims()
+	counter(mClaimsOut, float64(cl.Won), "won")
+	counter(mClaimsOut, float64(cl.Lost), "lost")
+	counter(mClaimsOut, float64(cl.Failed), "failed")
 }
 
 // witnessCollector reads a witness's counters.

@@ -31,7 +31,7 @@ type replicaFlags struct {
 	API       string        `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
 	ExitStats bool          `help:"When the guest stops, print its exit profile and the replica profile (how epochs ended; capture, install, hash and send costs) on stderr. docs/PROFILE.md explains them." name:"exit-stats"`
 	Witness   string        `help:"Address of the witness (ftkvm witness) that decides which replica goes on when the two lose each other; the loser stops. Both replicas must give the same address. Without a witness or an arbiter, a cut link lets both go on (split brain)." placeholder:"HOST:PORT"`
-	Arbiter   string        `help:"Decide as --witness does, on an etcd cluster: etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (one key per pair under PREFIX, default /ftkvm). Both replicas must name the same cluster and prefix." placeholder:"URL"`
+	Arbiter   string        `help:"Decide as --witness does, on an etcd cluster: etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (one key per pair under PREFIX, default /ftkvm), or etcds://... for TLS with --tls-cert, --tls-key and --tls-ca (etcd's members must have certificates from that CA, and accept this one). Both replicas must name the same cluster and prefix." placeholder:"URL"`
 	Metrics   string        `help:"Serve Prometheus metrics on this address at /metrics (docs/METRICS.md)." placeholder:"HOST:PORT"`
 	Net       []string      `help:"A virtio-net interface on the host tap device NAME (created if absent, brought up), with MAC address MAC or one derived from the guest; both replicas must give the same interfaces (the handshake compares the MACs). The primary opens its tap at start; a backup opens its own only when it takes over, then announces the guest's MAC (RARP). Received frames are logged to the backup; sent frames leave once the backup holds them. Repeatable." placeholder:"tap=NAME[,mac=MAC]" sep:"none"`
 }
@@ -55,7 +55,13 @@ func (f *replicaFlags) fencing() (ft.Digest, driver.Witness, error) {
 		if err != nil {
 			return ft.Digest{}, nil, usageError{err}
 		}
-		a, err := arbiter.New(ep)
+		if ep.TLS && linkTLS == nil {
+			return ft.Digest{}, nil, usageError{errors.New("--arbiter etcds://: TLS to etcd needs --tls-cert, --tls-key and --tls-ca")}
+		}
+		if !ep.TLS && linkTLS != nil {
+			logrus.Warn("--arbiter etcd:// talks to etcd in plain text; etcds:// uses --tls-cert, --tls-key and --tls-ca")
+		}
+		a, err := arbiter.New(ep, linkTLS)
 		if err != nil {
 			return ft.Digest{}, nil, err
 		}
@@ -393,8 +399,11 @@ func runReplica(m *vmm.Machine, r *driver.Replica, apiPath string, exitStats boo
 type replicaAPI struct{ r *driver.Replica }
 
 func (a replicaAPI) ReplicaStatus() api.ReplicaStatus {
-	s := a.r.Status()
+	m := a.r.Metrics()
+	s := m.Status
 	return api.ReplicaStatus{
+		LagRecords: m.Lag.Records, LagBytes: m.Lag.Bytes, LagSeconds: m.Lag.Age.Seconds(),
+		HeldOutputs: m.Holds.Count, HoldSeconds: m.Holds.Sum,
 		Role: s.Role.String(), Link: s.Link, Protected: s.Protected, Joining: s.Joining,
 		Replaying: s.Replaying, Diverged: s.Diverged, Claiming: s.Claiming, Fenced: s.Fenced,
 		Epoch: s.Epoch, Position: s.Pos.String(),

@@ -21,8 +21,8 @@ import (
 // guestFlags are the flags that describe a guest; later commands (snapshot
 // restore, replicas) share them.
 type guestFlags struct {
-	Kernel  string `help:"Guest kernel: a PVH ELF (ELF32 or ELF64) or a Linux bzImage." required:"" type:"path"`
-	Initrd  string `help:"Initial ramdisk." type:"path"`
+	Kernel  string `help:"Guest kernel: a PVH ELF (ELF32 or ELF64) or a Linux bzImage." required:"" type:"path" placeholder:"FILE"`
+	Initrd  string `help:"Initial ramdisk." type:"path" placeholder:"FILE"`
 	Cmdline string `help:"Kernel command line. For Linux kernels it adds to or overrides ftkvm's defaults (console=ttyS0 and lpj)."`
 	Mem     memMiB `help:"Guest memory: MiB, or a size with a K, M, G or T suffix (1G = 1024 MiB); a multiple of 2 MiB." default:"256" placeholder:"SIZE"`
 	Epoch   string `help:"How positions in the guest's execution are counted: exit (guest-caused exits; full speed), step (single-step every instruction: exact instruction counts, RDTSC and friends served by ftkvm; ring-0 guests only on a KVM that emulates ring 0, see ftkvm probe), perf (hardware performance counters: not implemented yet, always refused with the reason)." enum:"exit,step,perf" default:"exit"`

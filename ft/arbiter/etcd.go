@@ -10,10 +10,15 @@
 // winner logs (it orders this decision among the cluster's writes). While
 // etcd has no quorum the claim does not return: the guest waits, as with
 // an unreachable witness, and the driver asks again.
+//
+// etcds:// instead of etcd:// talks to the cluster over TLS with a client
+// certificate (etcd's --client-cert-auth): the members' certificates must
+// chain to the given CA, as a replica's peer's do (package ft/secure).
 package arbiter
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -31,19 +36,26 @@ import (
 type Endpoint struct {
 	Hosts  []string // host:port of each member
 	Prefix string   // key prefix, starting with "/"
+	TLS    bool     // etcds://: mutual TLS to the members
 }
 
 // DefaultPrefix is the key prefix when the address names none.
 const DefaultPrefix = "/ftkvm"
 
-// Parse reads etcd://HOST:PORT[,HOST:PORT...][/PREFIX].
+// Parse reads etcd://HOST:PORT[,HOST:PORT...][/PREFIX], or etcds://...
+// for TLS.
 func Parse(s string) (Endpoint, error) {
+	secure := false
 	rest, ok := strings.CutPrefix(s, "etcd://")
 	if !ok {
-		return Endpoint{}, fmt.Errorf("arbiter %q: want etcd://HOST:PORT[,HOST:PORT...][/PREFIX]", s)
+		rest, ok = strings.CutPrefix(s, "etcds://")
+		secure = ok
+	}
+	if !ok {
+		return Endpoint{}, fmt.Errorf("arbiter %q: want etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (or etcds:// for TLS)", s)
 	}
 	hosts, prefix, _ := strings.Cut(rest, "/")
-	e := Endpoint{Prefix: DefaultPrefix}
+	e := Endpoint{Prefix: DefaultPrefix, TLS: secure}
 	if prefix != "" {
 		e.Prefix = "/" + strings.TrimRight(prefix, "/")
 	}
@@ -60,7 +72,11 @@ func Parse(s string) (Endpoint, error) {
 // String is the canonical form: what the handshake compares (both
 // replicas must claim at the same cluster and prefix).
 func (e Endpoint) String() string {
-	return "etcd://" + strings.Join(e.Hosts, ",") + e.Prefix
+	scheme := "etcd://"
+	if e.TLS {
+		scheme = "etcds://"
+	}
+	return scheme + strings.Join(e.Hosts, ",") + e.Prefix
 }
 
 // Etcd claims pairs on an etcd cluster (driver.Witness).
@@ -72,12 +88,22 @@ type Etcd struct {
 }
 
 // New connects to the cluster lazily: an unreachable cluster is no error
-// here, only a claim that cannot be answered.
-func New(ep Endpoint) (*Etcd, error) {
+// here, only a claim that cannot be answered. An etcds:// endpoint needs
+// cfg, the client's certificate and the CA of the members' certificates
+// (secure.Load); an etcd:// one ignores it.
+func New(ep Endpoint, cfg *tls.Config) (*Etcd, error) {
+	var tc *tls.Config
+	if ep.TLS {
+		if cfg == nil {
+			return nil, fmt.Errorf("arbiter %v: TLS needs a certificate, its key and a CA (--tls-cert, --tls-key, --tls-ca)", ep)
+		}
+		tc = cfg.Clone()
+	}
 	cli, err := clientv3.New(clientv3.Config{
 		Endpoints:   ep.Hosts,
 		DialTimeout: 2 * time.Second,
 		Logger:      zap.NewNop(),
+		TLS:         tc,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("arbiter %v: %w", ep, err)

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/ftkvm/ftkvm/ft"
+	"github.com/ftkvm/ftkvm/ft/secure"
+	"github.com/ftkvm/ftkvm/ft/secure/securetest"
 )
 
 func TestParse(t *testing.T) {
@@ -27,6 +29,9 @@ func TestParse(t *testing.T) {
 		{"etcd://host", ""},
 		{"etcd://a:1,,b:2", ""},
 		{"etcd://:2379", ""},
+		{"etcds://a:1,b:2/p", "etcds://a:1,b:2/p"},
+		{"etcds://", ""},
+		{"etcd://etcds://a:1", ""},
 	} {
 		e, err := Parse(tc.in)
 		switch {
@@ -119,7 +124,7 @@ func (c *cluster) endpoint() Endpoint {
 }
 
 func newArbiter(t *testing.T, ep Endpoint) *Etcd {
-	a, err := New(ep)
+	a, err := New(ep, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,5 +220,105 @@ func TestEtcdBadClaims(t *testing.T) {
 		if _, err := a.Claim(context.Background(), c); err == nil {
 			t.Errorf("claim %+v accepted", c)
 		}
+	}
+}
+
+// etcdTLS is one etcd member (Debian's etcd-server) serving clients over
+// TLS only, with client certificates required (--client-cert-auth), its
+// own certificate and the clients' from ca.
+func etcdTLS(t *testing.T, dir, cert, key, ca string) string {
+	bin := etcdBinary(t)
+	client := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	peer := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	cmd := exec.Command(bin, "--name", "m0", "--data-dir", filepath.Join(dir, "data"),
+		"--listen-client-urls", "https://"+client, "--advertise-client-urls", "https://"+client,
+		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "m0="+peer,
+		"--cert-file", cert, "--key-file", key, "--client-cert-auth", "--trusted-ca-file", ca,
+		"--logger", "zap", "--log-outputs", "stderr", "--log-level", "error")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return client
+}
+
+// etcds://: claims go over mutual TLS. A client with a certificate from
+// the cluster's CA is answered; one whose certificate comes from another
+// CA, and a plain client, are not (etcd refuses them), and etcds://
+// without TLS settings is refused before anything is dialled.
+func TestEtcdArbiterTLS(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := securetest.NewCA("site")
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := securetest.NewCA("other")
+	if err != nil {
+		t.Fatal(err)
+	}
+	caFile, err := ca.WriteCA(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvCert, srvKey, err := ca.Issue(dir, "etcd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cliCert, cliKey, err := ca.Issue(dir, "replica")
+	if err != nil {
+		t.Fatal(err)
+	}
+	strCert, strKey, err := other.Issue(dir, "stranger")
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := etcdTLS(t, dir, srvCert, srvKey, caFile)
+	good, err := secure.Load(cliCert, cliKey, caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stranger, err := secure.Load(strCert, strKey, caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ep := Endpoint{Hosts: []string{host}, Prefix: "/ftkvm-tls", TLS: true}
+	if _, err := New(ep, nil); err == nil {
+		t.Fatal("etcds:// without TLS settings accepted")
+	}
+
+	a, err := New(ep, good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	pair := ft.Digest{7, 7}
+	if r := claim(t, a, ft.Claim{Pair: pair, Role: ft.RoleBackup}); r != ft.RoleBackup {
+		t.Fatalf("over TLS: %v", r)
+	}
+
+	refused := func(name string, e *Etcd) {
+		t.Helper()
+		defer e.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		if r, err := e.Claim(ctx, ft.Claim{Pair: pair, Role: ft.RolePrimary}); err == nil {
+			t.Errorf("%s: answered (%v)", name, r)
+		} else {
+			t.Logf("%s: %v", name, err)
+		}
+	}
+	s, err := New(ep, stranger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused("a certificate from another CA", s)
+	p, err := New(Endpoint{Hosts: []string{host}, Prefix: "/ftkvm-tls"}, good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	refused("a plain client", p)
+	// The decision stands for the client that may talk.
+	if r := claim(t, a, ft.Claim{Pair: pair, Role: ft.RolePrimary}); r != ft.RoleBackup {
+		t.Fatalf("a later claim over TLS: %v", r)
 	}
 }

@@ -8,6 +8,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"time"
 
 	"github.com/ftkvm/ftkvm/ft"
@@ -22,6 +23,18 @@ type Witness interface {
 // witness again. The guest waits meanwhile: going on without an answer
 // is what the witness is there to prevent.
 const claimRetry = 200 * time.Millisecond
+
+// Claims counts this replica's claims by outcome: won (it goes on), lost
+// (fenced), and attempts that got no answer (the witness or arbiter was
+// unreachable; the claim is asked again).
+type Claims struct{ Won, Lost, Failed uint64 }
+
+type claimCounts struct{ won, lost, failed atomic.Uint64 }
+
+// Claims reads the claim counters. Any goroutine.
+func (r *Replica) Claims() Claims {
+	return Claims{Won: r.claims.won.Load(), Lost: r.claims.lost.Load(), Failed: r.claims.failed.Load()}
+}
 
 // claim asks the witness until it answers, then gives the node the
 // answer. The node's vCPU waits meanwhile.
@@ -46,6 +59,11 @@ func (r *Replica) claim(c ft.Claim) {
 	for warned := false; ; {
 		winner, err := w.Claim(ctx, c)
 		if err == nil {
+			if winner == c.Role {
+				r.claims.won.Add(1)
+			} else {
+				r.claims.lost.Add(1)
+			}
 			r.mu.Lock()
 			r.node.Claimed(winner == c.Role)
 			r.drain()
@@ -55,6 +73,7 @@ func (r *Replica) claim(c ft.Claim) {
 			}
 			return
 		}
+		r.claims.failed.Add(1)
 		if !warned {
 			r.log.Errorf("replica: cannot reach the witness (%v); the guest waits, asking again every %v", err, claimRetry)
 			warned = true

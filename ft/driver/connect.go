@@ -33,6 +33,11 @@ func (r *Replica) Connect(conn net.Conn) error {
 // connect makes l the link and says hello (r.mu held, no link up).
 func (r *Replica) connect(l *link) {
 	r.link = l
+	var base int64 // a backup's lag counts the bytes it received, from here
+	if r.node.Role() == ft.RoleBackup {
+		base = l.rx.Load()
+	}
+	r.lag.reset(base)
 	r.node.Connected()
 	go l.writer()
 	go l.reader()

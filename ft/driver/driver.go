@@ -125,6 +125,14 @@ type Replica struct {
 
 	net netState // net.go
 
+	// Metrics (lag.go): the log records not yet done with by the other
+	// side, the ticker's last time (ns, the driver's clock) that stamps
+	// them, and how long released outputs were held.
+	lag    lagLog
+	tickAt int64
+	holds  holdHist
+	claims claimCounts
+
 	linkBytes atomic.Int64   // bytes written to links
 	prof      replicaProfile // profile.go
 	trace     bool           // log every action (log level trace)
@@ -246,6 +254,9 @@ func (r *Replica) drain() {
 			}
 			f := wire.Marshal(m)
 			r.prof.sentMsg(m, len(f), t)
+			if seq := recordSeq(m); seq > 0 {
+				r.lag.push(seq, r.lag.total+int64(len(f)), r.tickAt)
+			}
 			l.send(f)
 		}
 		if rd.Close {
@@ -352,7 +363,8 @@ func (r *Replica) ticker() {
 				r.node.Heard()
 			}
 		}
-		r.node.Tick(r.clock())
+		r.tickAt = r.clock()
+		r.node.Tick(r.tickAt)
 		if st := r.node.Status(); r.started && r.kick != nil && st.Replaying {
 			// A promoted backup goes live at its next point; a guest
 			// computing without exits would not reach one.

@@ -188,6 +188,13 @@ func TestClaimAsksUntilTheWitnessAnswers(t *testing.T) {
 			if s := p.Status(); s.Fenced != (winner == ft.RoleBackup) {
 				t.Fatalf("witness chose the %v; primary status %v", winner, s)
 			}
+			want := Claims{Failed: uint64(w.fails), Won: 1}
+			if winner == ft.RoleBackup {
+				want = Claims{Failed: uint64(w.fails), Lost: 1}
+			}
+			if got := p.Claims(); got != want {
+				t.Fatalf("claim counters %+v, want %+v", got, want)
+			}
 		})
 	}
 }

@@ -139,6 +139,13 @@ func (l *link) reader() {
 		}
 		r.prof.recvMsg(m)
 		r.node.Step(m)
+		if a, ok := m.(wire.Ack); ok {
+			r.lag.done(a.Seq)
+		} else if seq := recordSeq(m); seq > 0 && r.node.Role() == ft.RoleBackup {
+			r.lag.push(seq, l.rx.Load(), r.tickAt)
+			st := r.node.Status()
+			r.lag.done(st.LogReceived - uint64(st.Backlog))
+		}
 		r.drain()
 		r.mu.Unlock()
 	}

@@ -70,7 +70,14 @@ func (r *Replica) performer() {
 			}
 			_, _ = r.opts.Console.Write(o.Data)
 		}
+		now := r.clock()
 		r.mu.Lock()
+		// Held from the node's time when the guest produced it (Out.At)
+		// to now, written; counted under the lock, with Performed, so
+		// that a metrics scrape sees the two agree.
+		for _, o := range batch {
+			r.holds.observe(now - o.At)
+		}
 		r.perfBusy = false
 		r.node.Performed(batch[len(batch)-1].Seq)
 		r.drain()

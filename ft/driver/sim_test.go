@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"strconv"
 	"strings"
@@ -560,11 +561,12 @@ func (s *sim) typeInput(p *simReplica) {
 // ---- The scenarios ----
 
 // simStride is the stride over message indices. Every index (1) is run
-// for the scenario marked every, without -race; the others, and every
-// scenario under -race (which slows each run several times) or -short,
-// run about simSamples indices spread over the range.
+// for the scenario marked every, without -race and -short, and for all
+// the fault scenarios with -sim.every (`make race` runs them under -race
+// that way); otherwise, and under -race (which slows each run several
+// times) or -short, about simSamples indices spread over the range run.
 func simStride(total int, every bool) int {
-	if every && !raceEnabled && !testing.Short() {
+	if *simEvery || every && !raceEnabled && !testing.Short() {
 		return 1
 	}
 	n := simSamples
@@ -573,6 +575,8 @@ func simStride(total int, every bool) int {
 	}
 	return max(1, total/n)
 }
+
+var simEvery = flag.Bool("sim.every", false, "run every fault scenario at every message index, also under -race and -short")
 
 const (
 	simSamples     = 40
@@ -604,8 +608,24 @@ func TestSimNoFailure(t *testing.T) {
 			if len(b.m.delivered) == 0 {
 				s.fail("nothing delivered")
 			}
+			// Metrics: every output the primary performed was timed, the
+			// backup performed none; the lag in records, bytes and time
+			// agree (the backup may stop at the goodbye with records not
+			// replayed).
+			pm, bm := p.r.Metrics(), b.r.Metrics()
+			if pm.Holds.Count != pm.Status.Performed || pm.Holds.Count != uint64(len(p.outs)) || pm.Holds.Sum <= 0 {
+				s.fail("hold times of %d outputs (%v s), %d performed, %d seen", pm.Holds.Count, pm.Holds.Sum, pm.Status.Performed, len(p.outs))
+			}
+			if bm.Holds.Count != 0 || bm.Lag.Records != bm.Status.Backlog {
+				s.fail("backup metrics at the end: %+v", bm)
+			}
+			for _, m := range []Metrics{pm, bm} {
+				if l := m.Lag; (l.Records == 0) != (l.Bytes == 0) || (l.Records == 0) != (l.Age == 0) {
+					s.fail("%v lag: %+v", m.Status.Role, l)
+				}
+			}
 			ps := p.r.Status()
-			t.Logf("primary %v; backup %v; frames %v", ps, b.r.Status(), l.count)
+			t.Logf("primary %v; backup %v; frames %v; lag %+v", ps, b.r.Status(), l.count, pm.Lag)
 		})
 	}
 }

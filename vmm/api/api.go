@@ -64,6 +64,15 @@ type ReplicaStatus struct {
 	LogAcked  uint64 `json:"log_acked"`
 	Backlog   int    `json:"backlog"`
 	LinkBytes int64  `json:"link_bytes_sent"`
+	// Replication lag (driver.Lag): primary, log records handed to the
+	// link and not acknowledged; backup, received and not replayed.
+	LagRecords int     `json:"lag_records"`
+	LagBytes   int64   `json:"lag_bytes"`
+	LagSeconds float64 `json:"lag_seconds"` // the oldest of them, to the millisecond
+	// Outputs whose hold (from the guest's write to its performance) was
+	// timed, and their total hold time.
+	HeldOutputs uint64  `json:"outputs_timed"`
+	HoldSeconds float64 `json:"output_hold_seconds"`
 
 	Epochs           uint64 `json:"epochs"`
 	CheckpointEpochs uint64 `json:"checkpoint_epochs"`

@@ -260,3 +260,35 @@ func TestSimNetKillPrimary(t *testing.T) {
 		})
 	}
 }
+
+// Kill the backup at sampled messages: the primary goes on unprotected
+// and sends every frame once; the dead backup opened and sent nothing.
+func TestSimNetKillBackup(t *testing.T) {
+	for _, cfg := range simNetConfigs {
+		t.Run(cfg.String(), func(t *testing.T) {
+			total := countFrames(t, cfg)[1]
+			var out tally
+			forIndices(t, total, simStride(total, false), func(k int) {
+				s := newSim(t, cfg)
+				defer catch(t, fmt.Sprintf("kill the backup at %d", k), s)
+				p, b, l := s.runNet(faultAt(killSender, 1, k))
+				s.checkNoDivergence()
+				if p.noHandshake() {
+					out.add("before the handshake")
+					return
+				}
+				if !p.ended() {
+					s.fail("the primary: status %d, %v", p.status, p.err)
+				}
+				s.checkSeams(p)
+				s.checkFrames(p, b)
+				if l.hasFired() {
+					out.add("killed")
+				} else {
+					out.add("not reached")
+				}
+			})
+			t.Logf("%d messages: %v", total, &out)
+		})
+	}
+}

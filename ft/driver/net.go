@@ -16,7 +16,7 @@ package driver
 //
 // Locking: the readers take r.mu to post a frame. attachNets opens the
 // host sides without it and publishes them under it; netAttached is
-// closed after that, so the performer reads r.ports without the lock.
+// closed after that, so the performer reads r.net.ports without the lock.
 
 import (
 	"errors"

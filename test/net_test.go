@@ -2,6 +2,7 @@ package test
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
@@ -15,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ftkvm/ftkvm/vmm/api"
 )
 
 // Network interfaces between replicas and across snapshots, on the real
@@ -329,5 +332,59 @@ func TestMigrateWithNIC(t *testing.T) {
 	dmac, _, dpending := nicStats(t, "destination", after.stderr)
 	if pending == "0" || dmac != mac || atoi(dpending) < atoi(pending) {
 		t.Errorf("source %s with %s frames waiting; destination %s with %s", mac, pending, dmac, dpending)
+	}
+}
+
+// TestReplicaReprotectWithNIC: after a failover, a new backup joins the
+// promoted primary (ctl protect) with a network interface: the full state
+// it receives carries the device (frames waiting in it); frames sent to the
+// promoted primary's tap afterwards reach it through the log; it opens its
+// own tap only at the second failover, and finishes the guest.
+func TestReplicaReprotectWithNIC(t *testing.T) {
+	requireKVM(t)
+	w := workloadNamed(t, "echo")
+	const mac = "02:00:5e:00:53:21"
+	guestMAC, _ := net.ParseMAC(mac)
+	sock := tempSocket(t)
+	b1tap, b2tap := tapName("ftb"), tapName("ftj")
+	b1 := start(t, append([]string{"--log-level", "info", "backup", "--listen", "127.0.0.1:0", "--api", sock, "--net", "tap=" + b1tap + ",mac=" + mac}, replicaArgs(w)...)...)
+	p1 := start(t, append([]string{"--log-level", "info", "primary", "--backup", b1.backupAddr(), "--net", "tap=" + tapName("ftp") + ",mac=" + mac}, replicaArgs(w)...)...)
+	p1.waitOutput("echo: ready\n")
+	w.feed(p1, 0, 1)
+	p1.kill()
+	b1.waitUntil("the first failover", func() bool { return strings.Contains(b1.stderr(), "this replica is the primary now") })
+	b1.waitUntil("its tap", func() bool { return linkExists(b1tap) })
+
+	b2 := start(t, append([]string{"--log-level", "info", "backup", "--listen", "127.0.0.1:0", "--join", "--net", "tap=" + b2tap + ",mac=" + mac}, replicaArgs(w)...)...)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := api.NewClient(sock).Protect(ctx, b2.backupAddr()); err != nil {
+		t.Fatalf("protect: %v\nfirst backup:\n%s", err, b1.stderr())
+	}
+	b1.waitUntil("protection", func() bool { return strings.Contains(b1.stderr(), "protected: the backup holds") })
+	ps := openPacket(t, b1tap)
+	for i := range 20 {
+		ps.send(t, testFrame(guestMAC, uint32(i)))
+	}
+	// As in TestReplicaNICs: the second line's echo leaves only once the
+	// new backup holds the log up to it, frames included.
+	w.feed(b1, 1, 3)
+	if linkExists(b2tap) {
+		t.Fatalf("the joined backup opened its tap %s while it was a backup", b2tap)
+	}
+	b1.kill()
+	b2.waitUntil("the second failover", func() bool { return strings.Contains(b2.stderr(), "this replica is the primary now") })
+	b2.waitUntil("its tap", func() bool { return linkExists(b2tap) })
+	w.feed(b2, 3, len(w.input))
+	res := b2.wait()
+	if res.status != 0 || !strings.Contains(res.stderr, "taking over") {
+		t.Fatalf("second backup: status %d\n%s", res.status, res.stderr)
+	}
+	out, _ := mergeSeam(t, p1.stdout(), result{stdout: b1.stdout(), stderr: b1.stderr()})
+	out, _ = mergeSeam(t, out, res)
+	w.checkComplete(t, out)
+	bm, bo, bp := nicStats(t, "second backup", res.stderr)
+	if bm != mac || atoi(bo)+atoi(bp) < 20 {
+		t.Errorf("the second backup's interface %s received %s+%s frames; 20 were sent to its primary\n%s", bm, bp, bo, res.stderr)
 	}
 }

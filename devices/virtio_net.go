@@ -2,6 +2,7 @@ package devices
 
 import (
 	"encoding/binary"
+	"fmt"
 	"io"
 	"net"
 )
@@ -94,6 +95,10 @@ type Net struct {
 func NewNet(mac net.HardwareAddr, tx io.Writer) *Net {
 	return &Net{mac: append(net.HardwareAddr(nil), mac...), tx: tx, bufs: make([]Desc, 0, netQueueSize)}
 }
+
+// SetMAC changes the device's address: for a machine restoring a captured
+// device, which takes the captured address with its state.
+func (n *Net) SetMAC(mac net.HardwareAddr) { n.mac = append(n.mac[:0], mac...) }
 
 // MAC is the device's address.
 func (n *Net) MAC() net.HardwareAddr { return n.mac }
@@ -300,4 +305,41 @@ func (n *Net) writeRx(mem GuestMemory, chain []Desc, frame []byte) {
 			return
 		}
 	}
+}
+
+// NetState is a virtio-net device's own state (its transport's is
+// separate, MMIOTransportState): the received frames waiting for receive
+// chains, oldest first. They were delivered to the device at points of
+// the guest's execution, so a snapshot, checkpoint or migration must carry
+// them: the guest takes them when it next posts buffers. The counters are
+// the host's diagnostics and stay with each device.
+type NetState struct {
+	Pending [][]byte
+}
+
+// State returns the device's state. The frames are copies.
+func (n *Net) State() NetState {
+	var s NetState
+	for i := range n.rxLen {
+		s.Pending = append(s.Pending, append([]byte(nil), n.rx[(n.rxHead+i)%NetRxPending]...))
+	}
+	return s
+}
+
+// SetState replaces the frames waiting for receive chains. At most
+// NetRxPending frames, each of NetMinFrame to NetMaxFrame bytes.
+func (n *Net) SetState(s NetState) error {
+	if len(s.Pending) > NetRxPending {
+		return fmt.Errorf("virtio-net state: %d waiting frames, at most %d", len(s.Pending), NetRxPending)
+	}
+	for i, f := range s.Pending {
+		if len(f) < NetMinFrame || len(f) > NetMaxFrame {
+			return fmt.Errorf("virtio-net state: waiting frame %d has %d bytes (%d to %d)", i, len(f), NetMinFrame, NetMaxFrame)
+		}
+	}
+	n.rxHead, n.rxLen = 0, len(s.Pending)
+	for i, f := range s.Pending {
+		n.rx[i] = n.rxMem[i][:copy(n.rxMem[i][:], f)]
+	}
+	return nil
 }

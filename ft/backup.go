@@ -517,7 +517,7 @@ func (n *Node) promote(why error, up bool) {
 func (n *Node) takeOver() {
 	n.role, n.replaying, n.started = RolePrimary, true, true
 	n.st.Promotions++
-	n.events = n.events[:0]
+	n.events, n.pendingFrames = n.events[:0], 0
 	n.epochStart, n.epochStartI = n.now, n.instrs
 	// A diverged backup skips to the repair first: the outputs the log
 	// announces before it are absorbed, and performed below with the rest.

@@ -47,7 +47,11 @@
 //     still holds the last), and the driver posts the timer again while
 //     its deadline is due, so late ticks arrive at later epoch ends and
 //     none is lost. UART bytes beyond the receiver's
-//     room stay for a later epoch.
+//     room stay for a later epoch. Received frames (wire.KindNetRx) are
+//     events too: at most MaxPendingFrames wait for an epoch end, and
+//     more are dropped and counted (Status.FramesDropped), as a full
+//     network card drops them, so a flood grows neither memory nor the
+//     epoch end's record.
 //   - P2 (p2EndEpoch): at the epoch's end it sends the events (EpochEnd),
 //     waits for the ack as the policy requires, delivers them and starts
 //     the next epoch.
@@ -57,6 +61,8 @@
 //     not arrived; position, kind and epoch must match, else divergence.
 //   - P4 (Async, p4Output): it ignores its own asynchronous events; it
 //     absorbs outputs, checking each against the primary's Output record.
+//     (Its driver does not even attach its network interfaces' host
+//     sides before a takeover: it neither reads frames there nor sends.)
 //   - P5 (epochEndHead): at the epoch's end position it delivers the
 //     primary's events, in At or in Halt as the primary did.
 //
@@ -86,6 +92,13 @@
 // each Output). A promoted backup performs every output not confirmed,
 // marked Uncertain: a repeat is only ever an output whose confirmation was
 // in flight, and it is identical. Nothing is lost.
+//
+// A frame the guest transmits is an output (wire.KindNetTx: the
+// interface's index, then the frame), held and performed by the same
+// rules as console bytes. A promoted backup's driver first attaches its
+// host sides and announces the guest's addresses (RARP, as QEMU after a
+// migration), then performs the uncertain frames: a repeated frame is
+// identical, and the network drops or tolerates it.
 //
 // Each console output has its place in the guest's console stream (bytes
 // since boot): Output records carry it (Offset, checked by the backup like
@@ -179,6 +192,9 @@
 //     flag and SHA-256 of its contents are compared. A backup joining a
 //     running guest with disks is refused: it would not receive the
 //     images.
+//   - The network interfaces (Hello.NICs): their number and MAC
+//     addresses, compared (the guest reads them from its devices). A
+//     joining backup receives the devices' state with the checkpoint.
 //
 // The backup's driver asks Admits before a connection becomes the link,
 // so only a peer that would pass these checks is ever its primary.
@@ -190,7 +206,8 @@
 //	                   command-line hashes; from version 2 the replica's
 //	                   instance and the witness's hash; from version 3
 //	                   interrupt windows and the CPUID hash; from version
-//	                   4 the disks (size, read-only, contents' hash)
+//	                   4 the disks (size, read-only, contents' hash); from
+//	                   version 5 the network interfaces' MACs
 //	Refuse             a refused handshake, or a protocol error: reason, text
 //	Record      (log)  P0: seq, epoch, position, kind, value
 //	EpochEnd    (log)  P2: seq, epoch, position, halt, events, hash
@@ -225,10 +242,13 @@
 //     TSC MSR). The driver's own decisions (is the timer due, Point.Now,
 //     Tick) use its own clock, never Environment.Now.
 //   - Output is every byte string the UART transmits: the console writer
-//     calls it instead of writing. The bytes are written when Ready.Perform
-//     hands them out, in order, by one goroutine; then Performed(seq).
+//     calls it instead of writing; and every frame a network interface
+//     transmits (KindNetTx, its NIC.Tx writer). They are written when
+//     Ready.Perform hands them out, in order, by one goroutine (frames to
+//     the interface's host side); then Performed(seq).
 //   - Deliver: Timer events as Target.FireTimer(Value), UART events as
-//     Target.Receive(byte(Value)), in order.
+//     Target.Receive(byte(Value)), frames as Target.ReceiveFrame(Value,
+//     Data), in order.
 //   - Hash: SHA-256 of the vCPU registers and of all guest memory, which
 //     the driver keeps as a sum of per-page hashes and updates for every
 //     page that may have changed (dirtied by the guest, captured by a
@@ -249,7 +269,9 @@
 //     events it sees (the PIT deadline passed: KindTimer with the time,
 //     once per deadline; a deadline a delivery left in place because the
 //     PIC held the last tick is posted again once the guest took that
-//     tick, or when it ran a tick without exits; a byte typed: KindUART); Step each decoded message; Disconnected on
+//     tick, or when it ran a tick without exits; a byte typed: KindUART; a frame read from a
+//     network interface's host side, of 14 to 1518 bytes: KindNetRx, only
+//     while the node's role is primary); Step each decoded message; Disconnected on
 //     EOF, a reset or a decoding error; Connected when a link is up (one
 //     at a time; refuse others with Refuse{RefuseBusy}).
 //   - A backup's accepted connection is a stranger until its first frame
@@ -293,5 +315,5 @@
 // Flow control of the backup's log; batching
 // of console bytes into fewer Output records; pre-copy before a join's
 // full checkpoint; chunking of checkpoints larger than wire.DefaultMaxBody;
-// disk and network kinds.
+// batching of frames into fewer records.
 package ft

@@ -1,6 +1,7 @@
 package ft
 
 import (
+	"bytes"
 	"testing"
 
 	"github.com/ftkvm/ftkvm/ft/wire"
@@ -75,7 +76,7 @@ func runFuzzNode(t *testing.T, prog []byte) {
 			now += int64(r.byte()) * ms / 4
 			n.Tick(now)
 		case op == 3:
-			n.Async(Event{Kind: Kind(1 + r.byte()%3), Value: uint64(r.byte())})
+			n.Async(r.event())
 		case op == 4 && link:
 			n.Disconnected()
 			link = false
@@ -102,7 +103,7 @@ func runFuzzNode(t *testing.T, prog []byte) {
 		case op == 9:
 			answer(n.Read(at(exits+1), wire.KindClock, uint64(r.byte())))
 		case op == 10:
-			answer(n.Output(at(exits+1), wire.KindConsole, []byte{r.byte()}))
+			answer(n.Output(at(exits+1), r.outKind(), []byte{r.byte()}))
 		case op == 11:
 			answer(n.Finish(int(r.byte())))
 		}
@@ -126,11 +127,33 @@ func (r *fuzzReader) byte() byte {
 
 func (r *fuzzReader) small() uint64 { return uint64(r.byte() % 8) }
 
+// event is an asynchronous event: a timer tick, a UART byte, or a
+// received frame (wire.KindNetRx) on one of two interfaces.
+func (r *fuzzReader) event() Event {
+	switch r.byte() % 4 {
+	case 0:
+		return Event{Kind: wire.KindTimer, Value: uint64(r.byte())}
+	case 1:
+		return Event{Kind: wire.KindUART, Value: uint64(r.byte())}
+	case 2:
+		return Event{Kind: wire.KindNetRx, Value: r.small() % 2, Data: bytes.Repeat([]byte{r.byte()}, 60)}
+	}
+	return Event{Kind: Kind(r.byte() % 8), Value: uint64(r.byte())}
+}
+
+// outKind is an output's kind: console bytes or a transmitted frame.
+func (r *fuzzReader) outKind() Kind {
+	if r.byte()%2 == 0 {
+		return wire.KindNetTx
+	}
+	return wire.KindConsole
+}
+
 // msg makes a message a peer could send, with small numbers so that
 // sequence numbers, epochs and positions collide with the node's.
 func (r *fuzzReader) msg() wire.Msg {
 	pos := Position{Exits: r.small()}
-	evs := []Event{{Kind: Kind(1 + r.byte()%3), Value: r.small()}}
+	evs := []Event{r.event()}
 	switch r.byte() % 11 {
 	case 0:
 		h := wire.Hello{Version: ProtocolVersion, Role: Role(1 + r.byte()%2), MemSize: testGuest.MemSize,
@@ -148,7 +171,7 @@ func (r *fuzzReader) msg() wire.Msg {
 	case 4:
 		return wire.Checkpoint{Seq: r.small(), Epoch: r.small(), Pos: pos, Full: r.byte()&1 == 1, OutSeq: r.small(), Events: evs, State: []byte{1}}
 	case 5:
-		return wire.Output{Seq: r.small(), Epoch: r.small(), Pos: pos, OutSeq: r.small(), Done: r.small(), Kind: wire.KindConsole, Data: []byte{r.byte()}}
+		return wire.Output{Seq: r.small(), Epoch: r.small(), Pos: pos, OutSeq: r.small(), Done: r.small(), Kind: r.outKind(), Data: []byte{r.byte()}}
 	case 6:
 		return wire.Performed{OutSeq: r.small()}
 	case 7:

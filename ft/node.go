@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
 
 	"github.com/ftkvm/ftkvm/ft/wire"
@@ -40,22 +41,24 @@ type Node struct {
 	stopAction Action
 
 	// Primary.
-	protected   bool // a backup holds our state and receives the log
-	joining     bool // a backup passed the handshake and needs the full state
-	repair      bool // the backup asked for the full state
-	seq, acked  uint64
-	events      []Event // P1: buffered asynchronous events
-	rxSpace     int     // the UART's room at the last point
-	epochStart  int64
-	instrs      uint64 // Point.Instructions at the latest point (exact clocks)
-	epochStartI uint64 // instrs when the epoch began
-	due         bool   // an epoch end is due (seen by Tick) since dueSince
-	dueSince    int64
-	kicked      bool // a kick was requested at kickedAt and no kick point came yet
-	kickedAt    int64
-	held        []heldOut // outputs waiting for acknowledgements
-	performed   uint64    // outputs the driver performed (Performed)
-	doneSent    uint64    // the highest confirmation sent to the backup
+	protected  bool // a backup holds our state and receives the log
+	joining    bool // a backup passed the handshake and needs the full state
+	repair     bool // the backup asked for the full state
+	seq, acked uint64
+	events     []Event // P1: buffered asynchronous events
+	// pendingFrames: the KindNetRx events among events (MaxPendingFrames).
+	pendingFrames int
+	rxSpace       int // the UART's room at the last point
+	epochStart    int64
+	instrs        uint64 // Point.Instructions at the latest point (exact clocks)
+	epochStartI   uint64 // instrs when the epoch began
+	due           bool   // an epoch end is due (seen by Tick) since dueSince
+	dueSince      int64
+	kicked        bool // a kick was requested at kickedAt and no kick point came yet
+	kickedAt      int64
+	held          []heldOut // outputs waiting for acknowledgements
+	performed     uint64    // outputs the driver performed (Performed)
+	doneSent      uint64    // the highest confirmation sent to the backup
 
 	// Backup.
 	log       []wire.Msg // records received and not replayed, in order
@@ -174,7 +177,7 @@ func NewNode(cfg Config) *Node {
 	g := cfg.Guest
 	n.self = wire.Hello{Version: ProtocolVersion, Policy: cfg.Policy, Clock: g.Clock, Verify: cfg.Verify,
 		MemSize: g.MemSize, WallClock: g.WallClock, Kernel: g.Kernel, Initrd: g.Initrd, Cmdline: g.Cmdline,
-		Instance: cfg.Instance, Witness: cfg.Witness, Windows: g.Windows, CPU: g.CPU, Disks: g.Disks}
+		Instance: cfg.Instance, Witness: cfg.Witness, Windows: g.Windows, CPU: g.CPU, Disks: g.Disks, NICs: g.NICs}
 	return n
 }
 
@@ -649,6 +652,8 @@ func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
 		return wire.RefuseDisks, fmt.Errorf("the guest has disks, which a backup joining a running guest does not receive yet: start primary and backup together, each with a copy of the images")
 	case !slices.Equal(h.Disks, s.Disks):
 		return wire.RefuseDisks, fmt.Errorf("different disks: %s", diskDiff(s.Disks, h.Disks))
+	case !slices.Equal(h.NICs, s.NICs):
+		return wire.RefuseNICs, fmt.Errorf("different network interfaces: %s", nicDiff(s.NICs, h.NICs))
 	case s.Witness != (Digest{}) && (h.Instance == (Digest{}) || h.Instance == s.Instance):
 		return wire.RefuseWitness, fmt.Errorf("the peer's instance name is %s: the pair cannot be named at the witness", name0(h.Instance))
 	}
@@ -675,6 +680,20 @@ func diskDiff(here, peer []wire.Disk) string {
 			return fmt.Sprintf("disk %d is %s here, %s on the peer", i, ro(a.ReadOnly), ro(b.ReadOnly))
 		case a.Digest != b.Digest:
 			return fmt.Sprintf("disk %d's contents differ: sha256 %x here, %x on the peer (each replica needs an identical copy of the image)", i, a.Digest[:6], b.Digest[:6])
+		}
+	}
+	return "they differ"
+}
+
+// nicDiff says how the network interfaces here and on the peer differ.
+func nicDiff(here, peer []wire.NIC) string {
+	if len(here) != len(peer) {
+		return fmt.Sprintf("%d here, %d on the peer (both need the same --net interfaces, in order)", len(here), len(peer))
+	}
+	for i := range here {
+		if here[i] != peer[i] {
+			return fmt.Sprintf("interface %d has MAC %s here, %s on the peer (give both the same mac=, or none)",
+				i, net.HardwareAddr(here[i].MAC[:]), net.HardwareAddr(peer[i].MAC[:]))
 		}
 	}
 	return "they differ"

@@ -52,7 +52,19 @@ func (n *Node) mustWait(seq uint64) bool {
 // buffered", never delivered mid-epoch. Timer events coalesce into the
 // latest: the PIT's Fire(now) delivers one edge due by now and keeps the
 // later ones due, which the driver posts again (no tick is lost).
+//
+// Received frames are bounded: at most MaxPendingFrames wait for an epoch
+// end; more are dropped and counted (Status.FramesDropped), as a full NIC
+// queue drops them, so a flood cannot grow the primary's memory or an
+// EpochEnd without limit.
 func (n *Node) p1Buffer(ev Event) {
+	if ev.Kind == wire.KindNetRx {
+		if n.pendingFrames >= MaxPendingFrames {
+			n.st.FramesDropped++
+			return
+		}
+		n.pendingFrames++
+	}
 	if ev.Kind == wire.KindTimer {
 		for i := range n.events {
 			if n.events[i].Kind == wire.KindTimer {
@@ -66,6 +78,10 @@ func (n *Node) p1Buffer(ev Event) {
 	}
 	n.events = append(n.events, ev)
 }
+
+// MaxPendingFrames bounds the received frames a primary buffers for one
+// epoch end (P1).
+const MaxPendingFrames = 64
 
 // deliverable reports whether an epoch end now would deliver anything:
 // UART bytes need room in the receiver.
@@ -95,6 +111,9 @@ func (n *Node) take() []Event {
 				continue
 			}
 			room--
+		}
+		if e.Kind == wire.KindNetRx {
+			n.pendingFrames--
 		}
 		out = append(out, e)
 	}

@@ -12,8 +12,10 @@ import (
 // ProtocolVersion is sent in Hello; peers with another version are refused.
 // Version 2 added the pair's instances and the witness to Hello; version 3
 // the interrupt windows and the CPUID hash; version 4 the disks to Hello
-// and the console stream's offsets to Output and Checkpoint.
-const ProtocolVersion = 4
+// and the console stream's offsets to Output and Checkpoint; version 5 the
+// network interfaces to Hello (and the frame kinds, wire.KindNetRx and
+// wire.KindNetTx).
+const ProtocolVersion = 5
 
 // The wire types the protocol speaks in, under shorter names.
 type (
@@ -54,6 +56,9 @@ type Identity struct {
 	// contents at the replica's start, in order. Compared: each replica
 	// writes its own copy, so the copies must start identical.
 	Disks []wire.Disk
+	// NICs: each network interface's MAC address, in order. Compared:
+	// the guest reads them from its devices.
+	NICs []wire.NIC
 }
 
 // Config configures a Node. Durations are compared with the timestamps
@@ -417,6 +422,9 @@ type Status struct {
 	Divergences      uint64
 	Repairs          uint64
 	Promotions       uint64
+	// FramesDropped (primary): received frames dropped because
+	// MaxPendingFrames waited for the epoch's end already (P1).
+	FramesDropped uint64
 	// Seam (after a promotion): the console byte offset from which this
 	// replica performed output when it took over; SeamUncertain: how many
 	// bytes from there the dead primary may have written already. Its

@@ -43,6 +43,8 @@ type Config struct {
 	Disks []Disk
 	// NICs are virtio-net devices, in order, after the disks (net.go).
 	NICs []NIC
+
+	empty bool // NewEmpty: NICs without a MAC adopt the installed state's
 }
 
 // Stats counts what the vCPU loop did; it is part of a snapshot's machine
@@ -149,8 +151,11 @@ func New(cfg Config) (_ *Machine, err error) {
 // NewEmpty creates a machine with zeroed memory of cfg.MemSize bytes, its
 // devices and a vCPU, but no guest: cfg.Kernel, Initrd and Cmdline are
 // ignored. It is for restoring a snapshot: fill Memory(), then Install the
-// state. Run refuses to start until Install succeeded.
+// state. Run refuses to start until Install succeeded. A network interface
+// given without a MAC takes the captured one at Install (there is no guest
+// to derive one from).
 func NewEmpty(cfg Config) (*Machine, error) {
+	cfg.empty = true
 	return newMachine(&cfg)
 }
 

@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
+	"strings"
 
 	"github.com/ftkvm/ftkvm/devices"
 	"github.com/ftkvm/ftkvm/devices/tap"
+	"github.com/ftkvm/ftkvm/vmm/snapshot"
 )
 
 // Network interfaces: virtio-net devices (devices/virtio_net.go) in the
@@ -44,9 +47,12 @@ func macSeed(cfg Config) []byte {
 	return append(append(k[:], i[:]...), cfg.Cmdline...)
 }
 
-// wireNICs puts a virtio-net device for each NIC in the windows after the
-// disks'. wireVirtio has checked that there are lines for all.
-func (m *Machine) wireNICs(cfg Config) error {
+// NICAddrs returns the MAC addresses the machine cfg describes gives its
+// network interfaces, in order: those given, or those derived from the
+// guest (what the replicas' handshake compares, before either machine
+// exists).
+func NICAddrs(cfg Config) []net.HardwareAddr {
+	var out []net.HardwareAddr
 	var seed []byte
 	for i, c := range cfg.NICs {
 		mac := c.MAC
@@ -56,6 +62,21 @@ func (m *Machine) wireNICs(cfg Config) error {
 			}
 			mac = tap.DefaultMAC(seed, i)
 		}
+		out = append(out, mac)
+	}
+	return out
+}
+
+// wireNICs puts a virtio-net device for each NIC in the windows after the
+// disks'. wireVirtio has checked that there are lines for all.
+func (m *Machine) wireNICs(cfg Config) error {
+	macs := NICAddrs(cfg)
+	for i, c := range cfg.NICs {
+		mac := macs[i]
+		adopt := cfg.empty && c.MAC == nil
+		if adopt {
+			mac = net.HardwareAddr{0x02, 0, 0, 0, 0, 0} // until Install sets the captured one
+		}
 		if len(mac) != 6 || mac[0]&1 != 0 {
 			return &NICError{fmt.Errorf("network interface %d: MAC %s is not a 6-byte unicast address", i, mac)}
 		}
@@ -63,7 +84,7 @@ func (m *Machine) wireNICs(cfg Config) error {
 			c.Tx = io.Discard
 		}
 		n := len(m.virtio)
-		v := &virtioDev{base: virtioMMIOBase + uint64(n)*devices.VirtioMMIOWindow, irq: virtioIRQs[n], net: devices.NewNet(mac, c.Tx)}
+		v := &virtioDev{base: virtioMMIOBase + uint64(n)*devices.VirtioMMIOWindow, irq: virtioIRQs[n], net: devices.NewNet(mac, c.Tx), adoptMAC: adopt}
 		v.t = devices.NewMMIOTransport(v.net, guestMemory{m}, m.pic, v.irq)
 		m.virtio = append(m.virtio, v)
 		m.nics = append(m.nics, v)
@@ -108,6 +129,54 @@ func (m *Machine) NICStats() []NICStats {
 			MAC: v.net.MAC().String(), NetCounters: v.net.NetCounters, Pending: v.net.Pending(),
 			DeviceErrors: v.t.Errors(), Unhandled: v.t.Unhandled(),
 		})
+	}
+	return out
+}
+
+// NICMismatchError is a state installed into a machine whose network
+// interfaces differ from those of the machine it was captured from (count
+// or address): the guest's driver knows the captured ones.
+type NICMismatchError struct{ Msg string }
+
+func (e *NICMismatchError) Error() string { return e.Msg }
+
+// CheckNICs compares the machine's network interfaces with those a state
+// recorded: the same number, with the same addresses, in order.
+// Interfaces of a machine from NewEmpty given no MAC match any address.
+func (m *Machine) CheckNICs(want []snapshot.NIC) error {
+	var have, rec []string
+	for i, v := range m.nics {
+		if v.adoptMAC && i < len(want) {
+			have = append(have, net.HardwareAddr(want[i].MAC[:]).String())
+			continue
+		}
+		have = append(have, v.net.MAC().String())
+	}
+	for _, n := range want {
+		rec = append(rec, net.HardwareAddr(n.MAC[:]).String())
+	}
+	if slices.Equal(have, rec) {
+		return nil
+	}
+	list := func(l []string) string {
+		switch len(l) {
+		case 0:
+			return "no network interfaces"
+		case 1:
+			return "1 network interface (" + l[0] + ")"
+		}
+		return fmt.Sprintf("%d network interfaces (%s)", len(l), strings.Join(l, ", "))
+	}
+	return &NICMismatchError{fmt.Sprintf("the guest was captured with %s; this machine was given %s (pass as many --net, in order, with the captured addresses: mac=)",
+		list(rec), list(have))}
+}
+
+// NICMACs returns the network interfaces' addresses, in order (what the
+// replicas' handshake compares).
+func (m *Machine) NICMACs() []net.HardwareAddr {
+	var out []net.HardwareAddr
+	for _, v := range m.nics {
+		out = append(out, v.net.MAC())
 	}
 	return out
 }

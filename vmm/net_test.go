@@ -233,3 +233,75 @@ func TestNICConfigErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestCaptureInstallWithNIC captures a machine whose network interface
+// holds received frames (no driver has posted buffers), carries the state
+// through the stream encoding, and installs it: into a machine given the
+// interface without a MAC (it adopts the captured one) with the same
+// frames waiting and the same transport; a machine given another MAC or
+// none is refused before anything is set.
+func TestCaptureInstallWithNIC(t *testing.T) {
+	mac := net.HardwareAddr{0x02, 0, 0x5e, 0, 0x53, 0x10}
+	a, err := New(Config{Kernel: buildTestOS(t), MemSize: 64 << 20, WallClock: time.Unix(0, 0), NICs: []NIC{{MAC: mac, Tx: &txLog{}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	frames := [][]byte{bytes.Repeat([]byte{1}, 60), bytes.Repeat([]byte{2}, devices.NetMaxFrame)}
+	for _, f := range frames {
+		a.ReceiveFrame(0, f)
+	}
+	var s snapshot.State
+	if err := a.CaptureState(&s); err != nil {
+		t.Fatal(err)
+	}
+	nics, err := snapshot.DecodeNICs(snapshot.EncodeNICs(nil, s.NICs), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.NICs = nics
+	if len(s.NICs) != 1 || net.HardwareAddr(s.NICs[0].MAC[:]).String() != mac.String() || len(s.NICs[0].Pending) != 2 ||
+		!bytes.Equal(s.NICs[0].Pending[1], frames[1]) {
+		t.Fatalf("captured %+v", s.NICs)
+	}
+	for _, tc := range []struct {
+		name string
+		nics []NIC
+		want string
+	}{
+		{"none", nil, "captured with 1 network interface (02:00:5e:00:53:10); this machine was given no network interfaces"},
+		{"other MAC", []NIC{{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 9}}}, "given 1 network interface (02:00:00:00:00:09)"},
+		{"two", []NIC{{}, {}}, "given 2 network interfaces"},
+	} {
+		m, err := NewEmpty(Config{MemSize: a.mem.Size(), NICs: tc.nics})
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = m.Install(&s)
+		var nm *NICMismatchError
+		if !errors.As(err, &nm) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: Install: %v, want a NICMismatchError containing %q", tc.name, err, tc.want)
+		}
+		m.Close()
+	}
+	b, err := NewEmpty(Config{MemSize: a.mem.Size(), NICs: []NIC{{Tx: &txLog{}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	copy(b.Memory(), a.Memory())
+	if err := b.Install(&s); err != nil {
+		t.Fatal(err)
+	}
+	as, bs := a.NICStats()[0], b.NICStats()[0]
+	if bs.MAC != mac.String() || bs.Pending != 2 || b.nics[0].t.State() != a.nics[0].t.State() {
+		t.Fatalf("installed: %+v; captured %+v", bs, as)
+	}
+	var s2 snapshot.State
+	if err := b.CaptureState(&s2); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(snapshot.EncodeNICs(nil, s2.NICs), snapshot.EncodeNICs(nil, s.NICs)) {
+		t.Fatal("the installed machine captures another interface state")
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/ftkvm/ftkvm/devices"
 	"github.com/ftkvm/ftkvm/kvm"
 	"github.com/ftkvm/ftkvm/vmm/snapshot"
 )
@@ -96,9 +97,6 @@ func (m *Machine) CaptureState(s *snapshot.State) error {
 	if !m.quiescent {
 		return errNotQuiescent
 	}
-	if len(m.nics) > 0 {
-		return ErrNICsNotCaptured
-	}
 	if s.Header.Kind == 0 {
 		s.Header.Kind = snapshot.KindSnapshot
 	}
@@ -150,6 +148,14 @@ func (m *Machine) CaptureState(s *snapshot.State) error {
 			s.Disks = append(s.Disks, snapshot.Disk{Size: v.img.Size(), ReadOnly: v.img.ReadOnly(), Transport: v.t.State()})
 		}
 	}
+	s.NICs = slices.Grow(s.NICs[:0], len(m.nics))
+	for _, v := range m.nics {
+		var n snapshot.NIC
+		copy(n.MAC[:], v.net.MAC())
+		n.Transport = v.t.State()
+		n.Pending = v.net.State().Pending
+		s.NICs = append(s.NICs, n)
+	}
 	s.Machine = snapshot.Machine{
 		TSCOffset:              m.tscOffset,
 		Halted:                 m.halted,
@@ -178,12 +184,12 @@ func (m *Machine) Install(s *snapshot.State) error {
 	if s.Header.MemSize != m.mem.Size() {
 		return fmt.Errorf("install: state for %d bytes of guest memory, the machine has %d", s.Header.MemSize, m.mem.Size())
 	}
-	if len(m.nics) > 0 {
-		return ErrNICsNotCaptured
-	}
-	// The disks first: a machine given other disks than the captured
-	// one's is refused before anything is set.
+	// The disks and network interfaces first: a machine given others
+	// than the captured one's is refused before anything is set.
 	if err := m.CheckDisks(s.Disks); err != nil {
+		return err
+	}
+	if err := m.CheckNICs(s.NICs); err != nil {
 		return err
 	}
 	m.installed = false
@@ -243,10 +249,22 @@ func (m *Machine) Install(s *snapshot.State) error {
 	}
 	for i, v := range m.virtio {
 		if v.img == nil {
-			continue // a network interface: refused by CaptureState
+			continue // a network interface: below
 		}
 		if err := v.t.SetState(s.Disks[i].Transport); err != nil {
 			return fmt.Errorf("install disk %d (%s): %w", i, v.img.Path(), err)
+		}
+	}
+	for i, v := range m.nics {
+		if v.adoptMAC {
+			v.net.SetMAC(s.NICs[i].MAC[:])
+			v.adoptMAC = false
+		}
+		if err := v.t.SetState(s.NICs[i].Transport); err != nil {
+			return fmt.Errorf("install network interface %d: %w", i, err)
+		}
+		if err := v.net.SetState(devices.NetState{Pending: s.NICs[i].Pending}); err != nil {
+			return fmt.Errorf("install network interface %d: %w", i, err)
 		}
 	}
 	ms := &s.Machine

@@ -34,6 +34,9 @@ type virtioDev struct {
 	blk  *devices.Block     // for a disk
 	img  *devices.DiskImage // closed with the machine
 	net  *devices.Net       // for a network interface
+	// adoptMAC: a network interface of a machine from NewEmpty given no
+	// MAC: Install sets the captured one.
+	adoptMAC bool
 }
 
 // guestMemory is guest RAM as devices see it: writes they make are marked
@@ -152,12 +155,6 @@ func DescribeDisks(disks []Disk) ([]DiskInfo, error) {
 	}
 	return out, nil
 }
-
-// ErrNICsNotCaptured refuses to capture a machine with network
-// interfaces: the snapshot format does not carry virtio-net's state yet
-// (the transport, the frames waiting in the device), so a snapshot,
-// migration or checkpoint of it would lose them.
-var ErrNICsNotCaptured = errors.New("the guest has network interfaces, whose device state snapshots, migration and replication do not carry yet")
 
 // DiskError is a disk image that cannot be used (missing, unreadable, too
 // small, in use).

@@ -33,6 +33,7 @@ type replicaFlags struct {
 	Witness   string        `help:"Address of the witness (ftkvm witness) that decides which replica goes on when the two lose each other; the loser stops. Both replicas must give the same address. Without a witness or an arbiter, a cut link lets both go on (split brain)." placeholder:"HOST:PORT"`
 	Arbiter   string        `help:"Decide as --witness does, on an etcd cluster: etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (one key per pair under PREFIX, default /ftkvm), or etcds://... for TLS with --tls-cert, --tls-key and --tls-ca (etcd's members must have certificates from that CA, and accept this one). Both replicas must name the same cluster and prefix." placeholder:"URL"`
 	Metrics   string        `help:"Serve Prometheus metrics on this address at /metrics (docs/METRICS.md)." placeholder:"HOST:PORT"`
+	Net       []string      `help:"A virtio-net interface on the host tap device NAME (created if absent, brought up), with MAC address MAC or one derived from the guest; both replicas must give the same interfaces (the handshake compares the MACs). The primary opens its tap at start; a backup opens its own only when it takes over, then announces the guest's MAC (RARP). Received frames are logged to the backup; sent frames leave once the backup holds them. Repeatable." placeholder:"tap=NAME[,mac=MAC]" sep:"none"`
 }
 
 // fencing is the node's witness setting and the driver's client for it:
@@ -95,13 +96,14 @@ type backupCmd struct {
 // decides where delivery points fall (vmm.HostTraits): the CPUID the
 // guest gets and, in Windows, the primary's choice of interrupt windows
 // or the backup's ability to follow it.
-func identity(cfg vmm.Config, host vmm.HostTraits, windows bool, disks []vmm.DiskInfo) ft.Identity {
+func identity(cfg vmm.Config, host vmm.HostTraits, windows bool, disks []vmm.DiskInfo, nics []driver.NIC) ft.Identity {
 	var wd []wire.Disk
 	for _, d := range disks {
 		wd = append(wd, wire.Disk{Size: d.Size, ReadOnly: d.ReadOnly, Digest: d.Digest})
 	}
 	return ft.Identity{
 		Disks:     wd,
+		NICs:      wireNICs(nics),
 		Kernel:    sha256.Sum256(cfg.Kernel),
 		Initrd:    sha256.Sum256(cfg.Initrd),
 		Cmdline:   sha256.Sum256([]byte(cfg.Cmdline)),
@@ -181,15 +183,26 @@ func (c *primaryCmd) run() (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	nets, err := parseNets(c.Net)
+	if err != nil {
+		return 0, err
+	}
+	nics, taps, err := replicaNets(nets, true, &cfg)
+	if err != nil {
+		return 0, err
+	}
+	defer closeNets(taps)
 	r := driver.New(driver.Options{
-		Node: ft.Config{Role: ft.RolePrimary, Policy: policy, Verify: c.Verify, Guest: identity(cfg, host, windows, disks),
+		Node: ft.Config{Role: ft.RolePrimary, Policy: policy, Verify: c.Verify, Guest: identity(cfg, host, windows, disks, nics),
 			EpochLength: c.EpochLength, EpochInstructions: instrs, Timeout: c.Timeout, Witness: wd},
 		Console: os.Stdout,
 		Log:     logrus.StandardLogger(),
 		Witness: wc,
 		TLS:     linkTLS,
+		NICs:    nics,
 	})
 	defer r.Close()
+	setReplicaTx(r, &cfg)
 	cfg.Env = r
 	cfg.Console = r.Console()
 	cfg.KVMPath = c.Device
@@ -238,15 +251,25 @@ func (c *backupCmd) run() (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	nets, err := parseNets(c.Net)
+	if err != nil {
+		return 0, err
+	}
+	nics, _, err := replicaNets(nets, false, &cfg)
+	if err != nil {
+		return 0, err
+	}
 	r := driver.New(driver.Options{
-		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg, host, host.ExactWindows, disks), Timeout: c.Timeout, Witness: wd, Join: c.Join},
+		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg, host, host.ExactWindows, disks, nics), Timeout: c.Timeout, Witness: wd, Join: c.Join},
 		Console:          os.Stdout,
 		Log:              logrus.StandardLogger(),
 		Witness:          wc,
 		TLS:              linkTLS,
 		InjectDivergence: c.InjectDivergence,
+		NICs:             nics,
 	})
 	defer r.Close()
+	setReplicaTx(r, &cfg)
 	fmt.Fprintf(os.Stderr, "ftkvm: backup waiting for its primary on %s\n", l.Addr())
 	go r.Serve(l)
 	sigs := make(chan os.Signal, 1)
@@ -295,6 +318,10 @@ func machineError(kernel string, err error) error {
 	var de *vmm.DiskError
 	if errors.As(err, &de) {
 		return fmt.Errorf("--disk: %w", err)
+	}
+	var ne *vmm.NICError
+	if errors.As(err, &ne) {
+		return fmt.Errorf("--net: %w", err)
 	}
 	return fmt.Errorf("%s: %w", kernel, err)
 }
@@ -346,6 +373,13 @@ func runReplica(m *vmm.Machine, r *driver.Replica, apiPath string, exitStats boo
 		"epochs": st.Epochs, "checkpoint_epochs": st.CheckpointEpochs, "checkpoint_bytes": st.CheckpointBytes,
 		"divergences": st.Divergences, "repairs": st.Repairs, "log_records": st.LogSent, "link_bytes": r.LinkBytes(),
 	}).Info("replica stopped: ", st)
+	for _, n := range m.NICStats() {
+		logrus.WithFields(logrus.Fields{
+			"tx": n.TxFrames, "tx_bad_length": n.TxBadLength, "rx": n.RxFrames, "rx_bad_length": n.RxBadLength,
+			"rx_overflow": n.RxOverflow, "rx_too_small": n.RxTooSmall, "rx_pending": n.Pending,
+			"device_errors": n.DeviceErrors, "unhandled": n.Unhandled, "frames_dropped": st.FramesDropped,
+		}).Info("network interface ", n.MAC, ": ", r.NetStats())
+	}
 	if exitStats {
 		restore()
 		printExitProfile(m, r)

@@ -20,19 +20,25 @@ import (
 type restoreCmd struct {
 	File      string   `arg:"" help:"Snapshot file (from ftkvm ctl snapshot)." type:"path"`
 	Disk      []string `help:"The guest's disk images, in the order run was given them, as they were when the snapshot was taken (a snapshot does not carry their contents); add ,ro for a read-only disk. Repeatable." placeholder:"FILE[,ro]" sep:"none"`
+	Net       []string `help:"The guest's network interfaces, as many as it was captured with, in order: each on the host tap device NAME (created if absent, brought up); without mac= it keeps the captured MAC. Repeatable." placeholder:"tap=NAME[,mac=MAC]" sep:"none"`
 	Device    string   `help:"KVM device." default:"/dev/kvm"`
 	API       string   `help:"Serve the control API (HTTP+JSON) on this unix socket." name:"api" placeholder:"SOCKET"`
 	ExitStats bool     `help:"When the guest stops, print its exit profile (exits and time per exit reason, device and port; interrupts; kicks) on stderr. docs/PROFILE.md explains it." name:"exit-stats"`
 }
 
 // emptyMachine builds the machine a snapshot or a migration is loaded into.
-// The disks must match those the state recorded; Install checks them.
-func emptyMachine(device string, disks []vmm.Disk, env *vmm.LiveEnv) migrate.Build {
+// The disks and network interfaces must match those the state recorded;
+// Install checks them.
+func emptyMachine(device string, disks []vmm.Disk, nics []vmm.NIC, env *vmm.LiveEnv) migrate.Build {
 	return func(h snapshot.Header) (migrate.Target, error) {
-		m, err := vmm.NewEmpty(vmm.Config{MemSize: h.MemSize, Console: os.Stdout, Env: env, KVMPath: device, Disks: disks})
+		m, err := vmm.NewEmpty(vmm.Config{MemSize: h.MemSize, Console: os.Stdout, Env: env, KVMPath: device, Disks: disks, NICs: nics})
 		var de *vmm.DiskError
-		if errors.As(err, &de) {
+		var ne *vmm.NICError
+		switch {
+		case errors.As(err, &de):
 			return nil, fmt.Errorf("--disk: %w", err)
+		case errors.As(err, &ne):
+			return nil, fmt.Errorf("--net: %w", err)
 		}
 		return m, err
 	}
@@ -44,8 +50,13 @@ func (c *restoreCmd) run() (int, error) {
 		return 0, err
 	}
 	env := vmm.NewLiveEnv(nil)
+	nics, taps, err := restoreNets(c.Net, env)
+	if err != nil {
+		return 0, err
+	}
+	defer closeNets(taps)
 	view := newTransferView("restore", false)
-	t, _, err := migrate.ReadFile(c.File, emptyMachine(c.Device, disks, env), view.bytes)
+	t, _, err := migrate.ReadFile(c.File, emptyMachine(c.Device, disks, nics, env), view.bytes)
 	view.finish()
 	if err != nil {
 		return 0, fmt.Errorf("restore: %w", err)
@@ -58,6 +69,7 @@ func (c *restoreCmd) run() (int, error) {
 type receiveCmd struct {
 	Listen    string   `required:"" help:"Address to wait on for a migration (port 0: any free port; the address is printed)." placeholder:"HOST:PORT"`
 	Disk      []string `help:"The guest's disk images, in the order the source has them, as they are on the source when it stops the guest (a migration does not carry their contents: shared or copied storage); add ,ro for a read-only disk. Repeatable." placeholder:"FILE[,ro]" sep:"none"`
+	Net       []string `help:"The guest's network interfaces, as many as the source gave it, in order: each on the host tap device NAME (created if absent, brought up); without mac= it keeps the guest's MAC. Repeatable." placeholder:"tap=NAME[,mac=MAC]" sep:"none"`
 	Device    string   `help:"KVM device." default:"/dev/kvm"`
 	API       string   `help:"Serve the control API (HTTP+JSON) on this unix socket once the guest runs." name:"api" placeholder:"SOCKET"`
 	ExitStats bool     `help:"When the guest stops, print its exit profile (exits and time per exit reason, device and port; interrupts; kicks) on stderr. docs/PROFILE.md explains it." name:"exit-stats"`
@@ -104,8 +116,13 @@ func (c *receiveCmd) run() (int, error) {
 		}
 	}()
 	env := vmm.NewLiveEnv(nil)
+	nics, taps, err := restoreNets(c.Net, env)
+	if err != nil {
+		return 0, err
+	}
+	defer closeNets(taps)
 	view := newTransferView("receive", false)
-	t, _, from, err := migrate.Receive(l, emptyMachine(c.Device, disks, env), view.bytes, migrate.ReceiveOptions{
+	t, _, from, err := migrate.Receive(l, emptyMachine(c.Device, disks, nics, env), view.bytes, migrate.ReceiveOptions{
 		Stranger: func(from net.Addr, err error) {
 			logrus.Warnf("receive: a connection from %v was not a migration (%v); still waiting", from, err)
 		},

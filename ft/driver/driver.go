@@ -12,7 +12,9 @@
 // Files, by concern: driver.go (the replica, its loop and its ticker),
 // env.go (the vmm.Environment seam on the vCPU thread: clock reads, epoch
 // ends, halts), output.go (the console and the performer of released
-// outputs), state.go (state hashes, checkpoints and their installation),
+// outputs), net.go (network interfaces: received frames, transmitted
+// ones, the announcement at a takeover), state.go (state hashes,
+// checkpoints and their installation),
 // connect.go (links: dialing, accepting a peer, re-protection), link.go
 // (one framed TCP link), accept.go (the listener and strangers).
 package driver
@@ -53,6 +55,9 @@ type Options struct {
 	// dirtied, on a backup, at the first verified epoch end at or after
 	// this epoch: a test's way to see a divergence caught and repaired.
 	InjectDivergence uint64
+	// NICs are the guest's network interfaces, in the machine's order
+	// (vmm.Config.NICs, whose Tx is NetTx(i)).
+	NICs []NIC
 }
 
 // Replica is one ftkvm replica: a node, its machine and its link.
@@ -118,6 +123,8 @@ type Replica struct {
 	stallSince  time.Time
 	stallWarned bool
 
+	net netState // net.go
+
 	// Metrics (lag.go): the log records not yet done with by the other
 	// side, the ticker's last time (ns, the driver's clock) that stamps
 	// them, and how long released outputs were held.
@@ -164,6 +171,7 @@ func New(opts Options) *Replica {
 		linkUp:   make(chan struct{}),
 		done:     make(chan struct{}),
 	}
+	r.net.netAttached = make(chan struct{})
 	if l, ok := opts.Log.(*logrus.Logger); ok && l.IsLevelEnabled(logrus.TraceLevel) {
 		r.trace = true
 	}
@@ -308,6 +316,9 @@ func (r *Replica) noted(n ft.Note) {
 		}
 		f.Warnf("replica: primary lost (%v); taking over", n.Err)
 	case ft.NoteTakeover:
+		// Only now does this replica act for the guest on the network
+		// (P4): attach the host sides, announce, then transmit.
+		r.startNets(true)
 		// After a promotion, outputs whose performance the dead primary
 		// had not confirmed (absorbed ones, and those replayed from the
 		// log) are performed as uncertain: it may have performed them.
@@ -445,6 +456,7 @@ func (r *Replica) Close() {
 	r.stopOnce.Do(func() {
 		close(r.done)
 		r.mu.Lock()
+		closePorts(r.net.ports)
 		if r.link != nil {
 			r.link.closeAfterSend()
 			r.link = nil

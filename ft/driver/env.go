@@ -89,6 +89,9 @@ func (r *Replica) Start(kick func()) error {
 		r.started = true
 	}
 	go r.watchWake(r.m.Wake())
+	if r.node.Role() == ft.RolePrimary {
+		r.startNets(false)
+	}
 	return nil
 }
 
@@ -280,6 +283,8 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 					r.m.FireTimer(int64(ev.Value))
 				case wire.KindUART:
 					r.m.Receive(byte(ev.Value))
+				case wire.KindNetRx:
+					r.m.ReceiveFrame(int(ev.Value), ev.Data)
 				}
 			}
 			// A tick moves the deadline: learn the next one now, since

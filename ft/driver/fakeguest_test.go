@@ -36,10 +36,15 @@ type fakeMachine struct {
 	endAt   uint64 // the guest ends (status simStatus) at this exit
 	maxWork uint64
 
+	// nicTx, if set, is the guest's one network interface's transmit side
+	// (Replica.NetTx(0)): the guest sends frames and receives them.
+	nicTx io.Writer
+
 	// Guest state. Registers: RAX its computation, RBX interrupts pending,
 	// RCX bytes in its UART FIFO, RDX compute left in a stretch, RSI
-	// outputs produced, RDI the timer's deadline (virtual ns).
-	regs      struct{ rax, rbx, rcx, rdx, rsi, rdi uint64 }
+	// outputs produced, RDI the timer's deadline (virtual ns), R8 frames
+	// transmitted.
+	regs      struct{ rax, rbx, rcx, rdx, rsi, rdi, r8 uint64 }
 	mem       []byte
 	halted    bool
 	point     vmm.Point
@@ -209,6 +214,10 @@ func (f *fakeMachine) Run() (int, error) {
 			if h%64 == 9 {
 				f.regs.rdx = 30 + (h>>8)%f.maxWork
 			}
+		case 10, 11:
+			if f.nicTx != nil {
+				f.transmit()
+			}
 		}
 		if err := f.env.At(f.point, f); err != nil {
 			return 0, err
@@ -233,6 +242,28 @@ func (f *fakeMachine) output() {
 	f.stats.ConsoleBytes += 18
 }
 
+// transmit sends one frame on the guest's network interface: a broadcast
+// of an experimental EtherType whose payload names its sequence number and
+// the guest's state (simFrame).
+func (f *fakeMachine) transmit() {
+	f.regs.r8++
+	_, _ = f.nicTx.Write(simFrame(f.regs.r8, f.regs.rax))
+}
+
+// simFrame is the fake guest's frame number seq in state: 60 bytes,
+// EtherType 0x88b5, the number and the state in the payload.
+func simFrame(seq, state uint64) []byte {
+	b := make([]byte, 60)
+	copy(b, []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+	copy(b[6:], simMAC)
+	b[12], b[13] = 0x88, 0xb5
+	binary.LittleEndian.PutUint64(b[14:], seq)
+	binary.LittleEndian.PutUint64(b[22:], state)
+	return b
+}
+
+var simMAC = []byte{0x02, 0x5e, 0, 0, 0, 1}
+
 func (f *fakeMachine) kick() {
 	f.kickReq.Store(true)
 	select {
@@ -256,10 +287,17 @@ func (f *fakeMachine) FireTimer(now int64) {
 
 func (f *fakeMachine) RxSpace() int { return simFIFO - int(f.regs.rcx) }
 
-// ReceiveFrame: the fake guest has no network interface, and the driver
-// delivers no frames yet.
+// ReceiveFrame: a frame arrives on the guest's network interface; what it
+// holds enters the computation, and an interrupt is raised.
 func (f *fakeMachine) ReceiveFrame(nic int, frame []byte) {
-	panic("driver simulation: a frame delivered to a guest without network interfaces")
+	if f.nicTx == nil || nic != 0 {
+		panic(fmt.Sprintf("driver simulation: a frame delivered to network interface %d of a guest without it", nic))
+	}
+	sum := sha256.Sum256(frame)
+	f.record(fmt.Sprintf("frame %x", sum[:8]))
+	f.regs.rax = mix(f.regs.rax, binary.LittleEndian.Uint64(sum[:]))
+	f.regs.rbx++
+	f.point.Delivered = true
 }
 
 func (f *fakeMachine) Receive(b byte) {
@@ -339,6 +377,7 @@ func (f *fakeMachine) CheckpointWith(cp *vmm.Checkpoint, o vmm.CheckpointOptions
 	s.Header = snapshot.Header{Version: snapshot.Version, Kind: snapshot.KindCheckpoint, MemSize: simMemSize}
 	r := &s.VCPU.Regs
 	r.RAX, r.RBX, r.RCX, r.RDX, r.RSI, r.RDI = f.regs.rax, f.regs.rbx, f.regs.rcx, f.regs.rdx, f.regs.rsi, f.regs.rdi
+	r.R8 = f.regs.r8
 	s.Machine = snapshot.Machine{Halted: f.halted, PointKind: uint8(f.point.Kind), PointExits: f.point.Exits, Stats: f.stats}
 	f.env.SaveState(&s.Env)
 	return nil
@@ -354,6 +393,7 @@ func (f *fakeMachine) Install(s *snapshot.State) error {
 	}
 	r := &s.VCPU.Regs
 	f.regs.rax, f.regs.rbx, f.regs.rcx, f.regs.rdx, f.regs.rsi, f.regs.rdi = r.RAX, r.RBX, r.RCX, r.RDX, r.RSI, r.RDI
+	f.regs.r8 = r.R8
 	f.halted = s.Machine.Halted
 	f.point = vmm.Point{Kind: vmm.PointKind(s.Machine.PointKind), Exits: s.Machine.PointExits}
 	f.stats = s.Machine.Stats

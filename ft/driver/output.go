@@ -64,6 +64,10 @@ func (r *Replica) performer() {
 		r.perfBusy = true
 		r.mu.Unlock()
 		for _, o := range batch {
+			if o.Kind == wire.KindNetTx {
+				r.transmit(o)
+				continue
+			}
 			_, _ = r.opts.Console.Write(o.Data)
 		}
 		now := r.clock()

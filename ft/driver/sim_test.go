@@ -50,6 +50,9 @@ type simConfig struct {
 	input   string // typed at the primary, a byte every 2 ms
 	exits   uint64 // the guest ends at this exit (default 120)
 	inject  uint64 // Options.InjectDivergence for the backup
+	// net gives the guest a network interface (simnet_test.go): it sends
+	// frames, and a client sends it frames, a frame every 2 ms.
+	net bool
 }
 
 func (c simConfig) String() string {
@@ -62,6 +65,9 @@ func (c simConfig) String() string {
 	}
 	if c.input != "" {
 		s += "+input"
+	}
+	if c.net {
+		s += "+net"
 	}
 	return s
 }
@@ -87,8 +93,10 @@ var simWitnessDigest = ft.Digest{0x77, 0x17}
 // performed, and what its log said.
 type simReplica struct {
 	name string
+	role ft.Role
 	r    *Replica
 	m    *fakeMachine
+	nic  simNIC // simnet_test.go
 
 	mu         sync.Mutex // guards the fields below
 	dead       bool       // killed: performs nothing more
@@ -225,7 +233,7 @@ func newSim(t testing.TB, cfg simConfig) *sim {
 }
 
 func (s *sim) add(name string, role ft.Role) *simReplica {
-	sr := &simReplica{name: name, liveAt: -1, done: make(chan struct{})}
+	sr := &simReplica{name: name, role: role, liveAt: -1, done: make(chan struct{})}
 	log := logrus.New()
 	log.SetOutput(discard{})
 	log.SetLevel(logrus.DebugLevel)
@@ -245,9 +253,15 @@ func (s *sim) add(name string, role ft.Role) *simReplica {
 		// second backup of re-protection), as backup --join does.
 		opts.Node.Join = true
 	}
+	if s.cfg.net {
+		opts.NICs = []NIC{{MAC: simMAC, Open: sr.openPort}}
+	}
 	sr.r = New(opts)
 	sr.m = newFakeMachine(s.cfg.exits, 150)
 	sr.m.env, sr.m.console = sr.r, sr.r.Console()
+	if s.cfg.net {
+		sr.m.nicTx = sr.r.NetTx(0)
+	}
 	s.reps = append(s.reps, sr)
 	s.cleanup = append(s.cleanup, sr.r.Close)
 	return sr

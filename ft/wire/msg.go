@@ -85,7 +85,14 @@ type Hello struct {
 	// "Handshake"). At most MaxDisks.
 	Disks []Disk
 
-	// Rest holds the fields of versions after 4, which this version
+	// Version 5 and later.
+
+	// NICs are the guest's network interfaces, in order, by MAC address:
+	// the guest's driver reads the address from the device, so both
+	// replicas must give the same ones. At most MaxNICs.
+	NICs []NIC
+
+	// Rest holds the fields of versions after 5, which this version
 	// cannot read: a Hello of any later version decodes, and is refused
 	// for its version.
 	Rest []byte
@@ -97,6 +104,14 @@ type Disk struct {
 	ReadOnly bool
 	Digest   Digest // SHA-256 of the image's contents when the replica started
 }
+
+// NIC describes one network interface in a Hello.
+type NIC struct {
+	MAC [6]byte
+}
+
+// MaxNICs bounds a Hello's network interface list.
+const MaxNICs = 16
 
 // MaxDisks bounds a Hello's disk list.
 const MaxDisks = 16
@@ -245,6 +260,13 @@ func (m Hello) appendBody(b []byte) []byte {
 		b = append(b, d.Digest[:]...)
 	}
 	if m.Version == 4 {
+		return b
+	}
+	b = le32(b, uint32(len(m.NICs)))
+	for _, n := range m.NICs {
+		b = append(b, n.MAC[:]...)
+	}
+	if m.Version == 5 {
 		return b // Rest belongs to later versions
 	}
 	return append(b, m.Rest...)
@@ -288,7 +310,21 @@ func decodeHello(r *reader) Msg {
 			m.Disks[i] = Disk{Size: r.u64(), ReadOnly: r.bool(), Digest: r.digest()}
 		}
 	}
-	if m.Version > 4 && len(r.b) > 0 && !r.bad {
+	if m.Version < 5 || r.bad {
+		return m
+	}
+	n = r.u32()
+	if n > MaxNICs || uint64(n)*6 > uint64(len(r.b)) {
+		r.bad = true
+		return m
+	}
+	if n > 0 {
+		m.NICs = make([]NIC, n)
+		for i := range m.NICs {
+			copy(m.NICs[i].MAC[:], r.take(6))
+		}
+	}
+	if m.Version > 5 && len(r.b) > 0 && !r.bad {
 		// Copied: the decoder reuses its buffer.
 		m.Rest = append([]byte(nil), r.take(len(r.b))...)
 	}

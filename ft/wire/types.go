@@ -56,8 +56,29 @@ const (
 	KindUART Kind = 3
 	// KindConsole is an output: bytes the UART transmits, in Data.
 	KindConsole Kind = 4
-	// Disk and network kinds come later; Data carries their buffers.
+	// KindNetRx is an asynchronous Ethernet frame arriving on a network
+	// interface: Value is the interface's index (vmm.Config.NICs), Data
+	// the frame (vmm.Target.ReceiveFrame).
+	KindNetRx Kind = 5
+	// KindNetTx is an output: a frame the guest transmits. Data is the
+	// interface's index (one byte) followed by the frame (NetTxData).
+	KindNetTx Kind = 6
 )
+
+// NetTxData is a KindNetTx output's Data: the interface index, then the
+// frame. NetTxFrame splits it again.
+func NetTxData(dst []byte, nic int, frame []byte) []byte {
+	return append(append(dst[:0], byte(nic)), frame...)
+}
+
+// NetTxFrame splits a KindNetTx output's Data into the interface index
+// and the frame; ok is false for empty data.
+func NetTxFrame(data []byte) (nic int, frame []byte, ok bool) {
+	if len(data) == 0 {
+		return 0, nil, false
+	}
+	return int(data[0]), data[1:], true
+}
 
 func (k Kind) String() string {
 	switch k {
@@ -69,6 +90,10 @@ func (k Kind) String() string {
 		return "uart"
 	case KindConsole:
 		return "console"
+	case KindNetRx:
+		return "net-rx"
+	case KindNetTx:
+		return "net-tx"
 	}
 	return "kind(" + strconv.Itoa(int(k)) + ")"
 }
@@ -176,6 +201,7 @@ const (
 	RefuseCPU      RefuseReason = 12 // the guest would see a different CPU (CPUID)
 	RefuseJoin     RefuseReason = 13 // the primary's guest runs already, and the backup was not told to join
 	RefuseDisks    RefuseReason = 14 // different disks (count, size, read-only, contents), or disks on a joining backup
+	RefuseNICs     RefuseReason = 15 // different network interfaces (count, addresses)
 )
 
 func (r RefuseReason) String() string {
@@ -208,6 +234,8 @@ func (r RefuseReason) String() string {
 		return "join"
 	case RefuseDisks:
 		return "disks"
+	case RefuseNICs:
+		return "network interfaces"
 	}
 	return "reason(" + strconv.Itoa(int(r)) + ")"
 }

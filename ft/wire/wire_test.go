@@ -20,7 +20,8 @@ func digest(b byte) (d Digest) {
 // with empty lists: the round-trip and corruption tests use them all.
 func samples() []Msg {
 	pos := Position{Exits: 1234567, Instr: 89}
-	evs := []Event{{Kind: KindTimer, Value: 1_000_000}, {Kind: KindUART, Value: 'x'}, {Kind: 99, Value: 7, Data: []byte("blk")}}
+	evs := []Event{{Kind: KindTimer, Value: 1_000_000}, {Kind: KindUART, Value: 'x'}, {Kind: 99, Value: 7, Data: []byte("blk")},
+		{Kind: KindNetRx, Value: 1, Data: bytes.Repeat([]byte{0xee}, 60)}}
 	return []Msg{
 		Hello{Version: 1, Role: RolePrimary, Policy: PolicyStrict, Clock: ClockExits, Verify: true, Started: true,
 			MemSize: 256 << 20, WallClock: -5, Kernel: digest(1), Initrd: digest(2), Cmdline: digest(3)},
@@ -31,7 +32,9 @@ func samples() []Msg {
 		Hello{Version: 4, Role: RoleBackup, Instance: digest(7), CPU: digest(11),
 			Disks: []Disk{{Size: 1 << 30, Digest: digest(12)}, {Size: 512, ReadOnly: true, Digest: digest(13)}}},
 		Hello{Version: 5, Role: RolePrimary, Instance: digest(7), CPU: digest(11), Disks: []Disk{{Size: 4096, Digest: digest(14)}},
-			Rest: []byte("fields of a later version")},
+			NICs: []NIC{{MAC: [6]byte{2, 0, 0, 0, 0, 1}}, {MAC: [6]byte{2, 0, 0, 0, 0, 2}}}},
+		Hello{Version: 6, Role: RolePrimary, Instance: digest(7), CPU: digest(11), Disks: []Disk{{Size: 4096, Digest: digest(14)}},
+			NICs: []NIC{{MAC: [6]byte{2, 0, 0, 0, 0, 3}}}, Rest: []byte("fields of a later version")},
 		Refuse{Reason: RefuseKernel, Text: "different kernel: ab12 here, cd34 there"},
 		Refuse{Reason: RefuseBusy},
 		Record{Seq: 1, Epoch: 2, Pos: pos, Kind: KindClock, Value: 1<<63 + 5},
@@ -41,6 +44,7 @@ func samples() []Msg {
 		Checkpoint{Seq: 5, Epoch: 4, Pos: pos, Full: true, OutSeq: 77, Events: evs[:1], State: bytes.Repeat([]byte{0xab}, 5000)},
 		Checkpoint{Seq: 6, Epoch: 5},
 		Output{Seq: 7, Epoch: 5, Pos: pos, OutSeq: 78, Done: 77, Kind: KindConsole, Data: []byte("hello\n")},
+		Output{Seq: 8, Epoch: 5, Pos: pos, OutSeq: 79, Done: 78, Kind: KindNetTx, Offset: 6, Data: NetTxData(nil, 0, bytes.Repeat([]byte{0x5a}, 64))},
 		Performed{OutSeq: 78},
 		Ack{Seq: 7},
 		CheckpointRequest{Epoch: 5, Pos: pos, Reason: "state hash differs"},
@@ -206,8 +210,8 @@ func TestDecodeErrors(t *testing.T) {
 	if _, err := DecodeBody(TypeHello, body); !errors.Is(err, ErrMalformed) {
 		t.Fatalf("bool 2: %v", err)
 	}
-	// Versions 1 to 4 have no fields after theirs; later ones may.
-	for _, v := range []uint32{1, 2, 3, 4} {
+	// Versions 1 to 5 have no fields after theirs; later ones may.
+	for _, v := range []uint32{1, 2, 3, 4, 5} {
 		body := append(Hello{Version: v}.appendBody(nil), 0)
 		if _, err := DecodeBody(TypeHello, body); !errors.Is(err, ErrMalformed) {
 			t.Fatalf("version %d hello with a byte more: %v", v, err)
@@ -289,5 +293,32 @@ func TestStrings(t *testing.T) {
 		if s.String() == "" || strings.Contains(s.String(), "%!") {
 			t.Errorf("%T: %q", s, s.String())
 		}
+	}
+}
+
+// A version 5 Hello with more network interfaces than MaxNICs, or fewer
+// bytes than its count says, is malformed.
+func TestHelloNICsBounded(t *testing.T) {
+	ok := Hello{Version: 5, NICs: make([]NIC, MaxNICs)}.appendBody(nil)
+	if _, err := DecodeBody(TypeHello, ok); err != nil {
+		t.Fatalf("%d NICs: %v", MaxNICs, err)
+	}
+	over := Hello{Version: 5, NICs: make([]NIC, MaxNICs+1)}.appendBody(nil)
+	if _, err := DecodeBody(TypeHello, over); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("%d NICs: %v", MaxNICs+1, err)
+	}
+	if _, err := DecodeBody(TypeHello, ok[:len(ok)-1]); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("truncated: %v", err)
+	}
+}
+
+func TestNetTxData(t *testing.T) {
+	d := NetTxData(nil, 3, []byte("frame"))
+	nic, f, ok := NetTxFrame(d)
+	if !ok || nic != 3 || string(f) != "frame" {
+		t.Fatalf("%d %q %v", nic, f, ok)
+	}
+	if _, _, ok := NetTxFrame(nil); ok {
+		t.Fatal("empty data split")
 	}
 }

@@ -21,7 +21,8 @@
 //
 //	FrameHeader                 version, guest memory size, kind
 //	FramePages / FrameZeroPages any number, in any order; a later copy of a page wins
-//	FrameCPUID, FrameVCPU, FrameDevices, FrameDisks, FrameMachine, FrameEnv   once each
+//	FrameCPUID, FrameVCPU, FrameDevices, FrameDisks, FrameNICs,
+//	FrameMachine, FrameEnv      once each
 //	FrameEnd                    the counts of frames and pages before it
 //
 // Pages and state frames may interleave; the end frame closes the stream, and
@@ -46,7 +47,11 @@ import (
 // Version 3: the devices frame carries the ACPI PM device, and a disks
 // frame (required, once) the virtio-blk devices: each one's virtio-mmio
 // transport with its queues, and its image's size and read-only flag.
-const Version = 3
+//
+// Version 4: a network interfaces frame (required, once) carries the
+// virtio-net devices: each one's address, virtio-mmio transport and the
+// received frames waiting for receive chains.
+const Version = 4
 
 // Magic starts every snapshot file.
 const Magic = "FTKVMSNP"
@@ -73,6 +78,7 @@ const (
 	FrameZeroPages FrameType = 8
 	FrameEnd       FrameType = 9
 	FrameDisks     FrameType = 10
+	FrameNICs      FrameType = 11
 
 	FrameReady     FrameType = 16 // destination: machine built, send the stream
 	FrameInstalled FrameType = 17 // destination: state verified and installed, not running
@@ -84,7 +90,7 @@ const (
 var frameNames = map[FrameType]string{
 	FrameHeader: "header", FrameCPUID: "cpuid", FrameVCPU: "vcpu", FrameDevices: "devices",
 	FrameMachine: "machine", FrameEnv: "environment", FramePages: "pages",
-	FrameZeroPages: "zero-pages", FrameEnd: "end", FrameDisks: "disks", FrameReady: "ready",
+	FrameZeroPages: "zero-pages", FrameEnd: "end", FrameDisks: "disks", FrameNICs: "network interfaces", FrameReady: "ready",
 	FrameInstalled: "installed", FrameCommit: "commit", FrameStarted: "started", FrameError: "error",
 }
 

@@ -44,6 +44,7 @@ func FuzzSections(f *testing.F) {
 	f.Add(uint8(FrameVCPU), EncodeVCPU(nil, &s.VCPU))
 	f.Add(uint8(FrameDevices), EncodeDevices(nil, &s.Devices))
 	f.Add(uint8(FrameDisks), EncodeDisks(nil, s.Disks))
+	f.Add(uint8(FrameNICs), EncodeNICs(nil, s.NICs))
 	f.Add(uint8(FrameMachine), EncodeMachine(nil, &s.Machine))
 	f.Add(uint8(FrameEnv), EncodeEnv(nil, &s.Env))
 	f.Add(uint8(FrameEnd), EncodeEnd(nil, &End{Frames: 3, Pages: 9}))
@@ -94,6 +95,14 @@ func FuzzSections(f *testing.F) {
 					t.Fatal(err)
 				}
 				again(d, d2)
+			}
+		case FrameNICs:
+			if n, err := DecodeNICs(p, nil); err == nil {
+				n2, err := DecodeNICs(EncodeNICs(nil, n), nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				again(n, n2)
 			}
 		case FrameMachine:
 			var m, m2 Machine

@@ -47,6 +47,9 @@ func sampleState() *State {
 		Status: 0xf, DriverFeatures: 1<<32 | 1<<9, NumQueues: 1, IntStatus: 1, Line: true,
 	}}}
 	s.Disks[0].Transport.Queues[0] = devices.Queue{Max: 256, Size: 128, Ready: true, Desc: 0x10000, Avail: 0x11000, Used: 0x12000, LastAvail: 7, UsedIdx: 7}
+	s.NICs = []NIC{{MAC: [6]byte{2, 0, 0, 0, 0, 1}, Transport: devices.MMIOTransportState{Status: 0xf, NumQueues: 2},
+		Pending: [][]byte{bytes.Repeat([]byte{0xab}, 60), bytes.Repeat([]byte{0xcd}, devices.NetMaxFrame)}}}
+	s.NICs[0].Transport.Queues[1] = devices.Queue{Max: 256, Size: 256, Ready: true, Desc: 0x20000, LastAvail: 3, UsedIdx: 3}
 	s.Machine = Machine{TSCOffset: 99, Halted: true, RequestInterruptWindow: true, PointKind: 2, PointExits: 1234}
 	s.Machine.Stats.Exits = 1234
 	s.Machine.Stats.ConsoleBytes = 77
@@ -211,6 +214,7 @@ func TestStructure(t *testing.T) {
 			{FrameVCPU, EncodeVCPU(nil, &s.VCPU)},
 			{FrameDevices, EncodeDevices(nil, &s.Devices)},
 			{FrameDisks, EncodeDisks(nil, s.Disks)},
+			{FrameNICs, EncodeNICs(nil, s.NICs)},
 			{FrameMachine, EncodeMachine(nil, &s.Machine)},
 			{FrameEnv, EncodeEnv(nil, &s.Env)},
 		} {
@@ -232,6 +236,17 @@ func TestStructure(t *testing.T) {
 			n := state(w, FrameVCPU)
 			w.WriteFrame(FrameEnd, EncodeEnd(nil, &End{Frames: n + 1}))
 		}), "no vcpu frame"},
+		{"missing network interfaces", frames(func(w *Writer) {
+			w.WriteFrame(FrameHeader, hdr)
+			n := state(w, FrameNICs)
+			w.WriteFrame(FrameEnd, EncodeEnd(nil, &End{Frames: n + 1}))
+		}), "no network interfaces frame"},
+		{"oversized waiting frame", frames(func(w *Writer) {
+			w.WriteFrame(FrameHeader, hdr)
+			big := *s
+			big.NICs = []NIC{{Transport: devices.MMIOTransportState{NumQueues: 2}, Pending: [][]byte{make([]byte, devices.NetMaxFrame+1)}}}
+			w.WriteFrame(FrameNICs, EncodeNICs(nil, big.NICs))
+		}), "count 1519 exceeds 1518"},
 		{"twice", frames(func(w *Writer) {
 			w.WriteFrame(FrameHeader, hdr)
 			state(w, 0)

@@ -20,6 +20,7 @@ const (
 	MaxPagesPerFrame = 256     // pages frame: 256 pages, 1 MiB of data
 	MaxZeroPerFrame  = 8192    // zero-pages frame: 64 KiB of page numbers
 	MaxDisks         = 16      // disks frame
+	MaxNICs          = 16      // network interfaces frame
 )
 
 // Kind says what a stream was made for. It does not change how it is read.
@@ -58,6 +59,7 @@ type State struct {
 	VCPU    VCPU
 	Devices Devices
 	Disks   []Disk // virtio-blk devices, in order
+	NICs    []NIC  // virtio-net devices, in order
 	Machine Machine
 	Env     Env
 }
@@ -99,6 +101,14 @@ type Disk struct {
 	Size      uint64 // image size in bytes
 	ReadOnly  bool
 	Transport devices.MMIOTransportState
+}
+
+// NIC is one virtio-net device: its address, its virtio-mmio transport
+// and the received frames waiting for receive chains (devices.NetState).
+type NIC struct {
+	MAC       [6]byte
+	Transport devices.MMIOTransportState
+	Pending   [][]byte
 }
 
 // Stats counts what the vCPU loop did (vmm.Stats is this type). Points are
@@ -284,6 +294,52 @@ func DecodeDisks(p []byte, disks []Disk) ([]Disk, error) {
 		}
 	}
 	return disks, nil
+}
+
+// EncodeNICs appends a network interfaces frame's payload to dst: a
+// count, then each interface (address, transport, a count of waiting
+// frames, each frame as a 32-bit length and its bytes).
+func EncodeNICs(dst []byte, nics []NIC) []byte {
+	dst = le.AppendUint32(dst, uint32(len(nics)))
+	for i := range nics {
+		n := &nics[i]
+		dst = append(dst, n.MAC[:]...)
+		dst = mustAppend(dst, &n.Transport)
+		dst = le.AppendUint32(dst, uint32(len(n.Pending)))
+		for _, f := range n.Pending {
+			dst = le.AppendUint32(dst, uint32(len(f)))
+			dst = append(dst, f...)
+		}
+	}
+	return dst
+}
+
+// DecodeNICs decodes a network interfaces payload. The frames are copies;
+// the devices' SetState checks the transports and the frames' lengths.
+func DecodeNICs(p []byte, nics []NIC) ([]NIC, error) {
+	d := decoder{p: p, what: FrameNICs}
+	n := d.count(MaxNICs)
+	nics = nics[:0]
+	for i := 0; i < n && d.err == nil; i++ {
+		var k NIC
+		copy(k.MAC[:], d.bytes(6))
+		d.value(&k.Transport)
+		frames := d.count(devices.NetRxPending)
+		for j := 0; j < frames && d.err == nil; j++ {
+			l := d.count(devices.NetMaxFrame)
+			k.Pending = append(k.Pending, append([]byte(nil), d.bytes(l)...))
+		}
+		nics = append(nics, k)
+	}
+	if err := d.finish(); err != nil {
+		return nics[:0], err
+	}
+	for i, k := range nics {
+		if k.Transport.NumQueues > devices.MaxVirtioQueues {
+			return nics[:0], fmt.Errorf("network interface %d: %d queues: %w", i, k.Transport.NumQueues, ErrCorrupt)
+		}
+	}
+	return nics, nil
 }
 
 // EncodeMachine appends a machine frame's payload to dst.

@@ -122,6 +122,9 @@ func (s *StreamWriter) State(st *State) error {
 	if err := s.w.WriteFrame(FrameDisks, EncodeDisks(s.frame[:0], st.Disks)); err != nil {
 		return err
 	}
+	if err := s.w.WriteFrame(FrameNICs, EncodeNICs(s.frame[:0], st.NICs)); err != nil {
+		return err
+	}
 	if err := s.w.WriteFrame(FrameMachine, EncodeMachine(s.frame[:0], &st.Machine)); err != nil {
 		return err
 	}
@@ -224,7 +227,7 @@ func (s *StreamReader) Read() (*State, error) {
 			if s.Progress != nil {
 				s.Progress(s.r.Read())
 			}
-		case FrameCPUID, FrameVCPU, FrameDevices, FrameDisks, FrameMachine, FrameEnv:
+		case FrameCPUID, FrameVCPU, FrameDevices, FrameDisks, FrameNICs, FrameMachine, FrameEnv:
 			if seen[t] {
 				return nil, fmt.Errorf("second %v frame: %w", t, ErrCorrupt)
 			}
@@ -238,6 +241,8 @@ func (s *StreamReader) Read() (*State, error) {
 				err = DecodeDevices(p, &st.Devices)
 			case FrameDisks:
 				st.Disks, err = DecodeDisks(p, st.Disks)
+			case FrameNICs:
+				st.NICs, err = DecodeNICs(p, st.NICs)
 			case FrameMachine:
 				err = DecodeMachine(p, &st.Machine)
 			case FrameEnv:
@@ -255,7 +260,7 @@ func (s *StreamReader) Read() (*State, error) {
 				return nil, fmt.Errorf("end frame counts %d frames and %d pages, the stream had %d and %d: %w",
 					e.Frames, e.Pages, frames, pages, ErrCorrupt)
 			}
-			for _, need := range []FrameType{FrameCPUID, FrameVCPU, FrameDevices, FrameDisks, FrameMachine, FrameEnv} {
+			for _, need := range []FrameType{FrameCPUID, FrameVCPU, FrameDevices, FrameDisks, FrameNICs, FrameMachine, FrameEnv} {
 				if !seen[need] {
 					return nil, fmt.Errorf("stream has no %v frame: %w", need, ErrCorrupt)
 				}

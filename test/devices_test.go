@@ -119,8 +119,9 @@ func printedRecords(t *testing.T, console string) int {
 // TestDiskWorkload: the disk workload under run writes its records to the
 // image, flushing each before printing it; the image holds them all,
 // intact, and nothing else changed. Then the workload's refusals: a
-// read-only disk (the device answers VIRTIO_BLK_S_IOERR and nothing is
-// written), a disk too small for the records, no disk at all.
+// read-only disk (the device offers VIRTIO_BLK_F_RO, and testos's driver,
+// having accepted it, sends no write: error -6), a disk too small for the
+// records, no disk at all; the image is left as it was.
 func TestDiskWorkload(t *testing.T) {
 	requireKVM(t)
 	const records, sectors = 24, 64
@@ -153,7 +154,7 @@ func TestDiskWorkload(t *testing.T) {
 		name, disk string
 		want       []string
 	}{
-		{"read-only", img + ",ro", []string{"disk: write of record 1 failed: error -3", "testos: FAIL disk: write failed"}},
+		{"read-only", img + ",ro", []string{"disk: write of record 1 failed: error -6", "testos: FAIL disk: write failed"}},
 		{"too small", diskImage(t, "small.img", 8), []string{"disk: capacity=8 records=24 start=0", "testos: FAIL disk: the disk is too small for the records"}},
 		{"no disk", "", []string{"testos: FAIL disk: no virtio-blk device"}},
 	} {

@@ -25,6 +25,7 @@
 #define VERR_IOERR   (-3) /* the device answered VIRTIO_BLK_S_IOERR           */
 #define VERR_UNSUPP  (-4) /* the device answered VIRTIO_BLK_S_UNSUPP          */
 #define VERR_DEVICE  (-5) /* the device failed (needs reset, bad used entry)  */
+#define VERR_RO      (-6) /* a write to a disk that offered VIRTIO_BLK_F_RO   */
 
 #define BLK_SECTOR   512
 #define BLK_MAX_SECTORS 8  /* per request: one data buffer of up to 4 KiB     */

@@ -414,6 +414,9 @@ long blk_rw(uint64_t sector, uint64_t buf, uint64_t n, int write)
 	if (n == 0 || n > BLK_MAX_SECTORS || !user_ok(buf, n * BLK_SECTOR) ||
 	    sector > blk_capacity || n > blk_capacity - sector)
 		return VERR_ARG;
+	/* A driver that accepted VIRTIO_BLK_F_RO does not write (§5.2.6.1). */
+	if (write && (blk.features & (1ull << BLK_F_RO)))
+		return VERR_RO;
 	return blk_request(write ? BLK_T_OUT : BLK_T_IN, sector, buf, (uint32_t)(n * BLK_SECTOR));
 }
 

@@ -416,8 +416,9 @@ func guestMAC(t *testing.T, p *proc) net.HardwareAddr {
 // every echo: addressed to it from the guest's MAC (the one ftkvm was
 // given), its own sequence number and data back, the guest's sequence
 // numbers 1, 2, ... without a gap, a valid checksum; none lost, none
-// twice. Then the guest's own numbered frames (mode=send): all of them,
-// in order, intact.
+// twice. Then bad input: a corrupted and a truncated frame are reported
+// and not answered, a frame of another EtherType is ignored. Then the
+// guest's own numbered frames (mode=send): all of them, in order, intact.
 func TestNetEcho(t *testing.T) {
 	requireKVM(t)
 	const frames, window, every = 200, 8, 25
@@ -484,6 +485,32 @@ func TestNetEcho(t *testing.T) {
 		t.Fatalf("console:\n%s\nwant:\n%s\nnetecho: done echoed=%d bad=0 other=N\ntestos: PASS", res.stdout, strings.Join(want, "\n"), frames)
 	}
 	t.Logf("%d frames echoed, window %d; guest: %s", frames, window, lines[len(want)])
+
+	// Bad input: a frame whose checksum is wrong and one cut short (its
+	// data length runs past its end) are not answered and make the run
+	// FAIL; a frame of another EtherType is ignored (counted as other).
+	p = start(t, "--log-level", "info", "run", "--kernel", testosELF, "--mem", "32",
+		"--cmdline", "workload=netecho hz=100", "--net", "tap="+tapName+",mac="+mac)
+	gmac = guestMAC(t, p)
+	corrupt := neFrame(gmac, c.mac, neRequest, 1, 0, []byte("corrupted in flight"))
+	corrupt[14+neHdr] ^= 0x20
+	short := neFrame(gmac, c.mac, neRequest, 2, 0, make([]byte, 100))
+	short = short[:len(short)-20]
+	foreign := neFrame(gmac, c.mac, neRequest, 3, 0, nil)
+	foreign[13]++ // EtherType 0x88b6
+	for _, f := range [][]byte{corrupt, short, foreign, neFrame(gmac, c.mac, neEnd, 4, 0, nil)} {
+		c.send(t, f)
+	}
+	if f, err := neParse(c.recv(t, "the answer to the end frame")); err != nil || f.kind != neEnd || f.cseq != 4 || f.gseq != 1 {
+		t.Fatalf("bad input: the first answer is %+v, %v; want the end frame's, guest sequence 1", f, err)
+	}
+	res = p.wait()
+	if res.status != 1 || !strings.Contains(res.stdout, fmt.Sprintf("netecho: bad frame of %d bytes\n", len(corrupt))) ||
+		!strings.Contains(res.stdout, fmt.Sprintf("netecho: bad frame of %d bytes\n", len(short))) ||
+		!regexp.MustCompile(`netecho: done echoed=0 bad=2 other=[1-9]\d*\n`).MatchString(res.stdout) ||
+		!strings.HasSuffix(res.stdout, "testos: FAIL netecho: bad frames received\n") {
+		t.Fatalf("bad input: status %d\n%s\n%s", res.status, res.stdout, res.stderr)
+	}
 
 	// mode=send: the guest's own frames, broadcast.
 	const sends, size = 64, 100

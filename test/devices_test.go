@@ -146,8 +146,11 @@ func TestDiskWorkload(t *testing.T) {
 	if !bytes.Equal(got[records*recordSize:], orig[records*recordSize:]) {
 		t.Errorf("sectors past the records changed")
 	}
-	if m := regexp.MustCompile(`flushes=(\d+) .*writes=(\d+)`).FindStringSubmatch(res.stderr); m == nil || m[1] != strconv.Itoa(records) || m[2] != strconv.Itoa(records) {
-		t.Errorf("device counters: want %d flushes and %d writes, got %v\n%s", records, records, m, res.stderr)
+	// The device's counters: every request served, none malformed, no
+	// access the transport does not model (the driver kept the rules).
+	if m := regexp.MustCompile(`msg="disk \S+" device_errors=(\d+) flushes=(\d+) ioerrors=(\d+) malformed=(\d+) reads=(\d+) unhandled=(\d+) unsupported=(\d+) writes=(\d+)`).FindStringSubmatch(res.stderr); m == nil ||
+		m[1] != "0" || m[2] != strconv.Itoa(records) || m[3] != "0" || m[4] != "0" || m[5] != strconv.Itoa(records) || m[6] != "0" || m[7] != "0" || m[8] != strconv.Itoa(records) {
+		t.Errorf("device counters: want %d writes, flushes and reads and no errors, got %v\n%s", records, m, res.stderr)
 	}
 
 	for _, tc := range []struct {
@@ -483,6 +486,10 @@ func TestNetEcho(t *testing.T) {
 		!regexp.MustCompile(fmt.Sprintf(`^netecho: done echoed=%d bad=0 other=\d+$`, frames)).MatchString(lines[len(want)]) ||
 		lines[len(lines)-1] != "testos: PASS" {
 		t.Fatalf("console:\n%s\nwant:\n%s\nnetecho: done echoed=%d bad=0 other=N\ntestos: PASS", res.stdout, strings.Join(want, "\n"), frames)
+	}
+	if m := regexp.MustCompile(`msg="network interface \S+" device_errors=(\d+) .* tx=(\d+) tx_bad_length=(\d+) .* unhandled=(\d+)`).FindStringSubmatch(res.stderr); m == nil ||
+		m[1] != "0" || m[2] != strconv.Itoa(frames+1) || m[3] != "0" || m[4] != "0" {
+		t.Errorf("device counters: want %d frames sent and no errors, got %v\n%s", frames+1, m, res.stderr)
 	}
 	t.Logf("%d frames echoed, window %d; guest: %s", frames, window, lines[len(want)])
 

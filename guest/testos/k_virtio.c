@@ -565,6 +565,8 @@ long net_recv(uint64_t buf, uint64_t len)
 
 /* ---- discovery and interrupts ---- */
 
+static void ack(struct vdev *d);
+
 /* Finds the devices and sets up the first block device (want_blk) and the
  * first network device (want_net). Returns how many were set up. */
 int virtio_init(int want_blk, int want_net)
@@ -584,6 +586,7 @@ int virtio_init(int want_blk, int want_net)
 			blk = probe;
 			if (blk_setup(&blk) == 0) {
 				pic_unmask(blk.irq);
+				ack(&blk);	/* a cause raised before the line was open */
 				found++;
 			} else {
 				blk.irq = 0;
@@ -592,6 +595,7 @@ int virtio_init(int want_blk, int want_net)
 			net = probe;
 			if (net_setup(&net) == 0) {
 				pic_unmask(net.irq);
+				ack(&net);	/* a cause raised before the line was open */
 				found++;
 			} else {
 				net.irq = 0;

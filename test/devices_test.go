@@ -191,7 +191,8 @@ const diskDrillMoments = 6
 // end is retried earlier, killAfterLine): the backup takes over and the
 // guest finishes through it; the joined console is complete; every record
 // whose number the primary's console showed before its death (its flush
-// had completed) is on the backup's copy, intact, and so is every other.
+// had completed) is on the backup's copy, intact, and so is every other;
+// the copy is byte for byte the undisturbed run's.
 func TestDiskFailoverDrills(t *testing.T) {
 	requireKVM(t)
 	const records, sectors = 40, 64
@@ -255,6 +256,9 @@ func TestDiskFailoverDrills(t *testing.T) {
 		}
 		if bad := badRecords(t, bimg, 0, records, records); len(bad) > 0 {
 			t.Fatalf("moment %d: after the takeover the backup's image lacks:\n%s", i, strings.Join(bad, "\n"))
+		}
+		if got, _ := os.ReadFile(bimg); !bytes.Equal(got, pb) {
+			t.Fatalf("moment %d: the backup's image differs from the undisturbed run's", i)
 		}
 		t.Logf("moment %d: kill asked after record %d (or an earlier one, after a kill that came late); the primary's console showed %d records at its death; the guest finished through the backup", i, k, printed)
 	}

@@ -34,7 +34,7 @@ func (n *Node) backupPoint() Action {
 	for {
 		switch o.stage {
 		case stStart:
-			if n.goodbye {
+			if n.goodbye && n.stopsAtGoodbye() {
 				return n.stopGoodbye()
 			}
 			n.pos = pt.Pos
@@ -54,7 +54,9 @@ func (n *Node) backupPoint() Action {
 					n.goLive()
 					return n.primaryPoint()
 				}
-				ahead := n.hasState && n.hbEpoch == n.epoch && pt.Pos.Less(n.hbPos)
+				// After the goodbye the primary ran the guest to its
+				// end: it passed every point before that end.
+				ahead := n.hasState && (n.goodbye || n.hbEpoch == n.epoch && pt.Pos.Less(n.hbPos))
 				switch {
 				case pt.Kick && ahead:
 					// A kick point is not a place the primary can be
@@ -125,11 +127,11 @@ func (n *Node) backupPoint() Action {
 			// checkpoint of a state this replica must not run past: go
 			// on only once the log or a heartbeat shows the primary
 			// passed this point.
-			if n.goodbye {
+			if n.goodbye && n.stopsAtGoodbye() {
 				return n.stopGoodbye()
 			}
 			if len(n.log) == 0 {
-				if n.replaying || n.hbEpoch == n.epoch && pt.Pos.Less(n.hbPos) {
+				if n.replaying || n.goodbye || n.hbEpoch == n.epoch && pt.Pos.Less(n.hbPos) {
 					return goAction
 				}
 				return wait(WaitLog)
@@ -215,10 +217,16 @@ func (n *Node) epochEndHead(m wire.EpochEnd) (Action, bool) {
 
 // checkpointHead: the primary ended this epoch with a checkpoint (or a
 // repair or a join gives its full state). The backup installs it, then
-// delivers the events. It was behind the primary's position in the same
-// epoch (it runs ahead only as far as the primary went), so the pages it
-// wrote are among those the checkpoint carries. Installing needs a
-// quiescent vCPU: at a kick point or in Halt; at an exit, yield first.
+// delivers the events. It may be behind the primary's position in the same
+// epoch (it runs ahead only as far as the primary went): before an
+// incremental checkpoint it first runs to the checkpoint's position (the
+// count at the primary's last exit), which the checkpoint proves the
+// primary passed. Every exit of the epoch is then executed on both
+// replicas: device requests take effect at exits, and what they write
+// outside guest memory (a disk image, docs/DEVICES.md) is in no
+// checkpoint. The pages the backup wrote are among those the checkpoint
+// carries. Installing needs a quiescent vCPU: at a kick point or in Halt;
+// at an exit, yield first.
 func (n *Node) checkpointHead(m wire.Checkpoint) Action {
 	o := &n.op
 	if !m.Full {
@@ -227,6 +235,9 @@ func (n *Node) checkpointHead(m wire.Checkpoint) Action {
 		}
 		if m.Pos.Less(o.pt.Pos) {
 			return n.diverge(errorf("%w: at %v, past the primary's checkpoint at %v", ErrDivergence, o.pt.Pos, m.Pos))
+		}
+		if o.kind == opPoint && o.pt.Pos.Less(m.Pos) {
+			return goAction
 		}
 	}
 	if o.kind == opPoint && !o.pt.Kick {
@@ -406,6 +417,18 @@ func (n *Node) diverge(err error) Action {
 	}
 	o.stage = stStart
 	return wait(WaitRepair)
+}
+
+// stopsAtGoodbye: after the primary's goodbye, whether the backup stops
+// here. Otherwise it replays the rest of the log and runs its guest on to
+// the same end ("the backup exits with the same status"), so that every
+// exit the primary executed executes here too: device requests take effect
+// at exits, and a disk image is kept identical only by performing the same
+// writes (docs/DEVICES.md). It stops at once when it has no state to run
+// (a join not completed, a divergence waiting for repair) or its guest
+// halted with nothing left in the log to wake it.
+func (n *Node) stopsAtGoodbye() bool {
+	return n.diverged || !n.hasState || len(n.log) == 0 && n.op.kind == opHalt
 }
 
 func (n *Node) stopGoodbye() Action {

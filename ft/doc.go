@@ -112,9 +112,13 @@
 //
 // The primary captures state only at kick points, where the vCPU is
 // quiescent (KVM holds no half-done instruction) and the position exact.
-// The backup installs at a kick point or in Halt; at an exit it yields
-// (ActYield) to get a kick point first. Events of a checkpoint epoch are
-// delivered after the install, on both sides.
+// The backup first runs to an incremental checkpoint's position (the count
+// at the primary's last exit), so that every exit of the epoch executes on
+// both replicas: device requests take effect at exits, and what they write
+// outside guest memory (a disk image) is in no checkpoint. It installs at a
+// kick point or in Halt; at an exit it yields (ActYield) to get a kick
+// point first. Events of a checkpoint epoch are delivered after the
+// install, on both sides.
 //
 // Verify mode: each EpochEnd carries the primary's state hash, taken at
 // the boundary before delivery; the backup compares its own. Any mismatch
@@ -141,9 +145,13 @@
 // joins. A partial frame never reaches it (the decoder hands out only
 // frames whose checksums verify). A backup still waiting for a join's full
 // state has nothing to take over: ActStop with ErrNoState. When the guest
-// ends on the primary, Goodbye carries its status and the backup stops
-// with it; the primary waits for that goodbye's ack so the backup does not
-// fail over instead.
+// ends on the primary, Goodbye carries its status; the backup replays the
+// rest of its log and runs its guest on to the same end (every exit the
+// primary executed executes there too, its disk writes included), then
+// stops with that status; it stops at once if it has no state to run or
+// its guest halted with the log empty. The primary waits for that
+// goodbye's ack so the backup does not fail over instead; a link that
+// closes after the goodbye is no failover.
 //
 // # Fencing
 //

@@ -571,7 +571,9 @@ func TestKickPointWithoutOverdueEpoch(t *testing.T) {
 }
 
 // Rule (ft/doc.go): "The backup installs it, and the buffered events are
-// delivered after it." Installing needs a quiescent vCPU: at an exit the
+// delivered after it." Before an incremental checkpoint the backup runs to
+// its position (every exit of the epoch executes on both replicas: a disk
+// write happens at one). Installing needs a quiescent vCPU: at an exit the
 // backup yields to a kick point first; in Halt it installs at once.
 func TestBackupInstallsCheckpointThenDelivers(t *testing.T) {
 	for _, where := range []string{"kick", "halt"} {
@@ -583,12 +585,15 @@ func TestBackupInstallsCheckpointThenDelivers(t *testing.T) {
 			if b.kicks != 1 {
 				t.Fatal("a checkpoint arriving kicks the backup's vCPU")
 			}
-			wantAction(t, "exit", b.n.Point(pt(6, 0)), ActYield)
+			wantGo(t, "an exit before the checkpoint's position", b.n.Point(pt(6, 0)))
+			wantGo(t, "a kick before the checkpoint's position", b.n.Point(kick(6, 0)))
+			wantGo(t, "the next exit", b.n.Point(pt(7, 0)))
+			wantAction(t, "the exit at the checkpoint's position", b.n.Point(pt(8, 0)), ActYield)
 			var a Action
 			if where == "kick" {
-				a = b.n.Point(kick(6, 0))
+				a = b.n.Point(kick(8, 0))
 			} else {
-				a = b.n.Halt(pt(6, 0))
+				a = b.n.Halt(pt(8, 0))
 			}
 			a = wantAction(t, "install", a, ActInstall)
 			if string(a.State) != "S" {
@@ -1123,7 +1128,10 @@ func TestReprotectionAfterFailover(t *testing.T) {
 
 // Rule (ft/doc.go, surface): "When the guest ends normally on the
 // primary, the backup exits with the same status." The primary makes sure
-// the goodbye arrived, so that the backup does not fail over instead.
+// the goodbye arrived, so that the backup does not fail over instead. A
+// backup behind the primary runs its guest on to the same end, also after
+// the primary closed the link, so that it executes every exit the primary
+// did (a disk write happens at one).
 func TestGoodbyeStatus(t *testing.T) {
 	for _, order := range []string{"goodbye first", "backup ends first"} {
 		t.Run(order, func(t *testing.T) {
@@ -1133,13 +1141,9 @@ func TestGoodbyeStatus(t *testing.T) {
 			}
 			wantWait(t, "primary finish", p.n.Finish(3), WaitAck)
 			b.step(p.drain()...)
-			var a Action
-			if order == "backup ends first" {
-				a = b.n.Continue()
-			} else {
-				a = b.n.Point(pt(100, 0))
-			}
-			if a.Kind != ActStop || a.Status != 3 || a.Err != nil {
+			if order == "goodbye first" {
+				wantGo(t, "the backup's guest runs on to its end", b.n.Point(pt(100, 0)))
+			} else if a := b.n.Continue(); a.Kind != ActStop || a.Status != 3 || a.Err != nil {
 				t.Fatalf("backup: %v", a)
 			}
 			p.step(b.drain()...)
@@ -1154,10 +1158,24 @@ func TestGoodbyeStatus(t *testing.T) {
 			if s := b.n.Status(); s.Role != RoleBackup || s.Promotions != 0 {
 				t.Fatalf("status %v", s)
 			}
-			if a := b.n.Point(pt(101, 0)); a.Kind != ActStop || a.Status != 3 {
-				t.Fatalf("after: %v", a)
+			if order == "goodbye first" {
+				wantGo(t, "after the link closed", b.n.Point(pt(101, 0)))
+				if a := b.n.Finish(3); a.Kind != ActStop || a.Status != 3 || a.Err != nil {
+					t.Fatalf("backup at its guest's end: %v", a)
+				}
 			}
 		})
+	}
+}
+
+// After the goodbye a backup whose guest halted with nothing left in the
+// log stops: nothing would wake it.
+func TestGoodbyeStopsAHaltedBackup(t *testing.T) {
+	p, b := pair(t, OutputCommit, false)
+	wantWait(t, "primary finish", p.n.Finish(0), WaitAck)
+	b.step(p.drain()...)
+	if a := b.n.Halt(pt(5, 0)); a.Kind != ActStop || a.Status != 0 {
+		t.Fatalf("halted backup after the goodbye: %v", a)
 	}
 }
 

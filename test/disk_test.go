@@ -13,10 +13,11 @@ import (
 	"github.com/ftkvm/ftkvm/vmm/api"
 )
 
-// Disks across snapshots and between replicas. testos has no virtio-blk
-// driver yet, so the guest leaves its disk configured-but-idle here; the
-// device state's round trip with requests served is covered by
-// devices.TestTransportStateRoundTrip and vmm.TestCaptureInstallWithDisk.
+// Disks across snapshots and between replicas. The guest here leaves its
+// disk configured-but-idle (the counter workload); testos's disk workload
+// writes to it in devices_test.go. The device state's round trip with
+// requests served is covered by devices.TestTransportStateRoundTrip and
+// vmm.TestCaptureInstallWithDisk.
 
 // diskImage writes an image of n sectors with a pattern and returns its
 // path.

@@ -33,7 +33,7 @@ struct frame {
 };
 
 /* Task states. */
-enum { T_FREE, T_RUN, T_BLOCK_TX, T_BLOCK_RX, T_DEAD };
+enum { T_FREE, T_RUN, T_BLOCK_TX, T_BLOCK_RX, T_BLOCK_IO, T_DEAD };
 
 struct task {
 	uint64_t ksp;		/* saved kernel %rsp while switched out */
@@ -47,6 +47,10 @@ extern struct task *cur;
 void schedule(void);
 void wake_tx(uint32_t free);
 void wake_rx(void);
+void wake_io(void);
+void block_io(void);
+int user_ok(uint64_t p, uint64_t len);
+void pic_unmask(int irq);
 void finish(int status) __attribute__((noreturn));
 
 /* k_uart.c */
@@ -67,5 +71,15 @@ void poll_puts(const char *s);
 void poll_putx(uint64_t v);
 void poll_putu(uint64_t v);
 void uart_wait_idle(void);
+
+/* k_virtio.c */
+int virtio_init(int want_blk, int want_net);
+int virtio_irq(int irq);
+long blk_info(void);
+long blk_rw(uint64_t sector, uint64_t buf, uint64_t n, int write);
+long blk_flush(void);
+long net_mac(uint64_t buf);
+long net_send(uint64_t buf, uint64_t len);
+long net_recv(uint64_t buf, uint64_t len);
 
 #endif

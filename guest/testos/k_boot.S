@@ -19,6 +19,11 @@
 #define PTE_W        0x002
 #define PTE_U        0x004
 #define PTE_PS       0x080
+#define PTE_PWT      0x008
+#define PTE_PCD      0x010
+/* The virtio-mmio windows (docs/DEVICES.md): 0xd0000000, 5 x 4 KiB, inside
+ * one 2 MiB page of the fourth GiB. */
+#define VIRTIO_MMIO_PAGE 0xd0000000
 
 /* ELF note read by the PVH loader: XEN_ELFNOTE_PHYS32_ENTRY (18), name
  * "Xen", 8-byte descriptor holding the 32-bit physical entry address (as
@@ -88,6 +93,12 @@ pvh_start32:
 	inc %ecx
 	jmp 6b
 7:
+	/* The virtio-mmio windows: PDPT[3] -> pd_mmio, whose entry for
+	 * 0xd0000000 maps that 2 MiB page uncached (PCD, PWT: device
+	 * registers), kernel only. */
+	movl $(pd_mmio + PTE_P + PTE_W), pdpt + 3 * 8
+	movl $(VIRTIO_MMIO_PAGE + PTE_P + PTE_W + PTE_PS + PTE_PWT + PTE_PCD), pd_mmio + ((VIRTIO_MMIO_PAGE - 0xc0000000) >> 21) * 8
+
 	/* Long mode: PAE, CR3, EFER.LME (+SCE for syscall), then paging. */
 	mov %cr4, %eax
 	or $X86_CR4_PAE, %eax
@@ -145,6 +156,7 @@ gdt_desc:
 pml4:	.skip 4096
 pdpt:	.skip 4096
 pd:	.skip 4096
+pd_mmio:	.skip 4096
 
 /* Stacks: not zeroed at boot (section .kstack, NOBITS). */
 	.section .kstack, "aw", @nobits

@@ -140,6 +140,16 @@ static void cpu_init(void)
 	wrmsr(MSR_SFMASK, 0x47700);
 }
 
+/* Opens 8259 line irq (a virtio device's, k_virtio.c); the cascade line 2
+ * is open from pic_init. */
+void pic_unmask(int irq)
+{
+	if (irq < 8)
+		outb(PIC1_DATA, inb(PIC1_DATA) & (uint8_t)~(1 << irq));
+	else
+		outb(PIC2_DATA, inb(PIC2_DATA) & (uint8_t)~(1 << (irq - 8)));
+}
+
 static void pic_init(void)
 {
 	outb(PIC1_CMD, 0x11);		/* ICW1: edge, cascade, ICW4 */
@@ -276,6 +286,22 @@ void wake_rx(void)
 			tasks[i].state = T_RUN;
 }
 
+/* Tasks waiting for a virtio device (k_virtio.c) look again. */
+void wake_io(void)
+{
+	for (int i = 0; i < ntasks; i++)
+		if (tasks[i].state == T_BLOCK_IO)
+			tasks[i].state = T_RUN;
+}
+
+/* The running task waits for a virtio device's interrupt (or another
+ * task's release of the device); it runs again after wake_io. */
+void block_io(void)
+{
+	cur->state = T_BLOCK_IO;
+	schedule();
+}
+
 void finish(int status)
 {
 	uart_wait_idle();
@@ -378,6 +404,7 @@ void isr_dispatch(struct frame *f)
 			return;
 		}
 	}
+	virtio_irq((int)(v - 0x20));	/* a virtio device's line, if any */
 	if (v >= 0x28)
 		outb(PIC2_CMD, PIC_EOI);
 	outb(PIC1_CMD, PIC_EOI);
@@ -385,7 +412,7 @@ void isr_dispatch(struct frame *f)
 
 /* ---- syscalls ---- */
 
-static int user_ok(uint64_t p, uint64_t len)
+int user_ok(uint64_t p, uint64_t len)
 {
 	uint64_t lo = (uint64_t)__user_start, hi = (uint64_t)__user_image_end;
 
@@ -466,7 +493,6 @@ static void sys_exit(uint64_t status, uint64_t reason)
 
 long syscall_dispatch(uint64_t a0, uint64_t a1, uint64_t a2, uint64_t nr)
 {
-	(void)a2;
 	switch (nr) {
 	case SYS_EXIT:
 		sys_exit(a0, a1);
@@ -486,6 +512,20 @@ long syscall_dispatch(uint64_t a0, uint64_t a1, uint64_t a2, uint64_t nr)
 		if (a0 > 0x7f)
 			return -1;
 		return cmos_read((uint8_t)a0);
+	case SYS_BLK_INFO:
+		return blk_info();
+	case SYS_BLK_READ:
+		return blk_rw(a0, a1, a2, 0);
+	case SYS_BLK_WRITE:
+		return blk_rw(a0, a1, a2, 1);
+	case SYS_BLK_FLUSH:
+		return blk_flush();
+	case SYS_NET_MAC:
+		return net_mac(a0);
+	case SYS_NET_SEND:
+		return net_send(a0, a1);
+	case SYS_NET_RECV:
+		return net_recv(a0, a1);
 	}
 	return -1;
 }
@@ -638,9 +678,31 @@ void kmain(uint32_t start_info)
 			    num_opt("work", 1000, 0, 1000000000), 0);
 	} else if (name_is(name, nlen, "rdrand")) {
 		task_create(w_rdrand, 0, 0, 0);
+	} else if (name_is(name, nlen, "disk")) {
+		virtio_init(1, 0);
+		task_create(w_disk, num_opt("records", 32, 1, 1000000),
+			    num_opt("start", 0, 0, 1000000000), 0);
+	} else if (name_is(name, nlen, "netecho")) {
+		const char *m = "echo";
+		size_t ml = 4;
+		uint64_t send;
+
+		opt("mode", &m, &ml);
+		if (name_is(m, ml, "echo")) {
+			send = 0;
+		} else if (name_is(m, ml, "send")) {
+			send = 1;
+		} else {
+			kputs("testos: bad option mode (want echo or send)\n");
+			finish(2);
+		}
+		virtio_init(0, 1);
+		task_create(w_netecho, send | num_opt("size", 64, 0, 1400) << 8,
+			    num_opt("frames", send ? 32 : 0, 0, 100000000),
+			    num_opt("every", send ? 1 : 8, 1, 1000000));
 	} else {
 		if (nlen == 0)
-			kputs("testos: error: no workload given (workload=counter|interleave|compute|clock|echo|fault|tsc|rdrand)\n");
+			kputs("testos: error: no workload given (workload=counter|interleave|compute|clock|echo|fault|tsc|rdrand|disk|netecho)\n");
 		else {
 			kputs("testos: error: unknown workload \"");
 			kputsn(name, nlen);

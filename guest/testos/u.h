@@ -28,6 +28,13 @@ static inline uint64_t sys_ticks(void) { return (uint64_t)sc3(SYS_TICKS, 0, 0, 0
 static inline void sys_yield(void) { sc3(SYS_YIELD, 0, 0, 0); }
 static inline long sys_pit_read(void) { return sc3(SYS_PIT_READ, 0, 0, 0); }
 static inline long sys_cmos_read(int reg) { return sc3(SYS_CMOS_READ, reg, 0, 0); }
+static inline long sys_blk_info(void) { return sc3(SYS_BLK_INFO, 0, 0, 0); }
+static inline long sys_blk_read(uint64_t sector, void *buf, uint64_t n) { return sc3(SYS_BLK_READ, (long)sector, (long)buf, (long)n); }
+static inline long sys_blk_write(uint64_t sector, const void *buf, uint64_t n) { return sc3(SYS_BLK_WRITE, (long)sector, (long)buf, (long)n); }
+static inline long sys_blk_flush(void) { return sc3(SYS_BLK_FLUSH, 0, 0, 0); }
+static inline long sys_net_mac(void *buf) { return sc3(SYS_NET_MAC, (long)buf, 0, 0); }
+static inline long sys_net_send(const void *buf, size_t len) { return sc3(SYS_NET_SEND, (long)buf, (long)len, 0); }
+static inline long sys_net_recv(void *buf, size_t len) { return sc3(SYS_NET_RECV, (long)buf, (long)len, 0); }
 
 /* A line is built in a buffer and written with one write(): lines of
  * different tasks never mix. */

@@ -66,8 +66,6 @@ func openPacket(t *testing.T, ifname string) *packetSocket {
 	return &packetSocket{fd}
 }
 
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
-
 // send sends a frame out of the interface: to the tap's reader, ftkvm.
 func (s *packetSocket) send(t *testing.T, frame []byte) {
 	t.Helper()

@@ -91,7 +91,10 @@ pair() {
 }
 `, l1FTKVM)
 	for i, w := range nestedStepWorkloads {
-		args := fmt.Sprintf("--kernel %s --mem 32 --timeout 5s %s --cmdline '%s'", l1TestOS, strings.Join(w.flags, " "), w.cmdline)
+		// The peer timeout is nestedFailoverPeerTimeout's hang guard (a
+		// kill breaks the connection at once): with 5 s, a loaded host's
+		// L1 once stalled a pair that long, and both replicas ran the guest.
+		args := fmt.Sprintf("--kernel %s --mem 32 --timeout %s %s --cmdline '%s'", l1TestOS, nestedFailoverPeerTimeout, strings.Join(w.flags, " "), w.cmdline)
 		fmt.Fprintf(&b, "pair %s - '--verify --epoch-instructions 4096' %s\n", w.name, args)
 		fmt.Fprintf(&b, "T=$(awk -v a=$t0 -v b=$(up) 'BEGIN { print b - a }')\n")
 		for k, f := range fracs[i] {

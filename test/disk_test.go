@@ -21,7 +21,7 @@ import (
 
 // diskImage writes an image of n sectors with a pattern and returns its
 // path.
-func diskImage(t *testing.T, name string, sectors int) string {
+func diskImage(t testing.TB, name string, sectors int) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), name)
 	b := make([]byte, sectors*512)
@@ -35,7 +35,7 @@ func diskImage(t *testing.T, name string, sectors int) string {
 }
 
 // copyImage copies an image, as a user copies it for another machine.
-func copyImage(t *testing.T, from, name string) string {
+func copyImage(t testing.TB, from, name string) string {
 	t.Helper()
 	b, err := os.ReadFile(from)
 	if err != nil {

@@ -150,7 +150,7 @@ func killAfterLine(t *testing.T, start func() (p, b *proc), k int) (pres, bres r
 	t.Helper()
 	for try := 0; ; try++ {
 		p, b := start()
-		p.waitLines(k)
+		p.waitLinesOrEnd(k)
 		p.kill()
 		pres, bres := p.wait(), b.wait()
 		if strings.Contains(pres.stderr, "backup lost") {
@@ -265,7 +265,7 @@ func TestFailoverDrills(t *testing.T) {
 					k, delay := r.IntN(lines+1), time.Duration(r.IntN(20))*time.Millisecond
 					for try := 0; ; try++ {
 						pr = startPair(t, w)
-						pr.primary.waitLines(k)
+						pr.primary.waitLinesOrEnd(k)
 						time.Sleep(delay)
 						pr.primary.kill()
 						bres = pr.backup.wait()

@@ -125,6 +125,22 @@ func (p *proc) waitLines(n int) {
 	p.waitUntil(fmt.Sprintf("%d lines of output", n), func() bool { return strings.Count(p.stdout(), "\n") >= n })
 }
 
+// waitLinesOrEnd waits until stdout has n complete lines or the process
+// ended: a drill's kill moment, which may come after the guest's end when
+// a workload prints a varying number of lines (the compute workload's
+// ticker lines); the drill then sees a late kill and retries earlier.
+func (p *proc) waitLinesOrEnd(n int) {
+	p.t.Helper()
+	p.waitUntil(fmt.Sprintf("%d lines of output or the end", n), func() bool {
+		select {
+		case <-p.done:
+			return true
+		default:
+		}
+		return strings.Count(p.stdout(), "\n") >= n
+	})
+}
+
 func (p *proc) waitOutput(s string) {
 	p.t.Helper()
 	p.waitUntil(fmt.Sprintf("%q in the output", s), func() bool { return strings.Contains(p.stdout(), s) })

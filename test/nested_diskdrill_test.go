@@ -379,7 +379,7 @@ func TestNestedDiskFailover(t *testing.T) {
 		t.Fatalf("joined console: %d records, want %d (%v)\n%s", len(nums), nestedDiskRecords, err, dump())
 	}
 	// "write back": the device offered VIRTIO_BLK_F_FLUSH, so each fsync
-	// reached it as a flush request (virtio 1.2 §5.2.6.2), not only as
+	// reached it as a flush request (virtio 1.2 §5.2.6), not only as
 	// the write.
 	if want := fmt.Sprintf("records: %d from sector %d of %d, write back\n", nestedDiskRecords, nestedDiskStart, nestedDiskSectors); !strings.Contains(joined, want) {
 		t.Fatalf("joined console: no %q\n%s", want, dump())

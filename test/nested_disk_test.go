@@ -59,6 +59,13 @@ while :; do sleep 1000; done
 // virtio modules from the pinned kernel package, and diskGuestInit.
 func diskInitramfs(ctx context.Context, t *testing.T, im *imagelib.Images) string {
 	t.Helper()
+	return virtioInitramfs(ctx, t, im, diskGuestInit)
+}
+
+// virtioInitramfs builds an L2 initramfs of busybox, the virtio modules
+// from the pinned kernel package (at /lib/virtio/NAME.ko) and init.
+func virtioInitramfs(ctx context.Context, t *testing.T, im *imagelib.Images, init string) string {
+	t.Helper()
 	debs, _ := filepath.Glob(filepath.Join(filepath.Dir(im.Vmlinux), "*.deb"))
 	if len(debs) != 1 {
 		t.Fatalf("the kernel package is not in the image cache next to %s (found %v)", im.Vmlinux, debs)
@@ -85,7 +92,7 @@ func diskInitramfs(ctx context.Context, t *testing.T, im *imagelib.Images) strin
 			t.Fatal(err)
 		}
 	}
-	if err := a.File("init", []byte(diskGuestInit), 0o755); err != nil {
+	if err := a.File("init", []byte(init), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	out := filepath.Join(dir, "disk.cpio")

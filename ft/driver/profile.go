@@ -51,7 +51,10 @@ type replicaProfile struct {
 	kickCheckpoints, fullCkpt uint64 // Checkpoint sent or received: incremental (a kick point), full
 
 	capture, install, hash profOp
-	waits                  [8]profOp // the vCPU waiting in the node, by ft.WaitReason
+	// Repairs (verify mode): full states installed after a divergence,
+	// their bytes, and the pages they changed (memHash.digestChanged).
+	repairs, repairPages, repairBytes uint64
+	waits                             [8]profOp // the vCPU waiting in the node, by ft.WaitReason
 
 	// The link writer's side (atomics: its own goroutine).
 	writes     atomic.Uint64
@@ -113,6 +116,12 @@ type ReplicaProfile struct {
 	EndedAtHalt       uint64 `json:"ended_at_halt"`
 	EndedByCheckpoint uint64 `json:"ended_by_checkpoint"` // at a kick point, after the kick bound
 	FullCheckpoints   uint64 `json:"full_checkpoints"`    // a joining or repaired backup
+	// Repairs (backup, verify mode): full states installed after a
+	// divergence, their bytes, and how many pages of this replica's memory
+	// they changed (those that differed from the primary's).
+	Repairs       uint64 `json:"repairs"`
+	RepairBytes   uint64 `json:"repair_bytes"`
+	RepairedPages uint64 `json:"repaired_pages"`
 
 	Capture Op `json:"capture"` // primary: checkpoints captured (machine state and pages, encoded)
 	Install Op `json:"install"` // backup: checkpoints decoded and installed
@@ -158,6 +167,7 @@ func (r *Replica) Profile() ReplicaProfile {
 		Role: st.Role.String(), Epochs: st.Epochs, CheckpointEpochs: st.CheckpointEpochs, CheckpointBytes: st.CheckpointBytes,
 		EndedAtExit: p.epochEnds, EndedAtHalt: p.haltEnds, EndedByCheckpoint: p.kickCheckpoints, FullCheckpoints: p.fullCkpt,
 		Capture: op(p.capture), Install: op(p.install), Hash: op(p.hash),
+		Repairs: p.repairs, RepairBytes: p.repairBytes, RepairedPages: p.repairPages,
 		Send: Op{Count: p.writes.Load(), Ns: p.writeNs.Load(), Bytes: uint64(p.writeBytes.Load())},
 	}
 	for t, o := range p.sent {
@@ -193,6 +203,9 @@ func (p ReplicaProfile) WriteTable(w io.Writer) error {
 	pr("replica profile (%s): %d epochs, %d ended by a checkpoint (%s)\n", p.Role, p.Epochs, p.CheckpointEpochs, mib(p.CheckpointBytes))
 	pr("epoch ends %s: %d at an exit, %d at a halt, %d by a checkpoint at a kick, %d full checkpoints\n",
 		dir, p.EndedAtExit, p.EndedAtHalt, p.EndedByCheckpoint, p.FullCheckpoints)
+	if p.Repairs > 0 {
+		pr("repairs: %d full states (%s) changed %d pages (%s)\n", p.Repairs, mib(p.RepairBytes), p.RepairedPages, mib(p.RepairedPages*4096))
+	}
 	rows := [][]string{{"work", "count", "ms", "µs each", "MiB"}}
 	for _, o := range []struct {
 		name string

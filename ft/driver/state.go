@@ -116,7 +116,38 @@ func (r *Replica) install(blob []byte) error {
 	}
 	if r.mh != nil {
 		r.mh.mark(r.scratch)
+		if r.node.Status().Diverged {
+			r.repaired(len(blob))
+		}
 	}
 	clear(r.accum)
 	return nil
+}
+
+// repairShown bounds the page numbers a repair's log line lists.
+const repairShown = 24
+
+// repaired says which pages a repair's install changed: those in which
+// this replica's memory differed from the primary's state (ft/doc.go,
+// verify mode: the repair installs the primary's full state). It brings
+// the memory hash up to date over every page the install wrote, without
+// the lock, as hash does; the next epoch end's hash then has nothing left
+// to do. The primary's state is from its next kick point after the
+// divergence, so the pages it changed since then count too.
+func (r *Replica) repaired(stateBytes int) {
+	var n uint64
+	var first []uint64
+	r.mu.Unlock()
+	r.mh.digestChanged(func(pfn uint64) {
+		n++
+		if len(first) < repairShown {
+			first = append(first, pfn)
+		}
+	})
+	r.mu.Lock()
+	r.prof.repairs++
+	r.prof.repairPages += n
+	r.prof.repairBytes += uint64(stateBytes)
+	r.log.Warnf("replica: the repair replaced %d pages that differed from the primary's (%d KiB; the state was %d KiB); first page numbers: %#x",
+		n, n*snapshot.PageSize>>10, stateBytes>>10, first)
 }

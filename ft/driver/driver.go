@@ -326,6 +326,7 @@ func (r *Replica) noted(n ft.Note) {
 func (r *Replica) ticker() {
 	t := time.NewTicker(time.Millisecond)
 	defer t.Stop()
+	prev := time.Now()
 	for {
 		select {
 		case <-t.C:
@@ -333,6 +334,10 @@ func (r *Replica) ticker() {
 			return
 		}
 		r.mu.Lock()
+		now := time.Now()
+		gap := now.Sub(prev)
+		stalled := gap >= tickerStall
+		prev = now
 		r.repostHeld()
 		r.postTimer()
 		if l := r.link; l != nil {
@@ -340,6 +345,10 @@ func (r *Replica) ticker() {
 				l.rxSeen = rx
 				r.node.Heard()
 			}
+		}
+		if stalled {
+			r.node.Stalled(int64(gap - time.Millisecond))
+			r.stalled(gap)
 		}
 		r.node.Tick(r.clock())
 		if st := r.node.Status(); r.started && r.kick != nil && st.Replaying {
@@ -350,6 +359,28 @@ func (r *Replica) ticker() {
 		}
 		r.drain()
 		r.mu.Unlock()
+	}
+}
+
+// tickerStall is how late the ticker (due every millisecond) may run
+// before the gap is reported to the node as a stall (ft.Node.Stalled). A
+// late ticker means this replica did not run: its process was not
+// scheduled, or its vCPU thread held the lock. The peer's frames may then
+// be waiting unread in this side's socket, and the node would count that
+// time as the peer's silence and declare a live peer dead (a backup busy
+// installing, hashing or simply starved on a loaded host is alive). The
+// node pushes the peer's timeout back by the stall's length; a broken
+// connection is still seen at once.
+const tickerStall = 100 * time.Millisecond
+
+// stalled notes a ticker that ran gap late (mu held): in the profile, and
+// in the log when the gap reaches half the peer timeout.
+func (r *Replica) stalled(gap time.Duration) {
+	r.prof.stalls++
+	r.prof.stallMax = max(r.prof.stallMax, gap)
+	if tout := r.opts.Node.Timeout; tout > 0 && gap >= tout/2 {
+		r.log.Warnf("replica: this replica did not run for %v (its ticker, due every millisecond, ran late); the peer's timeout is pushed back by as much",
+			gap.Round(time.Millisecond))
 	}
 }
 

@@ -54,7 +54,11 @@ type replicaProfile struct {
 	// Repairs (verify mode): full states installed after a divergence,
 	// their bytes, and the pages they changed (memHash.digestChanged).
 	repairs, repairPages, repairBytes uint64
-	waits                             [8]profOp // the vCPU waiting in the node, by ft.WaitReason
+	// The ticker's stalls (driver.go, tickerStall): how often and the
+	// longest.
+	stalls   uint64
+	stallMax time.Duration
+	waits    [8]profOp // the vCPU waiting in the node, by ft.WaitReason
 
 	// The link writer's side (atomics: its own goroutine).
 	writes     atomic.Uint64
@@ -122,6 +126,11 @@ type ReplicaProfile struct {
 	Repairs       uint64 `json:"repairs"`
 	RepairBytes   uint64 `json:"repair_bytes"`
 	RepairedPages uint64 `json:"repaired_pages"`
+	// Stalls: times this replica's ticker (due every millisecond) ran at
+	// least 100 ms late, its process not scheduled or its lock held; the
+	// peer's silence over them is not counted. StallMaxNs: the longest.
+	Stalls     uint64 `json:"stalls"`
+	StallMaxNs int64  `json:"stall_max_ns"`
 
 	Capture Op `json:"capture"` // primary: checkpoints captured (machine state and pages, encoded)
 	Install Op `json:"install"` // backup: checkpoints decoded and installed
@@ -168,6 +177,7 @@ func (r *Replica) Profile() ReplicaProfile {
 		EndedAtExit: p.epochEnds, EndedAtHalt: p.haltEnds, EndedByCheckpoint: p.kickCheckpoints, FullCheckpoints: p.fullCkpt,
 		Capture: op(p.capture), Install: op(p.install), Hash: op(p.hash),
 		Repairs: p.repairs, RepairBytes: p.repairBytes, RepairedPages: p.repairPages,
+		Stalls: p.stalls, StallMaxNs: int64(p.stallMax),
 		Send: Op{Count: p.writes.Load(), Ns: p.writeNs.Load(), Bytes: uint64(p.writeBytes.Load())},
 	}
 	for t, o := range p.sent {
@@ -203,6 +213,9 @@ func (p ReplicaProfile) WriteTable(w io.Writer) error {
 	pr("replica profile (%s): %d epochs, %d ended by a checkpoint (%s)\n", p.Role, p.Epochs, p.CheckpointEpochs, mib(p.CheckpointBytes))
 	pr("epoch ends %s: %d at an exit, %d at a halt, %d by a checkpoint at a kick, %d full checkpoints\n",
 		dir, p.EndedAtExit, p.EndedAtHalt, p.EndedByCheckpoint, p.FullCheckpoints)
+	if p.Stalls > 0 {
+		pr("stalls: the ticker ran at least 100 ms late %d times, at most by %s ms\n", p.Stalls, msStr(p.StallMaxNs))
+	}
 	if p.Repairs > 0 {
 		pr("repairs: %d full states (%s) changed %d pages (%s)\n", p.Repairs, mib(p.RepairBytes), p.RepairedPages, mib(p.RepairedPages*4096))
 	}

@@ -2,8 +2,9 @@ package driver
 
 // State: the state hash of an epoch end, checkpoint capture and install.
 //
-// Locking: called from carry with r.mu held; hash releases it while it
-// digests memory, which only the vCPU thread touches.
+// Locking: called from carry with r.mu held; hash, capture and install
+// release it while they digest, capture, encode, decode or install memory
+// and machine state, which only the vCPU thread touches.
 
 import (
 	"bytes"
@@ -77,6 +78,19 @@ func (r *Replica) capture(full bool) ([]byte, error) {
 	if r.mh != nil {
 		r.mh.mark(r.scratch)
 	}
+	// Capturing and encoding many pages (a full state, a guest computing
+	// through a long epoch) takes a while: the ticker and the link reader
+	// go on meanwhile, as while hashing, so that the heartbeats do not
+	// stop. The vCPU thread alone touches the machine, the bitmaps and
+	// the checkpoint buffer, and the node accepts Tick and Step before
+	// Checkpointed.
+	r.mu.Unlock()
+	blob, err := r.captureUnlocked(full)
+	r.mu.Lock()
+	return blob, err
+}
+
+func (r *Replica) captureUnlocked(full bool) ([]byte, error) {
 	if err := r.m.CheckpointWith(&r.cp, vmm.CheckpointOptions{Full: full, Extra: r.accum}); err != nil {
 		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
@@ -101,11 +115,15 @@ func (r *Replica) install(blob []byte) error {
 	if r.mh != nil {
 		sr.Wrote = r.mh.markPage
 	}
+	// Without the lock, as capture: decoding and writing a large state
+	// takes a while, and the heartbeats must go on.
+	r.mu.Unlock()
 	st, err := sr.Read()
-	if err != nil {
-		return fmt.Errorf("install the primary's state: %w", err)
+	if err == nil {
+		err = r.m.Install(st)
 	}
-	if err := r.m.Install(st); err != nil {
+	r.mu.Lock()
+	if err != nil {
 		return fmt.Errorf("install the primary's state: %w", err)
 	}
 	r.last = vmm.Point{Kind: vmm.PointKind(st.Machine.PointKind), Exits: st.Machine.PointExits, Instrs: st.Machine.Stats.Instrs}

@@ -333,6 +333,7 @@ func (r *Replica) ticker() {
 		case <-r.done:
 			return
 		}
+		woke := time.Now()
 		r.mu.Lock()
 		now := time.Now()
 		gap := now.Sub(prev)
@@ -348,7 +349,7 @@ func (r *Replica) ticker() {
 		}
 		if stalled {
 			r.node.Stalled(int64(gap - time.Millisecond))
-			r.stalled(gap)
+			r.stalled(gap, now.Sub(woke))
 		}
 		r.node.Tick(r.clock())
 		if st := r.node.Status(); r.started && r.kick != nil && st.Replaying {
@@ -375,12 +376,15 @@ const tickerStall = 100 * time.Millisecond
 
 // stalled notes a ticker that ran gap late (mu held): in the profile, and
 // in the log when the gap reaches half the peer timeout.
-func (r *Replica) stalled(gap time.Duration) {
+// lockWait is the part of it the ticker waited for the lock (held by the
+// vCPU thread; the rest, the process or the goroutine was not scheduled).
+func (r *Replica) stalled(gap, lockWait time.Duration) {
 	r.prof.stalls++
 	r.prof.stallMax = max(r.prof.stallMax, gap)
+	r.prof.stallLock += lockWait
 	if tout := r.opts.Node.Timeout; tout > 0 && gap >= tout/2 {
-		r.log.Warnf("replica: this replica did not run for %v (its ticker, due every millisecond, ran late); the peer's timeout is pushed back by as much",
-			gap.Round(time.Millisecond))
+		r.log.Warnf("replica: this replica did not run for %v (its ticker, due every millisecond, ran late; %v of it waiting for the lock); the peer's timeout is pushed back by as much",
+			gap.Round(time.Millisecond), lockWait.Round(time.Millisecond))
 	}
 }
 

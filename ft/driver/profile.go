@@ -56,9 +56,9 @@ type replicaProfile struct {
 	repairs, repairPages, repairBytes uint64
 	// The ticker's stalls (driver.go, tickerStall): how often and the
 	// longest.
-	stalls   uint64
-	stallMax time.Duration
-	waits    [8]profOp // the vCPU waiting in the node, by ft.WaitReason
+	stalls              uint64
+	stallMax, stallLock time.Duration
+	waits               [8]profOp // the vCPU waiting in the node, by ft.WaitReason
 
 	// The link writer's side (atomics: its own goroutine).
 	writes     atomic.Uint64
@@ -131,6 +131,9 @@ type ReplicaProfile struct {
 	// peer's silence over them is not counted. StallMaxNs: the longest.
 	Stalls     uint64 `json:"stalls"`
 	StallMaxNs int64  `json:"stall_max_ns"`
+	// StallLockNs: the part of all stalls the ticker waited for the lock
+	// (the vCPU thread held it); the rest, it was not scheduled.
+	StallLockNs int64 `json:"stall_lock_ns"`
 
 	Capture Op `json:"capture"` // primary: checkpoints captured (machine state and pages, encoded)
 	Install Op `json:"install"` // backup: checkpoints decoded and installed
@@ -177,7 +180,7 @@ func (r *Replica) Profile() ReplicaProfile {
 		EndedAtExit: p.epochEnds, EndedAtHalt: p.haltEnds, EndedByCheckpoint: p.kickCheckpoints, FullCheckpoints: p.fullCkpt,
 		Capture: op(p.capture), Install: op(p.install), Hash: op(p.hash),
 		Repairs: p.repairs, RepairBytes: p.repairBytes, RepairedPages: p.repairPages,
-		Stalls: p.stalls, StallMaxNs: int64(p.stallMax),
+		Stalls: p.stalls, StallMaxNs: int64(p.stallMax), StallLockNs: int64(p.stallLock),
 		Send: Op{Count: p.writes.Load(), Ns: p.writeNs.Load(), Bytes: uint64(p.writeBytes.Load())},
 	}
 	for t, o := range p.sent {
@@ -214,7 +217,8 @@ func (p ReplicaProfile) WriteTable(w io.Writer) error {
 	pr("epoch ends %s: %d at an exit, %d at a halt, %d by a checkpoint at a kick, %d full checkpoints\n",
 		dir, p.EndedAtExit, p.EndedAtHalt, p.EndedByCheckpoint, p.FullCheckpoints)
 	if p.Stalls > 0 {
-		pr("stalls: the ticker ran at least 100 ms late %d times, at most by %s ms\n", p.Stalls, msStr(p.StallMaxNs))
+		pr("stalls: the ticker ran at least 100 ms late %d times, at most by %s ms; %s ms of them waiting for the lock\n",
+			p.Stalls, msStr(p.StallMaxNs), msStr(p.StallLockNs))
 	}
 	if p.Repairs > 0 {
 		pr("repairs: %d full states (%s) changed %d pages (%s)\n", p.Repairs, mib(p.RepairBytes), p.RepairedPages, mib(p.RepairedPages*4096))

@@ -232,12 +232,14 @@ func (r *Replica) drain() {
 	rd := r.node.Ready()
 	if l := r.link; l != nil {
 		for _, m := range rd.Messages {
-			var t time.Time
 			if m.Type() == wire.TypeCheckpoint {
-				t = time.Now() // only a checkpoint's encoding is worth a clock read
+				// Encoded by the link's writer, without the lock; only a
+				// checkpoint's encoding is worth a clock read.
+				l.sendLater(m)
+				continue
 			}
 			f := wire.Marshal(m)
-			r.prof.sentMsg(m, len(f), t)
+			r.prof.sentMsg(m, len(f), time.Time{})
 			l.send(f)
 		}
 		if rd.Close {

@@ -22,7 +22,7 @@ type link struct {
 
 	mu      sync.Mutex
 	cond    *sync.Cond
-	q       [][]byte
+	q       []queued
 	closing bool // close after the queue is sent
 
 	rd     *wire.Reader  // the peer's frames, from the first after the handshake's
@@ -55,13 +55,43 @@ func newLink(r *Replica, conn net.Conn, rd *wire.Reader, rx *atomic.Int64) *link
 	return l
 }
 
-func (l *link) send(frame []byte) {
+// queued is a frame to send, or a message the writer encodes first.
+type queued struct {
+	frame []byte
+	msg   wire.Msg
+}
+
+func (l *link) send(frame []byte) { l.enqueue(queued{frame: frame}) }
+
+// sendLater queues m to be encoded by the writer goroutine: a checkpoint
+// (a full one is the guest's whole memory) is copied and checksummed
+// there, without the replica's lock, which the heartbeats need.
+func (l *link) sendLater(m wire.Msg) { l.enqueue(queued{msg: m}) }
+
+func (l *link) enqueue(q queued) {
 	l.mu.Lock()
 	if !l.closing {
-		l.q = append(l.q, frame)
+		l.q = append(l.q, q)
 		l.cond.Signal()
 	}
 	l.mu.Unlock()
+}
+
+// frames encodes the messages of a batch that are not encoded yet, and
+// notes them in the replica profile.
+func (l *link) frames(batch []queued) net.Buffers {
+	bufs := make(net.Buffers, len(batch))
+	for i, q := range batch {
+		if q.msg != nil {
+			t := time.Now()
+			q.frame = wire.Marshal(q.msg)
+			l.r.mu.Lock()
+			l.r.prof.sentMsg(q.msg, len(q.frame), t)
+			l.r.mu.Unlock()
+		}
+		bufs[i] = q.frame
+	}
+	return bufs
 }
 
 // closeAfterSend closes the connection once what is queued is sent (a
@@ -87,7 +117,7 @@ func (l *link) writer() {
 		l.q = nil
 		l.mu.Unlock()
 		if len(batch) > 0 {
-			bufs := net.Buffers(batch)
+			bufs := l.frames(batch)
 			t := time.Now()
 			n, err := bufs.WriteTo(l.conn)
 			l.r.linkBytes.Add(n)

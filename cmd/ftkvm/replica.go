@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -89,6 +90,19 @@ type backupCmd struct {
 // decides where delivery points fall (vmm.HostTraits): the CPUID the
 // guest gets and, in Windows, the primary's choice of interrupt windows
 // or the backup's ability to follow it.
+// replicaProcs gives a replica at least two Ps. On a one-CPU host Go runs
+// one goroutine at a time, and the vCPU goroutine's long stretches
+// without a preemption point (copying a full checkpoint's memory) then
+// keep the driver's ticker, and with it the heartbeats, from running:
+// measured in a one-vCPU VM, a 2.4 s gap while the peer ran, and the peer
+// declared this replica dead. With two Ps the kernel's scheduler shares
+// the CPU between the threads instead.
+func replicaProcs() {
+	if runtime.GOMAXPROCS(0) < 2 {
+		runtime.GOMAXPROCS(2)
+	}
+}
+
 func identity(cfg vmm.Config, host vmm.HostTraits, windows bool, disks []vmm.DiskInfo) ft.Identity {
 	var wd []wire.Disk
 	for _, d := range disks {
@@ -144,6 +158,7 @@ func (f *replicaFlags) disks(cfg *vmm.Config) ([]vmm.DiskInfo, error) {
 }
 
 func (c *primaryCmd) run() (int, error) {
+	replicaProcs()
 	cfg, err := c.load()
 	if err != nil {
 		return 0, err
@@ -211,6 +226,7 @@ func (c *primaryCmd) run() (int, error) {
 }
 
 func (c *backupCmd) run() (int, error) {
+	replicaProcs()
 	cfg, err := c.load()
 	if err != nil {
 		return 0, err

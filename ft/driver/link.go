@@ -77,21 +77,54 @@ func (l *link) enqueue(q queued) {
 	l.mu.Unlock()
 }
 
-// frames encodes the messages of a batch that are not encoded yet, and
-// notes them in the replica profile.
-func (l *link) frames(batch []queued) net.Buffers {
-	bufs := make(net.Buffers, len(batch))
-	for i, q := range batch {
-		if q.msg != nil {
-			t := time.Now()
-			q.frame = wire.Marshal(q.msg)
-			l.r.mu.Lock()
-			l.r.prof.sentMsg(q.msg, len(q.frame), t)
-			l.r.mu.Unlock()
+// linkPiece is how much of a large frame the writer encodes and sends at
+// a time (wire.WriteFrame).
+const linkPiece = 256 << 10
+
+// write sends a batch: encoded frames together, each message the writer
+// encodes (a checkpoint) as a stream of pieces, so that the peer sees
+// bytes arrive all along a large one. It notes the messages it encoded
+// in the replica profile (their time: encoding and writing, which
+// overlap).
+func (l *link) write(batch []queued) error {
+	var bufs net.Buffers
+	flush := func() error {
+		if len(bufs) == 0 {
+			return nil
 		}
-		bufs[i] = q.frame
+		t := time.Now()
+		n, err := bufs.WriteTo(l.conn)
+		l.wrote(n, t)
+		bufs = nil
+		return err
 	}
-	return bufs
+	for _, q := range batch {
+		if q.msg == nil {
+			bufs = append(bufs, q.frame)
+			continue
+		}
+		if err := flush(); err != nil {
+			return err
+		}
+		t := time.Now()
+		n, err := wire.WriteFrame(l.conn, q.msg, linkPiece)
+		l.wrote(n, t)
+		l.r.mu.Lock()
+		l.r.prof.sentMsg(q.msg, int(n), t)
+		l.r.mu.Unlock()
+		if err != nil {
+			return err
+		}
+	}
+	return flush()
+}
+
+// wrote counts a socket write that began at t.
+func (l *link) wrote(n int64, t time.Time) {
+	l.r.linkBytes.Add(n)
+	l.r.prof.writes.Add(1)
+	l.r.prof.writeNs.Add(int64(time.Since(t)))
+	l.r.prof.writeBytes.Add(n)
 }
 
 // closeAfterSend closes the connection once what is queued is sent (a
@@ -117,14 +150,7 @@ func (l *link) writer() {
 		l.q = nil
 		l.mu.Unlock()
 		if len(batch) > 0 {
-			bufs := l.frames(batch)
-			t := time.Now()
-			n, err := bufs.WriteTo(l.conn)
-			l.r.linkBytes.Add(n)
-			l.r.prof.writes.Add(1)
-			l.r.prof.writeNs.Add(int64(time.Since(t)))
-			l.r.prof.writeBytes.Add(n)
-			if err != nil {
+			if err := l.write(batch); err != nil {
 				l.broken()
 				return
 			}

@@ -92,11 +92,12 @@ type backupCmd struct {
 // or the backup's ability to follow it.
 // replicaProcs gives a replica at least two Ps. On a one-CPU host Go runs
 // one goroutine at a time, and the vCPU goroutine's long stretches
-// without a preemption point (copying a full checkpoint's memory) then
-// keep the driver's ticker, and with it the heartbeats, from running:
-// measured in a one-vCPU VM, a 2.4 s gap while the peer ran, and the peer
-// declared this replica dead. With two Ps the kernel's scheduler shares
-// the CPU between the threads instead.
+// without a preemption point (large copies of checkpoint memory) can
+// keep the driver's ticker, and with it the heartbeats, from running;
+// with two Ps the kernel's scheduler shares the CPU between the threads
+// instead. (In a one-vCPU VM a primary's ticker stood still for 2.4 s
+// during a full capture while its peer ran; with two Ps it still stood
+// still once for 1 s, so that was not the whole cause: docs/LINUX.md.)
 func replicaProcs() {
 	if runtime.GOMAXPROCS(0) < 2 {
 		runtime.GOMAXPROCS(2)

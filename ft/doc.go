@@ -137,7 +137,11 @@
 // # Failover
 //
 // The backup declares the primary dead after Config.Timeout of silence or
-// when the link breaks. It becomes the primary at once (role, status), but
+// when the link breaks. Silence counts only while the replica itself runs:
+// a driver that did not run for a while (Stalled: its process was not
+// scheduled) may have the peer's frames waiting unread, so the timeout is
+// pushed back by the stall; the same holds for a primary watching its
+// backup. It becomes the primary at once (role, status), but
 // replays everything it received first: reads take logged values, epoch
 // ends deliver the primary's events, and the outputs not confirmed are
 // performed (uncertain). Where the log ends it goes live (NoteLive): reads

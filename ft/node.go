@@ -753,6 +753,19 @@ func (n *Node) Heard() {
 	}
 }
 
+// Stalled: the driver did not run for d (ns; its ticker, due every
+// millisecond, ran that late: the process was not scheduled, or its vCPU
+// thread held the lock). The peer's frames may be waiting unread on this
+// side meanwhile, so that time is not the peer's silence: its timeout is
+// pushed back by d. A peer that stays silent is still declared dead,
+// after Timeout of this replica's running time. Call it before the Tick
+// that ends the stall.
+func (n *Node) Stalled(d int64) {
+	if n.link != linkDown && d > 0 {
+		n.lastHeard += d
+	}
+}
+
 // CanLeave reports whether the vCPU call in progress still waits where it
 // began, so that the driver may leave it (a Halt left for a control
 // request) and offer the point again later.

@@ -670,6 +670,40 @@ func TestBackupDeclaresPrimaryDead(t *testing.T) {
 	}
 }
 
+// Rule (ft/doc.go, failover): the timeout counts the peer's silence only
+// while this replica runs: a stall of the driver (Stalled) pushes it back
+// by its length, and no further.
+func TestStallIsNotThePeersSilence(t *testing.T) {
+	tests := []struct {
+		name   string
+		stall  int64 // reported before the Tick at tick
+		tick   int64
+		lostAt int64 // the first Tick, 10 ms apart from tick on, that declares the peer dead
+	}{
+		{name: "no stall", tick: 90 * ms, lostAt: 100 * ms},
+		{name: "a stall of 80 ms", stall: 80 * ms, tick: 150 * ms, lostAt: 180 * ms},
+		{name: "a stall longer than the timeout", stall: 400 * ms, tick: 400 * ms, lostAt: 500 * ms},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, b := pair(t, OutputCommit, false)
+			b.n.Tick(0)
+			b.step(wire.Heartbeat{Epoch: 1})
+			b.n.Tick(0) // heard at 0
+			b.drain()
+			b.n.Stalled(tc.stall)
+			for now := tc.tick; now <= tc.lostAt; now += 10 * ms {
+				b.n.Tick(now)
+				b.drain()
+				_, lost := b.hasNote(NotePrimaryLost)
+				if lost != (now >= tc.lostAt) {
+					t.Fatalf("at %d ms: declared dead %v, want %v (at %d ms)", now/ms, lost, now >= tc.lostAt, tc.lostAt/ms)
+				}
+			}
+		})
+	}
+}
+
 // Rule (ft/doc.go, failure): "If the backup dies, the primary continues
 // unprotected, says so in its log and status, and accepts a new backup."
 // Whatever waited for the backup goes on.

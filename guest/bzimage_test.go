@@ -97,10 +97,11 @@ func TestLoadBzImageErrors(t *testing.T) {
 
 func TestLinuxCmdline(t *testing.T) {
 	for _, tc := range []struct{ user, want string }{
-		{"", "console=ttyS0 lpj=250000"},
-		{"quiet", "console=ttyS0 lpj=250000 quiet"},
-		{"console=tty0 init=/bin/sh", "lpj=250000 console=tty0 init=/bin/sh"},
-		{"lpj=0", "console=ttyS0 lpj=0"},
+		{"", "console=ttyS0 lpj=250000 randomize_kstack_offset=off"},
+		{"quiet", "console=ttyS0 lpj=250000 randomize_kstack_offset=off quiet"},
+		{"console=tty0 init=/bin/sh", "lpj=250000 randomize_kstack_offset=off console=tty0 init=/bin/sh"},
+		{"lpj=0", "console=ttyS0 randomize_kstack_offset=off lpj=0"},
+		{"randomize_kstack_offset=on", "console=ttyS0 lpj=250000 randomize_kstack_offset=on"},
 	} {
 		if got := LinuxCmdline(tc.user); got != tc.want {
 			t.Errorf("LinuxCmdline(%q) = %q, want %q", tc.user, got, tc.want)

@@ -8,8 +8,14 @@ import (
 
 // LinuxDefaults suit ftkvm's device set: the console is COM1, and with no
 // TSC and no APIC a kernel would calibrate its delay loop against timer
-// ticks, which lpj= skips.
-var LinuxDefaults = []string{"console=ttyS0", "lpj=250000"}
+// ticks, which lpj= skips. randomize_kstack_offset=off (a Linux 5.13+
+// parameter; older kernels ignore it) keeps the offset of the kernel
+// stack at every system call from coming from RDTSC, which x86-64 Linux
+// reads there whatever CPUID says (CONFIG_RANDOMIZE_KSTACK_OFFSET_DEFAULT,
+// on in Debian's kernels) and which KVM does not let ftkvm intercept:
+// replicas would otherwise write their stacks at different offsets on
+// every system call (docs/LINUX.md, "RDTSC and replicas").
+var LinuxDefaults = []string{"console=ttyS0", "lpj=250000", "randomize_kstack_offset=off"}
 
 // IsLinux reports whether image is a Linux kernel: a bzImage, or an ELF
 // vmlinux carrying Linux's own notes.

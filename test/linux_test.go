@@ -50,7 +50,7 @@ func TestLinuxPVHEarlyBootHere(t *testing.T) {
 
 	want := []string{
 		"Linux version 6.1.0-56-amd64",
-		"Command line: console=ttyS0 lpj=250000 earlyprintk=ttyS0",
+		"Command line: console=ttyS0 lpj=250000 randomize_kstack_offset=off earlyprintk=ttyS0",
 		"BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",
 		"RAMDISK: [mem ",
 	}

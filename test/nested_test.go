@@ -82,7 +82,7 @@ func nestedTest(t *testing.T) {
 
 // logNestedConsole copies the L1 console to the file FTKVM_NESTED_CONSOLE
 // names, if set, as it comes: to watch a long nested run.
-func logNestedConsole(t *testing.T, cfg *nested.Config) {
+func logNestedConsole(t testing.TB, cfg *nested.Config) {
 	path := os.Getenv("FTKVM_NESTED_CONSOLE")
 	if path == "" {
 		return

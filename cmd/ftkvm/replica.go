@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -96,6 +97,20 @@ type backupCmd struct {
 // decides where delivery points fall (vmm.HostTraits): the CPUID the
 // guest gets and, in Windows, the primary's choice of interrupt windows
 // or the backup's ability to follow it.
+// replicaProcs gives a replica at least two Ps. On a one-CPU host Go runs
+// one goroutine at a time, and the vCPU goroutine's long stretches
+// without a preemption point (large copies of checkpoint memory) can
+// keep the driver's ticker, and with it the heartbeats, from running;
+// with two Ps the kernel's scheduler shares the CPU between the threads
+// instead. (In a one-vCPU VM a primary's ticker stood still for 2.4 s
+// during a full capture while its peer ran; with two Ps it still stood
+// still once for 1 s, so that was not the whole cause: docs/LINUX.md.)
+func replicaProcs() {
+	if runtime.GOMAXPROCS(0) < 2 {
+		runtime.GOMAXPROCS(2)
+	}
+}
+
 func identity(cfg vmm.Config, host vmm.HostTraits, windows bool, disks []vmm.DiskInfo, nics []driver.NIC) ft.Identity {
 	var wd []wire.Disk
 	for _, d := range disks {
@@ -152,6 +167,7 @@ func (f *replicaFlags) disks(cfg *vmm.Config) ([]vmm.DiskInfo, error) {
 }
 
 func (c *primaryCmd) run() (int, error) {
+	replicaProcs()
 	cfg, err := c.load()
 	if err != nil {
 		return 0, err
@@ -230,6 +246,7 @@ func (c *primaryCmd) run() (int, error) {
 }
 
 func (c *backupCmd) run() (int, error) {
+	replicaProcs()
 	cfg, err := c.load()
 	if err != nil {
 		return 0, err

@@ -248,12 +248,18 @@ func (r *Replica) drain() {
 	rd := r.node.Ready()
 	if l := r.link; l != nil {
 		for _, m := range rd.Messages {
-			var t time.Time
-			if m.Type() == wire.TypeCheckpoint {
-				t = time.Now() // only a checkpoint's encoding is worth a clock read
+			if cp, ok := m.(wire.Checkpoint); ok {
+				// Encoded by the link's writer, without the lock; only a
+				// checkpoint's encoding is worth a clock read. Its size
+				// for the lag is its state's (the rest is a few bytes).
+				if cp.Seq > 0 {
+					r.lag.push(cp.Seq, r.lag.total+int64(len(cp.State)), r.tickAt)
+				}
+				l.sendLater(m)
+				continue
 			}
 			f := wire.Marshal(m)
-			r.prof.sentMsg(m, len(f), t)
+			r.prof.sentMsg(m, len(f), time.Time{})
 			if seq := recordSeq(m); seq > 0 {
 				r.lag.push(seq, r.lag.total+int64(len(f)), r.tickAt)
 			}
@@ -348,13 +354,19 @@ func (r *Replica) noted(n ft.Note) {
 func (r *Replica) ticker() {
 	t := time.NewTicker(time.Millisecond)
 	defer t.Stop()
+	prev := time.Now()
 	for {
 		select {
 		case <-t.C:
 		case <-r.done:
 			return
 		}
+		woke := time.Now()
 		r.mu.Lock()
+		now := time.Now()
+		gap := now.Sub(prev)
+		stalled := gap >= tickerStall
+		prev = now
 		r.repostHeld()
 		r.postTimer()
 		if l := r.link; l != nil {
@@ -362,6 +374,10 @@ func (r *Replica) ticker() {
 				l.rxSeen = rx
 				r.node.Heard()
 			}
+		}
+		if stalled {
+			r.node.Stalled(int64(gap - time.Millisecond))
+			r.stalled(gap, now.Sub(woke))
 		}
 		r.tickAt = r.clock()
 		r.node.Tick(r.tickAt)
@@ -373,6 +389,31 @@ func (r *Replica) ticker() {
 		}
 		r.drain()
 		r.mu.Unlock()
+	}
+}
+
+// tickerStall is how late the ticker (due every millisecond) may run
+// before the gap is reported to the node as a stall (ft.Node.Stalled). A
+// late ticker means this replica did not run: its process was not
+// scheduled, or its vCPU thread held the lock. The peer's frames may then
+// be waiting unread in this side's socket, and the node would count that
+// time as the peer's silence and declare a live peer dead (a backup busy
+// installing, hashing or simply starved on a loaded host is alive). The
+// node pushes the peer's timeout back by the stall's length; a broken
+// connection is still seen at once.
+const tickerStall = 100 * time.Millisecond
+
+// stalled notes a ticker that ran gap late (mu held): in the profile, and
+// in the log when the gap reaches half the peer timeout.
+// lockWait is the part of it the ticker waited for the lock (held by the
+// vCPU thread; the rest, the process or the goroutine was not scheduled).
+func (r *Replica) stalled(gap, lockWait time.Duration) {
+	r.prof.stalls++
+	r.prof.stallMax = max(r.prof.stallMax, gap)
+	r.prof.stallLock += lockWait
+	if tout := r.opts.Node.Timeout; tout > 0 && gap >= tout/2 {
+		r.log.Warnf("replica: this replica did not run for %v (its ticker, due every millisecond, ran late; %v of it waiting for the lock); the peer's timeout is pushed back by as much",
+			gap.Round(time.Millisecond), lockWait.Round(time.Millisecond))
 	}
 }
 

@@ -22,7 +22,7 @@ type link struct {
 
 	mu      sync.Mutex
 	cond    *sync.Cond
-	q       [][]byte
+	q       []queued
 	closing bool // close after the queue is sent
 
 	rd     *wire.Reader  // the peer's frames, from the first after the handshake's
@@ -55,13 +55,76 @@ func newLink(r *Replica, conn net.Conn, rd *wire.Reader, rx *atomic.Int64) *link
 	return l
 }
 
-func (l *link) send(frame []byte) {
+// queued is a frame to send, or a message the writer encodes first.
+type queued struct {
+	frame []byte
+	msg   wire.Msg
+}
+
+func (l *link) send(frame []byte) { l.enqueue(queued{frame: frame}) }
+
+// sendLater queues m to be encoded by the writer goroutine: a checkpoint
+// (a full one is the guest's whole memory) is copied and checksummed
+// there, without the replica's lock, which the heartbeats need.
+func (l *link) sendLater(m wire.Msg) { l.enqueue(queued{msg: m}) }
+
+func (l *link) enqueue(q queued) {
 	l.mu.Lock()
 	if !l.closing {
-		l.q = append(l.q, frame)
+		l.q = append(l.q, q)
 		l.cond.Signal()
 	}
 	l.mu.Unlock()
+}
+
+// linkPiece is how much of a large frame the writer encodes and sends at
+// a time (wire.WriteFrame).
+const linkPiece = 256 << 10
+
+// write sends a batch: encoded frames together, each message the writer
+// encodes (a checkpoint) as a stream of pieces, so that the peer sees
+// bytes arrive all along a large one. It notes the messages it encoded
+// in the replica profile (their time: encoding and writing, which
+// overlap).
+func (l *link) write(batch []queued) error {
+	var bufs net.Buffers
+	flush := func() error {
+		if len(bufs) == 0 {
+			return nil
+		}
+		t := time.Now()
+		n, err := bufs.WriteTo(l.conn)
+		l.wrote(n, t)
+		bufs = nil
+		return err
+	}
+	for _, q := range batch {
+		if q.msg == nil {
+			bufs = append(bufs, q.frame)
+			continue
+		}
+		if err := flush(); err != nil {
+			return err
+		}
+		t := time.Now()
+		n, err := wire.WriteFrame(l.conn, q.msg, linkPiece)
+		l.wrote(n, t)
+		l.r.mu.Lock()
+		l.r.prof.sentMsg(q.msg, int(n), t)
+		l.r.mu.Unlock()
+		if err != nil {
+			return err
+		}
+	}
+	return flush()
+}
+
+// wrote counts a socket write that began at t.
+func (l *link) wrote(n int64, t time.Time) {
+	l.r.linkBytes.Add(n)
+	l.r.prof.writes.Add(1)
+	l.r.prof.writeNs.Add(int64(time.Since(t)))
+	l.r.prof.writeBytes.Add(n)
 }
 
 // closeAfterSend closes the connection once what is queued is sent (a
@@ -87,14 +150,7 @@ func (l *link) writer() {
 		l.q = nil
 		l.mu.Unlock()
 		if len(batch) > 0 {
-			bufs := net.Buffers(batch)
-			t := time.Now()
-			n, err := bufs.WriteTo(l.conn)
-			l.r.linkBytes.Add(n)
-			l.r.prof.writes.Add(1)
-			l.r.prof.writeNs.Add(int64(time.Since(t)))
-			l.r.prof.writeBytes.Add(n)
-			if err != nil {
+			if err := l.write(batch); err != nil {
 				l.broken()
 				return
 			}

@@ -79,7 +79,14 @@ func (m *memHash) update(pfn uint64) {
 
 // digest brings the hash up to date and returns it: the first time over
 // every page, then over the pages marked since.
-func (m *memHash) digest() [32]byte {
+func (m *memHash) digest() [32]byte { return m.digestChanged(nil) }
+
+// digestChanged is digest, and calls changed (if set) for every marked
+// page whose contents hash differently from when it was last hashed: a
+// repair's install names every page it wrote, and these are the ones in
+// which the replica's memory differed from the primary's. Not on the
+// first digest, which has nothing to compare with.
+func (m *memHash) digestChanged(changed func(pfn uint64)) [32]byte {
 	if !m.ready {
 		m.sum = [4]uint64{}
 		for pfn := range m.pages {
@@ -96,7 +103,11 @@ func (m *memHash) digest() [32]byte {
 			pfn := uint64(i)*64 + uint64(bits.TrailingZeros64(w))
 			w &= w - 1
 			if pfn < m.pages {
+				old := m.per[pfn]
 				m.update(pfn)
+				if changed != nil && m.per[pfn] != old {
+					changed(pfn)
+				}
 			}
 		}
 		m.stale[i] = 0

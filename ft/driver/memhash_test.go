@@ -1,6 +1,7 @@
 package driver
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"testing"
 )
@@ -80,5 +81,50 @@ func TestMemHashDoesNotAllocate(t *testing.T) {
 	bm := bitmapOf(64, 1, 2, 3)
 	if n := testing.AllocsPerRun(100, func() { h.mark(bm); h.digest() }); n != 0 {
 		t.Fatalf("%v allocations per epoch", n)
+	}
+}
+
+// digestChanged names exactly the marked pages whose contents changed since
+// they were last hashed: what a repair's install really replaced.
+func TestMemHashChanged(t *testing.T) {
+	const pages = 130
+	mem := make([]byte, pages*memHashPage)
+	for i := range mem {
+		mem[i] = byte(i / memHashPage)
+	}
+	h := newMemHash(mem)
+	var got []uint64
+	note := func(pfn uint64) { got = append(got, pfn) }
+	h.digestChanged(note)
+	if len(got) != 0 {
+		t.Fatalf("the first digest named %v: it has nothing to compare with", got)
+	}
+	tests := []struct {
+		name  string
+		write []uint64 // pages given new contents
+		same  []uint64 // pages rewritten with their own contents
+		want  []uint64
+	}{
+		{name: "nothing written", want: nil},
+		{name: "rewritten unchanged", same: []uint64{0, 64, 129}, want: nil},
+		{name: "two changed, one rewritten", write: []uint64{5, 128}, same: []uint64{6}, want: []uint64{5, 128}},
+		{name: "every page named, one changed", write: []uint64{70}, same: []uint64{0, 1, 63, 64, 65, 127, 129}, want: []uint64{70}},
+	}
+	for round, tc := range tests {
+		got = nil
+		for _, p := range tc.write {
+			mem[p*memHashPage+uint64(round)] ^= 0xff
+			h.markPage(p)
+		}
+		for _, p := range tc.same {
+			h.markPage(p)
+		}
+		d := h.digestChanged(note)
+		if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+			t.Errorf("%s: changed pages %v, want %v", tc.name, got, tc.want)
+		}
+		if want := newMemHash(mem).digest(); d != want {
+			t.Errorf("%s: digest %x, afresh %x", tc.name, d[:8], want[:8])
+		}
 	}
 }

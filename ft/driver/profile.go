@@ -51,7 +51,14 @@ type replicaProfile struct {
 	kickCheckpoints, fullCkpt uint64 // Checkpoint sent or received: incremental (a kick point), full
 
 	capture, install, hash profOp
-	waits                  [8]profOp // the vCPU waiting in the node, by ft.WaitReason
+	// Repairs (verify mode): full states installed after a divergence,
+	// their bytes, and the pages they changed (memHash.digestChanged).
+	repairs, repairPages, repairBytes uint64
+	// The ticker's stalls (driver.go, tickerStall): how often and the
+	// longest.
+	stalls              uint64
+	stallMax, stallLock time.Duration
+	waits               [8]profOp // the vCPU waiting in the node, by ft.WaitReason
 
 	// The link writer's side (atomics: its own goroutine).
 	writes     atomic.Uint64
@@ -113,6 +120,20 @@ type ReplicaProfile struct {
 	EndedAtHalt       uint64 `json:"ended_at_halt"`
 	EndedByCheckpoint uint64 `json:"ended_by_checkpoint"` // at a kick point, after the kick bound
 	FullCheckpoints   uint64 `json:"full_checkpoints"`    // a joining or repaired backup
+	// Repairs (backup, verify mode): full states installed after a
+	// divergence, their bytes, and how many pages of this replica's memory
+	// they changed (those that differed from the primary's).
+	Repairs       uint64 `json:"repairs"`
+	RepairBytes   uint64 `json:"repair_bytes"`
+	RepairedPages uint64 `json:"repaired_pages"`
+	// Stalls: times this replica's ticker (due every millisecond) ran at
+	// least 100 ms late, its process not scheduled or its lock held; the
+	// peer's silence over them is not counted. StallMaxNs: the longest.
+	Stalls     uint64 `json:"stalls"`
+	StallMaxNs int64  `json:"stall_max_ns"`
+	// StallLockNs: the part of all stalls the ticker waited for the lock
+	// (the vCPU thread held it); the rest, it was not scheduled.
+	StallLockNs int64 `json:"stall_lock_ns"`
 
 	Capture Op `json:"capture"` // primary: checkpoints captured (machine state and pages, encoded)
 	Install Op `json:"install"` // backup: checkpoints decoded and installed
@@ -158,6 +179,8 @@ func (r *Replica) Profile() ReplicaProfile {
 		Role: st.Role.String(), Epochs: st.Epochs, CheckpointEpochs: st.CheckpointEpochs, CheckpointBytes: st.CheckpointBytes,
 		EndedAtExit: p.epochEnds, EndedAtHalt: p.haltEnds, EndedByCheckpoint: p.kickCheckpoints, FullCheckpoints: p.fullCkpt,
 		Capture: op(p.capture), Install: op(p.install), Hash: op(p.hash),
+		Repairs: p.repairs, RepairBytes: p.repairBytes, RepairedPages: p.repairPages,
+		Stalls: p.stalls, StallMaxNs: int64(p.stallMax), StallLockNs: int64(p.stallLock),
 		Send: Op{Count: p.writes.Load(), Ns: p.writeNs.Load(), Bytes: uint64(p.writeBytes.Load())},
 	}
 	for t, o := range p.sent {
@@ -193,6 +216,13 @@ func (p ReplicaProfile) WriteTable(w io.Writer) error {
 	pr("replica profile (%s): %d epochs, %d ended by a checkpoint (%s)\n", p.Role, p.Epochs, p.CheckpointEpochs, mib(p.CheckpointBytes))
 	pr("epoch ends %s: %d at an exit, %d at a halt, %d by a checkpoint at a kick, %d full checkpoints\n",
 		dir, p.EndedAtExit, p.EndedAtHalt, p.EndedByCheckpoint, p.FullCheckpoints)
+	if p.Stalls > 0 {
+		pr("stalls: the ticker ran at least 100 ms late %d times, at most by %s ms; %s ms of them waiting for the lock\n",
+			p.Stalls, msStr(p.StallMaxNs), msStr(p.StallLockNs))
+	}
+	if p.Repairs > 0 {
+		pr("repairs: %d full states (%s) changed %d pages (%s)\n", p.Repairs, mib(p.RepairBytes), p.RepairedPages, mib(p.RepairedPages*4096))
+	}
 	rows := [][]string{{"work", "count", "ms", "µs each", "MiB"}}
 	for _, o := range []struct {
 		name string

@@ -326,6 +326,10 @@ func TestSimInjectedDivergenceRepaired(t *testing.T) {
 					if !b.ended() {
 						s.fail("the backup: status %d %v", b.status, b.err)
 					}
+					// The repair replaced the injected page at least.
+					if rp := b.r.Profile(); rp.Repairs != bs.Repairs || rp.RepairedPages < 1 || rp.RepairBytes == 0 {
+						s.fail("the backup's profile: %d repairs changing %d pages (%d bytes), status %v", rp.Repairs, rp.RepairedPages, rp.RepairBytes, bs)
+					}
 					s.checkSeams(p, b)
 					s.checkDeliveries(p, b, b.m.installedAt)
 					t.Logf("kill at %d: backup %v", k, bs)

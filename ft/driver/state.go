@@ -2,8 +2,9 @@ package driver
 
 // State: the state hash of an epoch end, checkpoint capture and install.
 //
-// Locking: called from carry with r.mu held; hash releases it while it
-// digests memory, which only the vCPU thread touches.
+// Locking: called from carry with r.mu held; hash, capture and install
+// release it while they digest, capture, encode, decode or install memory
+// and machine state, which only the vCPU thread touches.
 
 import (
 	"bytes"
@@ -77,6 +78,19 @@ func (r *Replica) capture(full bool) ([]byte, error) {
 	if r.mh != nil {
 		r.mh.mark(r.scratch)
 	}
+	// Capturing and encoding many pages (a full state, a guest computing
+	// through a long epoch) takes a while: the ticker and the link reader
+	// go on meanwhile, as while hashing, so that the heartbeats do not
+	// stop. The vCPU thread alone touches the machine, the bitmaps and
+	// the checkpoint buffer, and the node accepts Tick and Step before
+	// Checkpointed.
+	r.mu.Unlock()
+	blob, err := r.captureUnlocked(full)
+	r.mu.Lock()
+	return blob, err
+}
+
+func (r *Replica) captureUnlocked(full bool) ([]byte, error) {
 	if err := r.m.CheckpointWith(&r.cp, vmm.CheckpointOptions{Full: full, Extra: r.accum}); err != nil {
 		return nil, fmt.Errorf("checkpoint: %w", err)
 	}
@@ -101,11 +115,15 @@ func (r *Replica) install(blob []byte) error {
 	if r.mh != nil {
 		sr.Wrote = r.mh.markPage
 	}
+	// Without the lock, as capture: decoding and writing a large state
+	// takes a while, and the heartbeats must go on.
+	r.mu.Unlock()
 	st, err := sr.Read()
-	if err != nil {
-		return fmt.Errorf("install the primary's state: %w", err)
+	if err == nil {
+		err = r.m.Install(st)
 	}
-	if err := r.m.Install(st); err != nil {
+	r.mu.Lock()
+	if err != nil {
 		return fmt.Errorf("install the primary's state: %w", err)
 	}
 	r.last = vmm.Point{Kind: vmm.PointKind(st.Machine.PointKind), Exits: st.Machine.PointExits, Instrs: st.Machine.Stats.Instrs}
@@ -116,7 +134,38 @@ func (r *Replica) install(blob []byte) error {
 	}
 	if r.mh != nil {
 		r.mh.mark(r.scratch)
+		if r.node.Status().Diverged {
+			r.repaired(len(blob))
+		}
 	}
 	clear(r.accum)
 	return nil
+}
+
+// repairShown bounds the page numbers a repair's log line lists.
+const repairShown = 24
+
+// repaired says which pages a repair's install changed: those in which
+// this replica's memory differed from the primary's state (ft/doc.go,
+// verify mode: the repair installs the primary's full state). It brings
+// the memory hash up to date over every page the install wrote, without
+// the lock, as hash does; the next epoch end's hash then has nothing left
+// to do. The primary's state is from its next kick point after the
+// divergence, so the pages it changed since then count too.
+func (r *Replica) repaired(stateBytes int) {
+	var n uint64
+	var first []uint64
+	r.mu.Unlock()
+	r.mh.digestChanged(func(pfn uint64) {
+		n++
+		if len(first) < repairShown {
+			first = append(first, pfn)
+		}
+	})
+	r.mu.Lock()
+	r.prof.repairs++
+	r.prof.repairPages += n
+	r.prof.repairBytes += uint64(stateBytes)
+	r.log.Warnf("replica: the repair replaced %d pages that differed from the primary's (%d KiB; the state was %d KiB); first page numbers: %#x",
+		n, n*snapshot.PageSize>>10, stateBytes>>10, first)
 }

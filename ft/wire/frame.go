@@ -64,6 +64,34 @@ func Append(b []byte, m Msg) []byte {
 	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b[start:], castagnoli))
 }
 
+// WriteFrame writes m's frame (the bytes Marshal returns) to w in pieces
+// of at most chunk bytes, computing its checksum as it goes. A large frame
+// (a full checkpoint is the guest's whole memory) then reaches the peer
+// as a stream, which it counts as a sign of life, instead of after the
+// whole frame was copied and checksummed.
+func WriteFrame(w io.Writer, m Msg, chunk int) (int64, error) {
+	if chunk <= 0 {
+		chunk = 1 << 20
+	}
+	b := append(make([]byte, 0, HeaderSize+64), magic0, magic1, FrameVersion, byte(m.Type()), 0, 0, 0, 0, 0, 0, 0, 0)
+	b = m.appendBody(b)
+	binary.LittleEndian.PutUint32(b[4:], uint32(len(b)-HeaderSize))
+	binary.LittleEndian.PutUint32(b[8:], crc32.Checksum(b[:8], castagnoli))
+	var n int64
+	crc := uint32(0)
+	for off := 0; off < len(b); off += chunk {
+		p := b[off:min(off+chunk, len(b))]
+		crc = crc32.Update(crc, castagnoli, p)
+		k, err := w.Write(p)
+		n += int64(k)
+		if err != nil {
+			return n, err
+		}
+	}
+	k, err := w.Write(binary.LittleEndian.AppendUint32(nil, crc))
+	return n + int64(k), err
+}
+
 // Marshal returns m's frame.
 func Marshal(m Msg) []byte { return Append(nil, m) }
 

@@ -322,3 +322,35 @@ func TestNetTxData(t *testing.T) {
 		t.Fatal("empty data split")
 	}
 }
+
+// WriteFrame writes exactly Marshal's bytes, whatever the piece size, and
+// stops at the writer's first error.
+func TestWriteFrame(t *testing.T) {
+	big := Checkpoint{Seq: 9, Epoch: 3, Full: true, State: bytes.Repeat([]byte{1, 2, 3, 4, 5}, 100_000)}
+	for _, chunk := range []int{0, 1, 7, 4096, 1 << 20} {
+		for _, m := range append(samples(), big) {
+			var buf bytes.Buffer
+			n, err := WriteFrame(&buf, m, chunk)
+			want := Marshal(m)
+			if err != nil || n != int64(len(want)) || !bytes.Equal(buf.Bytes(), want) {
+				t.Fatalf("chunk %d, %v: wrote %d bytes (%v), differing from Marshal's %d: %v", chunk, m.Type(), n, err, len(want), !bytes.Equal(buf.Bytes(), want))
+			}
+		}
+	}
+	w := &failingWriter{left: 10_000}
+	if n, err := WriteFrame(w, big, 4096); err == nil || n != 10_000 {
+		t.Fatalf("a writer failing after 10000 bytes: wrote %d, error %v", n, err)
+	}
+}
+
+type failingWriter struct{ left int }
+
+func (w *failingWriter) Write(p []byte) (int, error) {
+	if len(p) > w.left {
+		n := w.left
+		w.left = 0
+		return n, io.ErrShortWrite
+	}
+	w.left -= len(p)
+	return len(p), nil
+}

@@ -347,6 +347,35 @@ func TestNestedFailover(t *testing.T) {
 	if len(pNums) >= nestedFailoverLines || len(bNums) == 0 {
 		t.Fatalf("the backup printed no numbered line of its own: the kill did not come mid-workload\n%s", dump())
 	}
+	// The guest's clock across the failover: its uptime against its RTC
+	// over the workload, from the primary's start mark to the backup's end
+	// mark, within 5% over at least 10 s of RTC time.
+	rate, secs, err := guestClockRate(joined)
+	if err != nil {
+		t.Fatalf("the guest's clock: %v\n%s", err, dump())
+	}
+	t.Logf("the guest's uptime advanced %.3f s per RTC second over %d s of RTC time, across the failover", rate, secs)
+	if secs < 10 || rate < 0.95 || rate > 1.05 {
+		t.Errorf("the guest's uptime advanced %.3f s per RTC second over %d s, want 1 within 5%% over at least 10 s", rate, secs)
+	}
+}
+
+// guestClockRate reads the guest's clock marks (imagelib.GuestInit) in a
+// console: the uptime elapsed per second of RTC time between the start
+// and the end mark, and the RTC seconds between them.
+func guestClockRate(console string) (float64, int, error) {
+	m := imagelib.ClockMarkRE.FindAllStringSubmatch(console, -1)
+	if len(m) != 2 || m[0][1] != "start" || m[1][1] != "end" {
+		return 0, 0, fmt.Errorf("want one start and one end clock mark with an RTC, found %q (a guest without /sys/class/rtc/rtc0 prints rtc=none)", m)
+	}
+	r0, _ := strconv.Atoi(m[0][2])
+	r1, _ := strconv.Atoi(m[1][2])
+	u0, _ := strconv.ParseFloat(m[0][3], 64)
+	u1, _ := strconv.ParseFloat(m[1][3], 64)
+	if r1 <= r0 {
+		return 0, r1 - r0, fmt.Errorf("the RTC went from %d to %d", r0, r1)
+	}
+	return (u1 - u0) / float64(r1-r0), r1 - r0, nil
 }
 
 // TestShowxRoundTrip: a file shown with showx (nestedShellLib) and

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"regexp"
 )
 
 // Guest console markers. Tests wait for these; keep them in sync with any
@@ -15,6 +16,10 @@ const (
 	GuestReadyMarker = "FTKVM-GUEST-READY"
 	GuestDoneMarker  = "FTKVM-GUEST-DONE" // followed by " status=<n>"
 )
+
+// ClockMarkRE matches the guest's clock marks (GuestInit): the mark's
+// name, the RTC's seconds and the uptime.
+var ClockMarkRE = regexp.MustCompile(`FTKVM-CLOCK (start|end) rtc=(\d+) uptime=([0-9.]+)`)
 
 // GuestInit is the L2 guest's /init. It is plain busybox sh so that it
 // runs the same under any VMM; workloads are chosen on the kernel command
@@ -32,7 +37,11 @@ const (
 //	    echoes console lines uppercased until a line "quit"
 //
 // then "FTKVM-GUEST-DONE status=<rc>" and poweroff -f. Without a workload
-// it starts an interactive shell on the console.
+// it starts an interactive shell on the console. Before and after the
+// workload it prints "FTKVM-CLOCK <start|end> rtc=<s> uptime=<s>": the RTC's
+// seconds (/sys/class/rtc/rtc0/since_epoch, read just after the second
+// changed, or "none") and /proc/uptime then, so that a test can compare the
+// guest's clock with its RTC over the workload (ClockMarkRE).
 const GuestInit = `#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
@@ -56,6 +65,22 @@ for arg in $(cat /proc/cmdline); do
 done
 
 echo "FTKVM-GUEST-READY workload=${workload:-shell}"
+
+# clock_mark NAME: the RTC's seconds just after they changed, and the
+# uptime then (at the RTC's one-second resolution, the edge is what makes
+# the two comparable).
+clock_mark() {
+	r=/sys/class/rtc/rtc0/since_epoch
+	if [ -r $r ]; then
+		a=$(cat $r)
+		b=$a
+		while [ "$b" = "$a" ]; do b=$(cat $r); done
+		read up _ </proc/uptime
+		echo "FTKVM-CLOCK $1 rtc=$b uptime=$up"
+	else
+		echo "FTKVM-CLOCK $1 rtc=none"
+	fi
+}
 
 run_lines() {
 	i=1
@@ -81,6 +106,7 @@ run_echo() {
 	return 1 # console closed before "quit"
 }
 
+[ -n "$workload" ] && clock_mark start
 case "$workload" in
 lines) run_lines; status=$? ;;
 compute) run_compute; status=$? ;;
@@ -92,6 +118,7 @@ echo) run_echo; status=$? ;;
 *) echo "unknown ftkvm.workload=$workload"; status=2 ;;
 esac
 
+clock_mark end
 echo "FTKVM-GUEST-DONE status=$status"
 sync
 poweroff -f

@@ -125,6 +125,12 @@ type Replica struct {
 
 	net netState // net.go
 
+	// Disks at a join (disks.go): the primary streams its images
+	// (diskCopy); a joining backup receives them (diskRx, diskErr).
+	diskCopy bool
+	diskRx   []diskRx
+	diskErr  error
+
 	// Metrics (lag.go): the log records not yet done with by the other
 	// side, the ticker's last time (ns, the driver's clock) that stamps
 	// them, and how long released outputs were held.

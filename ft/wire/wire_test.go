@@ -51,6 +51,8 @@ func samples() []Msg {
 		Heartbeat{Epoch: 6, Pos: pos},
 		Goodbye{Seq: 8, Status: -1},
 		Goodbye{Seq: 9, Status: 3},
+		DiskData{Disk: 1, Offset: 1 << 20, Data: bytes.Repeat([]byte{0x33}, 4096)},
+		DiskData{Disk: 0, Offset: 512, Last: true, Digest: digest(15), Data: []byte{1, 2, 3}},
 	}
 }
 

@@ -118,6 +118,22 @@ func (r *Replica) takeDisk(m wire.DiskData) {
 	if r.diskErr != nil {
 		return
 	}
+	// The reader stops reading while it waits or writes: the ticker takes
+	// that for a sign of life of the primary (a backup without state has
+	// nothing to take over anyway).
+	r.diskBusy = true
+	defer func() { r.diskBusy = false }()
+	// A joining backup makes its machine once the handshake succeeded:
+	// the first chunks can come before it has one. The reader waits (and
+	// the primary, its queue full, waits for the link).
+	for r.m == nil {
+		select {
+		case <-r.done:
+			return
+		default:
+		}
+		r.cond.Wait()
+	}
 	imgs := r.diskImages()
 	if r.diskRx == nil {
 		r.diskRx = make([]diskRx, len(imgs))
@@ -135,11 +151,17 @@ func (r *Replica) takeDisk(m wire.DiskData) {
 		case m.Offset != d.next:
 			return fmt.Errorf("the primary sent disk %d's bytes at %d; %d were expected next", m.Disk, m.Offset, d.next)
 		}
-		if err := img.WriteAt(m.Data, int64(m.Offset)); err != nil {
-			return err
-		}
 		if d.h == nil {
 			d.h = sha256.New()
+		}
+		// The file I/O (a sync of the whole image at the end) runs
+		// without the lock, so that the ticker's heartbeats go on: the
+		// primary must not take a busy backup for a dead one. Only this
+		// reader touches diskRx, and the vCPU waits for the checkpoint.
+		r.mu.Unlock()
+		defer r.mu.Lock()
+		if err := img.WriteAt(m.Data, int64(m.Offset)); err != nil {
+			return err
 		}
 		d.h.Write(m.Data)
 		d.next += uint64(len(m.Data))
@@ -154,9 +176,12 @@ func (r *Replica) takeDisk(m wire.DiskData) {
 		case sum != m.Digest:
 			return fmt.Errorf("disk %d as received has sha256 %x, the primary sent %x", m.Disk, sum[:6], m.Digest[:6])
 		}
-		d.done = true
 		// The guest saw its flushes complete on the primary's copy.
-		return img.Sync()
+		if err := img.Sync(); err != nil {
+			return err
+		}
+		d.done = true
+		return nil
 	}()
 	if err != nil {
 		r.diskErr = fmt.Errorf("receive the primary's disk images: %w", err)

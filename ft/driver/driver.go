@@ -128,6 +128,7 @@ type Replica struct {
 	// Disks at a join (disks.go): the primary streams its images
 	// (diskCopy); a joining backup receives them (diskRx, diskErr).
 	diskCopy bool
+	diskBusy bool // the link's reader writes a chunk, without the lock
 	diskRx   []diskRx
 	diskErr  error
 
@@ -215,6 +216,7 @@ func (r *Replica) Attach(m Machine) error {
 	r.scratch = make([]uint64, m.BitmapWords())
 	r.accum = make([]uint64, m.BitmapWords())
 	r.mh = mh
+	r.cond.Broadcast() // a joining backup's disk chunks wait for the machine (disks.go)
 	return nil
 }
 
@@ -364,7 +366,9 @@ func (r *Replica) ticker() {
 		r.repostHeld()
 		r.postTimer()
 		if l := r.link; l != nil {
-			if rx := l.rx.Load(); rx != l.rxSeen {
+			if rx := l.rx.Load(); rx != l.rxSeen || r.diskBusy {
+				// A chunk of the primary's image being written here
+				// (disks.go) is a sign of life like bytes arriving.
 				l.rxSeen = rx
 				r.node.Heard()
 			}

@@ -324,3 +324,16 @@ func TestNetTxData(t *testing.T) {
 		t.Fatal("empty data split")
 	}
 }
+
+// A DiskData over MaxDiskData bytes, or for a disk past MaxDisks, does
+// not decode.
+func TestDiskDataBounds(t *testing.T) {
+	for _, m := range []DiskData{{Data: make([]byte, MaxDiskData+1)}, {Disk: MaxDisks}} {
+		if _, err := Unmarshal(Marshal(m)); err == nil {
+			t.Errorf("disk %d, %d bytes: decoded", m.Disk, len(m.Data))
+		}
+	}
+	if _, err := Unmarshal(Marshal(DiskData{Disk: MaxDisks - 1, Data: make([]byte, MaxDiskData)})); err != nil {
+		t.Errorf("the largest DiskData: %v", err)
+	}
+}

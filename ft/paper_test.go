@@ -1514,3 +1514,27 @@ func TestHandshakeJoinOnlyWhenAsked(t *testing.T) {
 		t.Fatalf("primary notes %v", p.notes)
 	}
 }
+
+// Rule (ft/doc.go, "Disks at a join"): only a backup that joins and has
+// no state yet takes disk contents; to a backup booted with the primary,
+// or to a primary, they are a protocol error.
+func TestDiskDataOnlyForAJoiningBackup(t *testing.T) {
+	pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
+	p, b := newReplica(t, pc), newReplica(t, bc)
+	p.n.Connected()
+	b.n.Connected()
+	exchange(p, b) // the guest has not run: the backup boots with the primary
+	for _, r := range []*replica{b, p} {
+		if r.n.TakesDisks() {
+			t.Fatalf("%v takes disk contents", r.n.Role())
+		}
+		if _, ok := r.hasNote(NoteProtocol); ok {
+			t.Fatalf("%v: a protocol error before the disk contents: %v", r.n.Role(), r.notes)
+		}
+		r.n.Step(wire.DiskData{Data: []byte{1}})
+		r.drain()
+		if _, ok := r.hasNote(NoteProtocol); !ok {
+			t.Fatalf("%v: notes %v, want a protocol error", r.n.Role(), r.notes)
+		}
+	}
+}

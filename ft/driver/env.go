@@ -314,13 +314,13 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 			if err != nil {
 				return a, err
 			}
+			r.prof.capture.add(t, len(blob))
 			if a.Join {
 				// The images as of this state, before it (disks.go).
 				if err := r.sendDisks(); err != nil {
 					return a, err
 				}
 			}
-			r.prof.capture.add(t, len(blob))
 			a = r.node.Checkpointed(blob)
 		case ft.ActInstall:
 			t := time.Now()

@@ -146,6 +146,33 @@ func (d *DiskImage) Digest() ([sha256.Size]byte, error) {
 	return sum, nil
 }
 
+// ReadAt reads the image at off (a replica sending its image to a joining
+// backup).
+func (d *DiskImage) ReadAt(p []byte, off int64) (int, error) { return d.f.ReadAt(p, off) }
+
+// WriteAt writes p at off, within the image: a joining backup's copy
+// receiving the primary's contents. A read-only image is not written.
+func (d *DiskImage) WriteAt(p []byte, off int64) error {
+	switch {
+	case d.readOnly:
+		return fmt.Errorf("disk %s: read-only", d.path)
+	case off < 0 || uint64(off) > d.size || uint64(len(p)) > d.size-uint64(off):
+		return fmt.Errorf("disk %s: %d bytes at %d are outside its %d bytes", d.path, len(p), off, d.size)
+	}
+	if _, err := d.f.WriteAt(p, off); err != nil {
+		return fmt.Errorf("disk %s: %w", d.path, err)
+	}
+	return nil
+}
+
+// Sync makes what was written durable.
+func (d *DiskImage) Sync() error {
+	if err := d.f.Sync(); err != nil {
+		return fmt.Errorf("disk %s: sync: %w", d.path, err)
+	}
+	return nil
+}
+
 // Close closes the image (and drops its lock).
 func (d *DiskImage) Close() error { return d.f.Close() }
 

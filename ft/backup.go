@@ -244,7 +244,7 @@ func (n *Node) checkpointHead(m wire.Checkpoint) Action {
 		return Action{Kind: ActYield}
 	}
 	o.stage = stInstalled
-	return Action{Kind: ActInstall, State: m.State, Full: m.Full}
+	return Action{Kind: ActInstall, State: m.State, Full: m.Full, Join: !n.hasState}
 }
 
 func (n *Node) installed(cp wire.Checkpoint) {
@@ -479,6 +479,12 @@ func (n *Node) backupStepMsg(m wire.Msg) {
 		n.confirm(m.OutSeq)
 	case wire.Heartbeat:
 		n.hbEpoch, n.hbPos = m.Epoch, m.Pos
+	case wire.DiskData:
+		// The driver writes it to the image (TakesDisks): only a backup
+		// joining a running guest receives images, before its state.
+		if !n.TakesDisks() {
+			n.protocolError(errorf("disk contents for a backup that holds the guest's state or did not join"))
+		}
 	default:
 		n.protocolError(errorf("a backup got %v", m.Type()))
 	}

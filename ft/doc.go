@@ -134,6 +134,19 @@
 // with Full), then replicates. A backup that boots together with a primary
 // whose guest has not run (Hello.Started false) needs no checkpoint.
 //
+// Disks at a join: a disk image is in no checkpoint, so for a joining
+// backup (ActCheckpoint with Join) the primary's driver sends each
+// read-write image whole, as DiskData chunks in order (the last with the
+// image's SHA-256), at that kick point and before the Checkpoint. The
+// guest writes its images only on the vCPU thread at exits, and the vCPU
+// stays stopped until the chunks are queued: the images sent are the
+// state's, no block changes during the copy, and the guest waits for the
+// transfer. Only a backup that joins and has no state yet takes DiskData
+// (TakesDisks; any other is a protocol error); it writes them to its
+// copies while its vCPU waits, and installs the state (ActInstall with
+// Join) only if every read-write image arrived whole and matched its
+// digest.
+//
 // # Failover
 //
 // The backup declares the primary dead after Config.Timeout of silence or
@@ -201,9 +214,10 @@
 //     image and performs the guest's requests on it at the same points
 //     of the guest's execution, so the copies stay identical only if they
 //     start identical: the number of disks, each one's size, read-only
-//     flag and SHA-256 of its contents are compared. A backup joining a
-//     running guest with disks is refused: it would not receive the
-//     images.
+//     flag and SHA-256 of its contents are compared. For a backup joining
+//     a running guest the read-write images' digests are not compared:
+//     the primary sends their contents with its state (below); the
+//     count, sizes, flags and read-only images' digests still are.
 //   - The network interfaces (Hello.NICs): their number and MAC
 //     addresses, compared (the guest reads them from its devices). A
 //     joining backup receives the devices' state with the checkpoint.
@@ -226,6 +240,9 @@
 //	Checkpoint  (log)  seq, epoch, position, full, output count, events, state
 //	Output      (log)  seq, epoch, position, output seq, performed-up-to, data
 //	Goodbye     (log)  seq, the guest's exit status
+//	DiskData           primary, to a joining backup before the full
+//	                   checkpoint: disk, offset, last, image digest, data
+//	                   (at most wire.MaxDiskData bytes)
 //	Performed          outputs performed up to N
 //	Ack                backup: every log record up to seq N received
 //	CheckpointRequest  backup: diverged, send the full state

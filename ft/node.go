@@ -590,6 +590,14 @@ func (n *Node) stepHello(h wire.Hello) {
 	}
 }
 
+// TakesDisks reports whether this node is a backup joining a running
+// guest that has not received its state yet: the only replica to which a
+// primary sends its disk images (wire.DiskData, ft/doc.go "Checkpoint
+// epochs, repair, re-protection").
+func (n *Node) TakesDisks() bool {
+	return n.role == RoleBackup && n.link == linkUp && n.peer.Started && !n.hasState
+}
+
 // Admits reports whether a peer whose Hello is h could complete the
 // handshake with this node now, and if not, the refusal's reason. The
 // backup's driver asks it of every connection before it makes one its
@@ -610,6 +618,9 @@ func (n *Node) Admits(h wire.Hello) (wire.RefuseReason, error) {
 func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
 	s := n.self
 	short := func(d Digest) string { return fmt.Sprintf("%x", d[:6]) }
+	// A backup joining a running guest receives the read-write images'
+	// contents with the state: their digests are not compared.
+	joins := n.role == RoleBackup && h.Started && !n.hasState || n.role == RolePrimary && n.started
 	switch {
 	case h.Version != ProtocolVersion:
 		return wire.RefuseVersion, fmt.Errorf("the peer speaks protocol version %d, this ftkvm %d", h.Version, ProtocolVersion)
@@ -647,11 +658,8 @@ func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
 		return wire.RefuseWindows, fmt.Errorf("this primary requests interrupt windows, which the backup's KVM does not open at points the guest defines (guest ring 0 is emulated there); run the primary with --interrupt-windows off, or the backup on a host like the primary's")
 	case h.CPU != s.CPU && !(n.role == RoleBackup && h.Started) && !(n.role == RolePrimary && n.started):
 		return wire.RefuseCPU, fmt.Errorf("the guest would see a different CPU: CPUID sha256 %s here, %s on the peer (replicas need the same CPU model and KVM)", short(s.CPU), short(h.CPU))
-	case (n.role == RoleBackup && h.Started && !n.hasState || n.role == RolePrimary && n.started) && (len(h.Disks) > 0 || len(s.Disks) > 0):
-		// A joining backup receives memory and state, not the images.
-		return wire.RefuseDisks, fmt.Errorf("the guest has disks, which a backup joining a running guest does not receive yet: start primary and backup together, each with a copy of the images")
-	case !slices.Equal(h.Disks, s.Disks):
-		return wire.RefuseDisks, fmt.Errorf("different disks: %s", diskDiff(s.Disks, h.Disks))
+	case !slices.EqualFunc(h.Disks, s.Disks, func(a, b wire.Disk) bool { return sameDisk(a, b, joins) }):
+		return wire.RefuseDisks, fmt.Errorf("different disks: %s", diskDiff(s.Disks, h.Disks, joins))
 	case !slices.Equal(h.NICs, s.NICs):
 		return wire.RefuseNICs, fmt.Errorf("different network interfaces: %s", nicDiff(s.NICs, h.NICs))
 	case s.Witness != (Digest{}) && (h.Instance == (Digest{}) || h.Instance == s.Instance):
@@ -660,8 +668,18 @@ func (n *Node) compatible(h wire.Hello) (wire.RefuseReason, error) {
 	return 0, nil
 }
 
+// sameDisk reports whether two replicas' disks match: size, read-only
+// flag and contents; with joins, a read-write image's contents are the
+// primary's to send, not compared.
+func sameDisk(a, b wire.Disk, joins bool) bool {
+	if joins && !a.ReadOnly && !b.ReadOnly {
+		a.Digest = b.Digest
+	}
+	return a == b
+}
+
 // diskDiff says how the disks here and on the peer differ.
-func diskDiff(here, peer []wire.Disk) string {
+func diskDiff(here, peer []wire.Disk, joins bool) string {
 	if len(here) != len(peer) {
 		return fmt.Sprintf("%d here, %d on the peer", len(here), len(peer))
 	}
@@ -678,6 +696,8 @@ func diskDiff(here, peer []wire.Disk) string {
 				return "read-write"
 			}
 			return fmt.Sprintf("disk %d is %s here, %s on the peer", i, ro(a.ReadOnly), ro(b.ReadOnly))
+		case a.Digest != b.Digest && joins:
+			return fmt.Sprintf("read-only disk %d's contents differ: sha256 %x here, %x on the peer (a joining backup receives the read-write images, and needs an identical copy of each read-only one)", i, a.Digest[:6], b.Digest[:6])
 		case a.Digest != b.Digest:
 			return fmt.Sprintf("disk %d's contents differ: sha256 %x here, %x on the peer (each replica needs an identical copy of the image)", i, a.Digest[:6], b.Digest[:6])
 		}

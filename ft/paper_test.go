@@ -969,21 +969,57 @@ func TestHandshakeRefusesOtherDisks(t *testing.T) {
 }
 
 // Rule (ft/doc.go, Handshake): a backup joining a running guest with
-// disks is refused, by the primary and by the backup.
-func TestHandshakeRefusesJoinWithDisks(t *testing.T) {
-	pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
-	pc.Guest.Disks = []wire.Disk{{Size: 1 << 20, Digest: Digest{1}}}
-	bc.Guest.Disks = pc.Guest.Disks
-	p, b := newReplica(t, pc), newReplica(t, bc)
-	p.n.Point(pt(1, 0)) // the guest has run
-	p.n.Connected()
-	b.n.Connected()
-	exchange(p, b)
-	for _, r := range []*replica{p, b} {
-		n, ok := r.hasNote(NoteRefused)
-		if !ok || !contains(n.Err.Error(), "a backup joining a running guest does not receive yet") {
-			t.Fatalf("%v notes %v", r.n.Role(), r.notes)
-		}
+// disks is admitted when its disks have the primary's number, sizes and
+// read-only flags; a read-write image's contents may differ (the primary
+// sends them), a read-only image's may not. The primary asks for the
+// full checkpoint as a join's (Action.Join), and only the joining backup
+// takes disk contents.
+func TestHandshakeJoinWithDisks(t *testing.T) {
+	rw := wire.Disk{Size: 1 << 20, Digest: Digest{1}}
+	ro := wire.Disk{Size: 4096, ReadOnly: true, Digest: Digest{2}}
+	for _, tc := range []struct {
+		name   string
+		backup []wire.Disk
+		refuse string // "" admits
+	}{
+		{"same", []wire.Disk{rw, ro}, ""},
+		{"stale read-write image", []wire.Disk{{Size: rw.Size, Digest: Digest{9}}, ro}, ""},
+		{"size", []wire.Disk{{Size: 2 << 20, Digest: Digest{1}}, ro}, "disk 0 has 1048576 bytes here, 2097152 on the peer"},
+		{"read-only flag", []wire.Disk{{Size: rw.Size, ReadOnly: true, Digest: Digest{1}}, ro}, "disk 0 is read-write here, read-only on the peer"},
+		{"read-only contents", []wire.Disk{rw, {Size: ro.Size, ReadOnly: true, Digest: Digest{3}}}, "read-only disk 1's contents differ"},
+		{"count", []wire.Disk{rw}, "2 here, 1 on the peer"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
+			bc.Join = true
+			pc.Guest.Disks = []wire.Disk{rw, ro}
+			bc.Guest.Disks = tc.backup
+			p, b := newReplica(t, pc), newReplica(t, bc)
+			p.n.Point(pt(1, 0)) // the guest has run
+			p.n.Connected()
+			b.n.Connected()
+			exchange(p, b)
+			if tc.refuse != "" {
+				n, ok := p.hasNote(NoteRefused)
+				if !ok || !contains(n.Err.Error(), tc.refuse) {
+					t.Fatalf("primary notes %v, want a refusal %q", p.notes, tc.refuse)
+				}
+				if b.n.TakesDisks() {
+					t.Fatal("a refused backup takes disk contents")
+				}
+				return
+			}
+			if !p.n.Status().Link || !b.n.Status().Link {
+				t.Fatalf("not admitted: primary %v backup %v", p.n.Status(), b.n.Status())
+			}
+			if !b.n.TakesDisks() || p.n.TakesDisks() {
+				t.Fatalf("TakesDisks: backup %v primary %v, want true, false", b.n.TakesDisks(), p.n.TakesDisks())
+			}
+			a := p.n.Point(kick(2, 0))
+			if a.Kind != ActCheckpoint || !a.Full || !a.Join {
+				t.Fatalf("the primary's next kick point: %v (join %v), want a join's full checkpoint", a, a.Join)
+			}
+		})
 	}
 }
 
@@ -1510,5 +1546,29 @@ func TestHandshakeJoinOnlyWhenAsked(t *testing.T) {
 	p.drain()
 	if _, ok := p.hasNote(NoteRefused); !ok {
 		t.Fatalf("primary notes %v", p.notes)
+	}
+}
+
+// Rule (ft/doc.go, "Disks at a join"): only a backup that joins and has
+// no state yet takes disk contents; to a backup booted with the primary,
+// or to a primary, they are a protocol error.
+func TestDiskDataOnlyForAJoiningBackup(t *testing.T) {
+	pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
+	p, b := newReplica(t, pc), newReplica(t, bc)
+	p.n.Connected()
+	b.n.Connected()
+	exchange(p, b) // the guest has not run: the backup boots with the primary
+	for _, r := range []*replica{b, p} {
+		if r.n.TakesDisks() {
+			t.Fatalf("%v takes disk contents", r.n.Role())
+		}
+		if _, ok := r.hasNote(NoteProtocol); ok {
+			t.Fatalf("%v: a protocol error before the disk contents: %v", r.n.Role(), r.notes)
+		}
+		r.n.Step(wire.DiskData{Data: []byte{1}})
+		r.drain()
+		if _, ok := r.hasNote(NoteProtocol); !ok {
+			t.Fatalf("%v: notes %v, want a protocol error", r.n.Role(), r.notes)
+		}
 	}
 }

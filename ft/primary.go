@@ -249,7 +249,7 @@ func (n *Node) checkpointEpoch() Action {
 	o := &n.op
 	o.full = n.joining || n.repair
 	o.stage = stCheckpointed
-	return Action{Kind: ActCheckpoint, Full: o.full}
+	return Action{Kind: ActCheckpoint, Full: o.full, Join: n.joining}
 }
 
 func (n *Node) sendCheckpoint() {

@@ -230,9 +230,14 @@ type Action struct {
 	Wait   WaitReason // ActWait
 	Events []Event    // ActDeliver
 	Full   bool       // ActCheckpoint, ActInstall
-	State  []byte     // ActInstall
-	Status int        // ActStop
-	Err    error      // ActStop: the replica cannot go on
+	// Join (ActCheckpoint): the full state is for a backup that joins the
+	// running guest; the driver sends the read-write disk images first
+	// (wire.DiskData). ActInstall: this backup is joining, and must have
+	// received them.
+	Join   bool
+	State  []byte // ActInstall
+	Status int    // ActStop
+	Err    error  // ActStop: the replica cannot go on
 }
 
 func (a Action) String() string {

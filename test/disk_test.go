@@ -1,6 +1,7 @@
 package test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -169,9 +170,11 @@ func TestReplicaDisks(t *testing.T) {
 
 // TestReplicaJoinRefusedWithDisks: a primary with a disk that lost its
 // backup is asked to protect itself with a backup that joins the running
-// guest (ctl protect); that backup would not receive the images, so the
-// handshake refuses it with one line on each side. The new backup goes on
-// waiting and the primary finishes the guest unprotected.
+// guest (ctl protect) with an image of another size: the primary's
+// contents cannot be copied onto it, so the handshake refuses it with one
+// line on each side. The new backup goes on waiting and the primary
+// finishes the guest unprotected. (A join with an image of the same size
+// and other contents: TestReplicaJoinWithDisk.)
 func TestReplicaJoinRefusedWithDisks(t *testing.T) {
 	requireKVM(t)
 	const lines = 400
@@ -182,7 +185,7 @@ func TestReplicaJoinRefusedWithDisks(t *testing.T) {
 			}
 		}}
 	img := diskImage(t, "disk.img", 64)
-	b1img, b2img := copyImage(t, img, "b1.img"), copyImage(t, img, "b2.img")
+	b1img, b2img := copyImage(t, img, "b1.img"), diskImage(t, "b2.img", 128)
 	sock := tempSocket(t)
 	b1 := start(t, append([]string{"backup", "--listen", "127.0.0.1:0", "--disk", b1img}, replicaArgs(w)...)...)
 	p := start(t, append([]string{"--log-level", "info", "primary", "--backup", b1.backupAddr(), "--api", sock, "--disk", img}, replicaArgs(w)...)...)
@@ -198,7 +201,7 @@ func TestReplicaJoinRefusedWithDisks(t *testing.T) {
 		// refusal is checked in the logs below.
 		t.Logf("protect: %v", err)
 	}
-	const want = "the guest has disks, which a backup joining a running guest does not receive yet"
+	const want = "different disks: disk 0 has "
 	p.waitUntil("the refusal", func() bool { return strings.Contains(p.stderr(), want) })
 	b2.waitUntil("the refusal", func() bool { return strings.Contains(b2.stderr(), want) })
 	res := p.wait()
@@ -218,4 +221,149 @@ func TestReplicaJoinRefusedWithDisks(t *testing.T) {
 	if len(bl) != 2 || !strings.Contains(bl[1], want) || !strings.Contains(bl[1], "still waiting") {
 		t.Errorf("refused backup: want one line with %q, got:\n%s", want, b2.stderr())
 	}
+}
+
+// recordsImage is the image the disk workload leaves on a zeroed disk of
+// sectors sectors when it runs undisturbed: records 1..records from
+// sector 0 (guest/testos/README.md, "disk"), zeros after them.
+func recordsImage(sectors, records int) []byte {
+	img := make([]byte, sectors*recordSize)
+	for i := 1; i <= records; i++ {
+		copy(img[(i-1)*recordSize:], diskRecord(uint64(i), uint64(records)))
+	}
+	return img
+}
+
+// zeroImage writes a zeroed image of n sectors and returns its path.
+func zeroImage(t testing.TB, name string, sectors int) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), name)
+	if err := os.WriteFile(p, make([]byte, sectors*recordSize), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// waitProtectedAcked waits until the primary at sock holds a backup that
+// acknowledged everything sent so far (the join's full state included).
+func waitProtectedAcked(t *testing.T, sock string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for {
+		st, err := api.NewClient(sock).Status(ctx)
+		if err != nil || st.Replica == nil {
+			t.Fatalf("status: %v", err)
+		}
+		if st.Replica.Protected && st.Replica.LogAcked >= st.Replica.LogSent {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// stopLine is the primary's log line saying how long the join's disk
+// transfer stopped the guest.
+var stopLine = regexp.MustCompile(`sent (\d+) bytes of disk images to the joining backup in (\S+), the guest stopped`)
+
+// TestReplicaJoinWithDisk: a backup joining a running guest with disks
+// (ctl protect) is given a zeroed image of the right size; the primary
+// sends its image with the full state (ft/doc.go, "Checkpoint epochs,
+// repair, re-protection").
+//   - Undisturbed after the join: the primary lost its first backup, a
+//     new one joins, the guest ends; both images are byte for byte the
+//     undisturbed run's (every record from sector 0, zeros after).
+//   - Failovers around the join: the primary is killed, the promoted
+//     backup is joined by a new backup with a zeroed image, then killed
+//     too; the guest finishes on the last replica, whose image is the
+//     undisturbed run's, and the joined console is complete.
+func TestReplicaJoinWithDisk(t *testing.T) {
+	requireKVM(t)
+	// Enough records that the guest still runs through the joins and the
+	// kills (each record is a write and a flush on both replicas).
+	const records, sectors = 2000, 8192 // a 4 MiB image
+	w := diskWorkload(records)
+	want := recordsImage(sectors, records)
+
+	t.Run("undisturbed after the join", func(t *testing.T) {
+		sock := tempSocket(t)
+		pimg, b1img, b2img := zeroImage(t, "p.img", sectors), zeroImage(t, "b1.img", sectors), zeroImage(t, "b2.img", sectors)
+		b1 := start(t, append([]string{"--log-level", "info", "backup", "--listen", "127.0.0.1:0", "--disk", b1img}, replicaArgs(w)...)...)
+		p := start(t, append([]string{"--log-level", "info", "primary", "--backup", b1.backupAddr(), "--api", sock, "--disk", pimg}, replicaArgs(w)...)...)
+		p.waitLines(20)
+		b1.kill()
+		p.waitUntil("the backup lost", func() bool { return strings.Contains(p.stderr(), "running unprotected") })
+		p.waitLines(40) // the primary writes records unprotected
+
+		b2 := start(t, append([]string{"--log-level", "info", "backup", "--listen", "127.0.0.1:0", "--join", "--disk", b2img}, replicaArgs(w)...)...)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := api.NewClient(sock).Protect(ctx, b2.backupAddr()); err != nil {
+			t.Fatalf("protect: %v\nprimary:\n%s", err, p.stderr())
+		}
+		res, bres := p.wait(), b2.wait()
+		if res.status != 0 || bres.status != 0 {
+			t.Fatalf("primary status %d, joined backup %d\nprimary:\n%s\nbackup:\n%s", res.status, bres.status, res.stderr, bres.stderr)
+		}
+		if !strings.Contains(res.stderr, "protected: the backup holds") || !strings.Contains(bres.stderr, "received 4194304 bytes of the primary's disk images") {
+			t.Fatalf("no join with the image\nprimary:\n%s\nbackup:\n%s", res.stderr, bres.stderr)
+		}
+		w.checkComplete(t, res.stdout)
+		if bres.stdout != "" {
+			t.Fatalf("the joined backup printed guest output without a failover:\n%s", bres.stdout)
+		}
+		m := stopLine.FindStringSubmatch(res.stderr)
+		if m == nil || m[1] != "4194304" {
+			t.Fatalf("the primary did not say it sent the 4 MiB image:\n%s", res.stderr)
+		}
+		t.Logf("join: %s bytes of disk image sent in %s with the guest stopped", m[1], m[2])
+		for who, path := range map[string]string{"primary": pimg, "joined backup": b2img} {
+			if got, _ := os.ReadFile(path); !bytes.Equal(got, want) {
+				t.Errorf("the %s's image is not the undisturbed run's: %v", who, badRecords(t, path, 0, records, records))
+			}
+		}
+	})
+
+	t.Run("failovers around the join", func(t *testing.T) {
+		sock := tempSocket(t)
+		pimg, b1img, b2img := zeroImage(t, "p.img", sectors), zeroImage(t, "b1.img", sectors), zeroImage(t, "b2.img", sectors)
+		b1 := start(t, append([]string{"--log-level", "info", "backup", "--listen", "127.0.0.1:0", "--api", sock, "--disk", b1img}, replicaArgs(w)...)...)
+		p1 := start(t, append([]string{"--log-level", "info", "primary", "--backup", b1.backupAddr(), "--disk", pimg}, replicaArgs(w)...)...)
+		p1.waitLines(20)
+		p1.kill()
+		b1.waitUntil("the first failover", func() bool { return strings.Contains(b1.stderr(), "this replica is the primary now") })
+		printed := func(p *proc) int { return strings.Count(p.stdout(), "disk record ") }
+		n := printed(b1)
+		b1.waitUntil("records after the takeover", func() bool { return printed(b1) >= n+20 })
+
+		b2 := start(t, append([]string{"--log-level", "info", "backup", "--listen", "127.0.0.1:0", "--join", "--disk", b2img}, replicaArgs(w)...)...)
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := api.NewClient(sock).Protect(ctx, b2.backupAddr()); err != nil {
+			t.Fatalf("protect: %v\nfirst backup:\n%s", err, b1.stderr())
+		}
+		waitProtectedAcked(t, sock)
+		n = printed(b1)
+		b1.waitUntil("records under the new protection", func() bool { return printed(b1) >= n+20 })
+		b1.kill()
+		res := b2.wait()
+		if res.status != 0 || !strings.Contains(res.stderr, "taking over") {
+			t.Fatalf("joined backup: status %d (a takeover is needed: the guest ended before the second kill?)\n%s", res.status, res.stderr)
+		}
+		b1res := b1.wait()
+		if m := stopLine.FindStringSubmatch(b1res.stderr); m != nil {
+			t.Logf("join: %s bytes of disk image sent in %s with the guest stopped", m[1], m[2])
+		} else {
+			t.Fatalf("the promoted primary did not say it sent the image:\n%s", b1res.stderr)
+		}
+		out, _ := mergeSeam(t, p1.stdout(), b1res)
+		out, _ = mergeSeam(t, out, res)
+		w.checkComplete(t, out)
+		if bad := badRecords(t, b2img, 0, records, records); len(bad) > 0 {
+			t.Fatalf("the last replica's image lacks:\n%s", strings.Join(bad, "\n"))
+		}
+		if got, _ := os.ReadFile(b2img); !bytes.Equal(got, want) {
+			t.Fatal("the last replica's image differs from the undisturbed run's")
+		}
+	})
 }

@@ -156,6 +156,20 @@ func DescribeDisks(disks []Disk) ([]DiskInfo, error) {
 	return out, nil
 }
 
+// DiskImages returns the machine's open disk images, in --disk order. The
+// machine serves the guest's requests on them on the vCPU thread: others
+// may use them only while the vCPU is stopped (a replica sending or
+// receiving images at a join, ft/doc.go).
+func (m *Machine) DiskImages() []*devices.DiskImage {
+	var out []*devices.DiskImage
+	for _, v := range m.virtio {
+		if v.img != nil {
+			out = append(out, v.img)
+		}
+	}
+	return out
+}
+
 // DiskError is a disk image that cannot be used (missing, unreadable, too
 // small, in use).
 type DiskError struct{ Err error }

@@ -25,6 +25,10 @@ func (r *Replica) Connect(conn net.Conn) error {
 	if r.link != nil {
 		return errors.New("replica: a link is up already")
 	}
+	if r.diskCopy {
+		// The checkpoint that ends the transfer would go to this link.
+		return errors.New("replica: the disk images are being sent to a backup whose link closed; try again")
+	}
 	r.connect(newLink(r, conn, nil, nil))
 	r.drain()
 	return nil
@@ -38,6 +42,7 @@ func (r *Replica) connect(l *link) {
 		base = l.rx.Load()
 	}
 	r.lag.reset(base)
+	r.diskRx, r.diskErr = nil, nil // a joining backup's images arrive again
 	r.node.Connected()
 	go l.writer()
 	go l.reader()

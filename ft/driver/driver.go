@@ -125,6 +125,13 @@ type Replica struct {
 
 	net netState // net.go
 
+	// Disks at a join (disks.go): the primary streams its images
+	// (diskCopy); a joining backup receives them (diskRx, diskErr).
+	diskCopy bool
+	diskBusy bool // the link's reader writes a chunk, without the lock
+	diskRx   []diskRx
+	diskErr  error
+
 	// Metrics (lag.go): the log records not yet done with by the other
 	// side, the ticker's last time (ns, the driver's clock) that stamps
 	// them, and how long released outputs were held.
@@ -209,6 +216,7 @@ func (r *Replica) Attach(m Machine) error {
 	r.scratch = make([]uint64, m.BitmapWords())
 	r.accum = make([]uint64, m.BitmapWords())
 	r.mh = mh
+	r.cond.Broadcast() // a joining backup's disk chunks wait for the machine (disks.go)
 	return nil
 }
 
@@ -370,7 +378,9 @@ func (r *Replica) ticker() {
 		r.repostHeld()
 		r.postTimer()
 		if l := r.link; l != nil {
-			if rx := l.rx.Load(); rx != l.rxSeen {
+			if rx := l.rx.Load(); rx != l.rxSeen || r.diskBusy {
+				// A chunk of the primary's image being written here
+				// (disks.go) is a sign of life like bytes arriving.
 				l.rxSeen = rx
 				r.node.Heard()
 			}

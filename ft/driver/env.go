@@ -315,9 +315,20 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 				return a, err
 			}
 			r.prof.capture.add(t, len(blob))
+			if a.Join {
+				// The images as of this state, before it (disks.go).
+				if err := r.sendDisks(); err != nil {
+					return a, err
+				}
+			}
 			a = r.node.Checkpointed(blob)
 		case ft.ActInstall:
 			t := time.Now()
+			if a.Join {
+				if err := r.disksReceived(); err != nil {
+					return a, err
+				}
+			}
 			if err := r.install(a.State); err != nil {
 				return a, err
 			}

@@ -23,7 +23,9 @@ type link struct {
 	mu      sync.Mutex
 	cond    *sync.Cond
 	q       []queued
-	closing bool // close after the queue is sent
+	qBytes  int        // bytes of frames in q
+	space   *sync.Cond // broadcast when the writer takes q, or at closing
+	closing bool       // close after the queue is sent
 
 	rd     *wire.Reader  // the peer's frames, from the first after the handshake's
 	rx     *atomic.Int64 // bytes received
@@ -52,6 +54,7 @@ func newLink(r *Replica, conn net.Conn, rd *wire.Reader, rx *atomic.Int64) *link
 	}
 	l := &link{r: r, conn: conn, rd: rd, rx: rx}
 	l.cond = sync.NewCond(&l.mu)
+	l.space = sync.NewCond(&l.mu)
 	return l
 }
 
@@ -72,6 +75,7 @@ func (l *link) enqueue(q queued) {
 	l.mu.Lock()
 	if !l.closing {
 		l.q = append(l.q, q)
+		l.qBytes += len(q.frame)
 		l.cond.Signal()
 	}
 	l.mu.Unlock()
@@ -127,6 +131,24 @@ func (l *link) wrote(n int64, t time.Time) {
 	l.r.prof.writeBytes.Add(n)
 }
 
+// sendBounded queues frame once fewer than limit bytes are queued, and
+// reports false if the link closes first. It blocks: never call it with
+// the replica's lock held.
+func (l *link) sendBounded(frame []byte, limit int) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for l.qBytes >= limit && !l.closing {
+		l.space.Wait()
+	}
+	if l.closing {
+		return false
+	}
+	l.q = append(l.q, queued{frame: frame})
+	l.qBytes += len(frame)
+	l.cond.Signal()
+	return true
+}
+
 // closeAfterSend closes the connection once what is queued is sent (a
 // refusal, say), or after a second if the peer does not take it.
 func (l *link) closeAfterSend() {
@@ -135,6 +157,7 @@ func (l *link) closeAfterSend() {
 		l.closing = true
 		_ = l.conn.SetWriteDeadline(time.Now().Add(time.Second))
 		l.cond.Signal()
+		l.space.Broadcast()
 	}
 	l.mu.Unlock()
 }
@@ -147,7 +170,8 @@ func (l *link) writer() {
 			l.cond.Wait()
 		}
 		batch, closing := l.q, l.closing
-		l.q = nil
+		l.q, l.qBytes = nil, 0
+		l.space.Broadcast()
 		l.mu.Unlock()
 		if len(batch) > 0 {
 			if err := l.write(batch); err != nil {
@@ -195,6 +219,9 @@ func (l *link) reader() {
 		}
 		r.prof.recvMsg(m)
 		r.node.Step(m)
+		if d, ok := m.(wire.DiskData); ok && r.node.TakesDisks() {
+			r.takeDisk(d)
+		}
 		if a, ok := m.(wire.Ack); ok {
 			r.lag.done(a.Seq)
 		} else if seq := recordSeq(m); seq > 0 && r.node.Role() == ft.RoleBackup {
@@ -219,6 +246,7 @@ func (l *link) broken() {
 	r.mu.Unlock()
 	l.mu.Lock()
 	l.closing = true
-	l.q = nil
+	l.q, l.qBytes = nil, 0
+	l.space.Broadcast()
 	l.mu.Unlock()
 }

@@ -17,11 +17,12 @@ const (
 	TypeCheckpointRequest Type = 9
 	TypeHeartbeat         Type = 10
 	TypeGoodbye           Type = 11
-	typeLimit                  = 12
+	TypeDiskData          Type = 12
+	typeLimit                  = 13
 )
 
 var typeNames = [typeLimit]string{"", "hello", "refuse", "record", "epoch-end", "checkpoint",
-	"output", "performed", "ack", "checkpoint-request", "heartbeat", "goodbye"}
+	"output", "performed", "ack", "checkpoint-request", "heartbeat", "goodbye", "disk-data"}
 
 func (t Type) String() string {
 	if t > 0 && t < typeLimit {
@@ -215,6 +216,23 @@ type Goodbye struct {
 	Status int32
 }
 
+// DiskData is part of a read-write disk image's contents, sent by a
+// primary to a backup that joins its running guest, before the full
+// checkpoint (ft/doc.go, "Checkpoint epochs, repair, re-protection"). A
+// disk's chunks come in order, from offset 0 to its end; the last carries
+// the SHA-256 of the whole image as sent. It is no log record: the full
+// checkpoint that follows it is.
+type DiskData struct {
+	Disk   uint32 // index in Hello.Disks
+	Offset uint64 // bytes from the image's start
+	Last   bool   // the image's last chunk: Digest is set
+	Digest Digest // SHA-256 of the image's contents (with Last)
+	Data   []byte // at most MaxDiskData bytes
+}
+
+// MaxDiskData bounds a DiskData's contents.
+const MaxDiskData = 1 << 20
+
 func (Hello) Type() Type             { return TypeHello }
 func (Refuse) Type() Type            { return TypeRefuse }
 func (Record) Type() Type            { return TypeRecord }
@@ -226,6 +244,7 @@ func (Ack) Type() Type               { return TypeAck }
 func (CheckpointRequest) Type() Type { return TypeCheckpointRequest }
 func (Heartbeat) Type() Type         { return TypeHeartbeat }
 func (Goodbye) Type() Type           { return TypeGoodbye }
+func (DiskData) Type() Type          { return TypeDiskData }
 
 // Bodies: little-endian fixed-width integers, bools as one byte 0 or 1,
 // byte strings and lists as a 32-bit count then the items. Every valid
@@ -477,6 +496,27 @@ func decodeGoodbye(r *reader) Msg {
 	return m
 }
 
+func (m DiskData) appendBody(b []byte) []byte {
+	b = le32(b, m.Disk)
+	b = le64(b, m.Offset)
+	b = append(b, boolByte(m.Last))
+	b = append(b, m.Digest[:]...)
+	return appendBytes(b, m.Data)
+}
+
+func decodeDiskData(r *reader) Msg {
+	var m DiskData
+	m.Disk = r.u32()
+	m.Offset = r.u64()
+	m.Last = r.bool()
+	m.Digest = r.digest()
+	m.Data = r.bytes()
+	if len(m.Data) > MaxDiskData || m.Disk >= MaxDisks {
+		r.bad = true
+	}
+	return m
+}
+
 var decoders = [typeLimit]func(*reader) Msg{
 	TypeHello:             decodeHello,
 	TypeRefuse:            decodeRefuse,
@@ -489,4 +529,5 @@ var decoders = [typeLimit]func(*reader) Msg{
 	TypeCheckpointRequest: decodeCheckpointRequest,
 	TypeHeartbeat:         decodeHeartbeat,
 	TypeGoodbye:           decodeGoodbye,
+	TypeDiskData:          decodeDiskData,
 }

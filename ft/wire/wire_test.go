@@ -51,6 +51,8 @@ func samples() []Msg {
 		Heartbeat{Epoch: 6, Pos: pos},
 		Goodbye{Seq: 8, Status: -1},
 		Goodbye{Seq: 9, Status: 3},
+		DiskData{Disk: 1, Offset: 1 << 20, Data: bytes.Repeat([]byte{0x33}, 4096)},
+		DiskData{Disk: 0, Offset: 512, Last: true, Digest: digest(15), Data: []byte{1, 2, 3}},
 	}
 }
 
@@ -353,4 +355,17 @@ func (w *failingWriter) Write(p []byte) (int, error) {
 	}
 	w.left -= len(p)
 	return len(p), nil
+}
+
+// A DiskData over MaxDiskData bytes, or for a disk past MaxDisks, does
+// not decode.
+func TestDiskDataBounds(t *testing.T) {
+	for _, m := range []DiskData{{Data: make([]byte, MaxDiskData+1)}, {Disk: MaxDisks}} {
+		if _, err := Unmarshal(Marshal(m)); err == nil {
+			t.Errorf("disk %d, %d bytes: decoded", m.Disk, len(m.Data))
+		}
+	}
+	if _, err := Unmarshal(Marshal(DiskData{Disk: MaxDisks - 1, Data: make([]byte, MaxDiskData)})); err != nil {
+		t.Errorf("the largest DiskData: %v", err)
+	}
 }

@@ -1572,3 +1572,100 @@ func TestDiskDataOnlyForAJoiningBackup(t *testing.T) {
 		}
 	}
 }
+
+// The driver captures a checkpoint without its lock, so a repair request
+// can arrive between checkpointEpoch and Checkpointed: the incremental
+// state captured then does not serve it, and the next kick point gives the
+// full state (ft/doc.go, divergence).
+func TestRepairRequestedDuringIncrementalCapture(t *testing.T) {
+	p, b := pair(t, OutputCommit, true)
+	p.n.Async(timer(1))
+	wantAction(t, "primary hash", p.n.Point(pt(4, ms)), ActHash)
+	wantAction(t, "deliver", p.n.Hashed(Digest{1}), ActDeliver)
+	wantGo(t, "", p.n.Continue())
+	b.step(p.drain()...)
+	wantAction(t, "backup hash", b.n.Point(pt(4, 0)), ActHash)
+	wantWait(t, "mismatch", b.n.Hashed(Digest{2}), WaitRepair)
+	fromB := b.drain()
+
+	// An overdue incremental checkpoint begins; the request arrives
+	// while its state is captured.
+	p.n.Async(timer(5))
+	p.n.Tick(5 * ms) // the event is due; a guest without exits is overdue after the kick bound
+	p.n.Tick(20 * ms)
+	a := wantAction(t, "incremental checkpoint", p.n.Point(kick(6, 30*ms)), ActCheckpoint)
+	if a.Full {
+		t.Fatal("no repair was asked for yet")
+	}
+	p.step(fromB...)
+	wantAction(t, "deliver after the checkpoint", p.n.Checkpointed([]byte("INCR")), ActDeliver)
+	wantGo(t, "", p.n.Continue())
+	b.step(p.drain()...)
+	if !p.n.repair {
+		t.Fatal("the incremental checkpoint cleared the repair")
+	}
+	// The next kick point gives the full state.
+	a = wantAction(t, "repair checkpoint", p.n.Point(kick(8, 31*ms)), ActCheckpoint)
+	if !a.Full {
+		t.Fatal("the repair got no full state")
+	}
+	wantGo(t, "", p.n.Checkpointed([]byte("FULL")))
+	var full int
+	for _, m := range ofType[wire.Checkpoint](p.drain()) {
+		if m.Full && string(m.State) == "FULL" {
+			full++
+		}
+	}
+	if full != 1 || p.n.repair {
+		t.Fatalf("%d full checkpoints sent, repair still asked %v", full, p.n.repair)
+	}
+}
+
+// The same for a join: the backup whose link was up when an incremental
+// state began to be captured is lost meanwhile, and a new one joins
+// before the capture ends. The incremental state does not serve a backup
+// that has no state: the joiner is sent nothing, the primary is not
+// protected by it yet, and the next kick point gives the full state with
+// the join's images (Action.Join).
+func TestJoinDuringIncrementalCapture(t *testing.T) {
+	p, _ := pair(t, OutputCommit, false)
+	p.n.Async(timer(1))
+	p.n.Tick(5 * ms)
+	p.n.Tick(20 * ms)
+	a := wantAction(t, "incremental checkpoint", p.n.Point(kick(6, 30*ms)), ActCheckpoint)
+	if a.Full || a.Join {
+		t.Fatalf("checkpoint %v: nobody asked for the full state yet", a)
+	}
+	// Meanwhile: the link to b1 breaks, a new backup connects and joins.
+	p.n.Disconnected()
+	p.drain()
+	b2 := newReplica(t, testConfig(RoleBackup, OutputCommit))
+	p.n.Connected()
+	b2.n.Connected()
+	exchange(p, b2)
+	if s := p.n.Status(); !s.Joining {
+		t.Fatalf("the new backup is not joining: %v", s)
+	}
+	wantAction(t, "deliver after the checkpoint", p.n.Checkpointed([]byte("INCR")), ActDeliver)
+	wantGo(t, "", p.n.Continue())
+	for _, m := range ofType[wire.Checkpoint](p.drain()) {
+		t.Fatalf("the joining backup was sent a checkpoint (full %v, %q)", m.Full, m.State)
+	}
+	if s := p.n.Status(); s.Protected || !s.Joining {
+		t.Fatalf("after the incremental state: %v", s)
+	}
+	a = wantAction(t, "the join's checkpoint", p.n.Point(kick(8, 31*ms)), ActCheckpoint)
+	if !a.Full || !a.Join {
+		t.Fatalf("checkpoint %v: the joiner needs the full state and the images", a)
+	}
+	p.n.Checkpointed([]byte("FULL"))
+	var full int
+	for _, m := range ofType[wire.Checkpoint](p.drain()) {
+		if m.Full && string(m.State) == "FULL" {
+			full++
+		}
+	}
+	if s := p.n.Status(); full != 1 || !s.Protected || s.Joining {
+		t.Fatalf("%d full checkpoints sent; %v", full, s)
+	}
+}

@@ -256,7 +256,12 @@ func (n *Node) sendCheckpoint() {
 	o := &n.op
 	// Events are taken after the capture: they are delivered after it.
 	o.events = n.take()
-	if n.link == linkUp && (n.protected || n.joining) {
+	// A join or a repair asked for while an incremental state was being
+	// captured (the driver captures without its lock) is not served by
+	// it: a joining backup, which has no state, is sent nothing, and
+	// either waits for the full state of the next kick point (Tick asks
+	// for one while joining or repair is set).
+	if n.link == linkUp && (n.protected || n.joining) && (o.full || !n.joining) {
 		n.seq++
 		n.send(wire.Checkpoint{Seq: n.seq, Epoch: n.epoch, Pos: n.pos, Full: o.full, OutSeq: n.outSeq,
 			OutBytes: n.outBytes, Events: o.events, State: o.state})
@@ -267,7 +272,9 @@ func (n *Node) sendCheckpoint() {
 			n.joining, n.protected = false, true
 			n.note(NoteProtected, nil)
 		}
-		n.repair = false
+		if o.full {
+			n.repair = false
+		}
 	}
 	o.state = nil
 	o.stage = stAck

@@ -110,12 +110,15 @@ func (m *Machine) CaptureState(s *snapshot.State) error {
 		what string
 		err  error
 	}{
+		// The events first: without KVM_CAP_EXCEPTION_PAYLOAD,
+		// KVM_GET_VCPU_EVENTS delivers a pending exception's payload
+		// (CR2 of a #PF, DR6 of a #DB) into the registers read after it.
+		{"vCPU events", c.GetVCPUEvents(&v.Events)},
 		{"registers", c.GetRegs(&v.Regs)},
 		{"special registers", c.GetSregs(&v.Sregs)},
 		{"FPU", c.GetFPU(&v.FPU)},
 		{"XSAVE area", c.GetXSave(&v.XSave)},
 		{"XCRs", c.GetXCRs(&v.XCRs)},
-		{"vCPU events", c.GetVCPUEvents(&v.Events)},
 		{"debug registers", c.GetDebugRegs(&v.DebugRegs)},
 		{"MP state", c.GetMPState(&v.MPState)},
 	} {

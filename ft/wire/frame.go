@@ -73,19 +73,33 @@ func WriteFrame(w io.Writer, m Msg, chunk int) (int64, error) {
 	if chunk <= 0 {
 		chunk = 1 << 20
 	}
+	// A checkpoint's state, its last field, is written from where it
+	// is rather than copied into the frame first: only the fields
+	// before it are encoded here.
+	var tail []byte
+	if cp, ok := m.(Checkpoint); ok {
+		tail, cp.State = cp.State, nil
+		m = cp
+	}
 	b := append(make([]byte, 0, HeaderSize+64), magic0, magic1, FrameVersion, byte(m.Type()), 0, 0, 0, 0, 0, 0, 0, 0)
 	b = m.appendBody(b)
-	binary.LittleEndian.PutUint32(b[4:], uint32(len(b)-HeaderSize))
+	if tail != nil {
+		// appendBytes wrote a zero length as the body's last 4 bytes.
+		binary.LittleEndian.PutUint32(b[len(b)-4:], uint32(len(tail)))
+	}
+	binary.LittleEndian.PutUint32(b[4:], uint32(len(b)+len(tail)-HeaderSize))
 	binary.LittleEndian.PutUint32(b[8:], crc32.Checksum(b[:8], castagnoli))
 	var n int64
 	crc := uint32(0)
-	for off := 0; off < len(b); off += chunk {
-		p := b[off:min(off+chunk, len(b))]
-		crc = crc32.Update(crc, castagnoli, p)
-		k, err := w.Write(p)
-		n += int64(k)
-		if err != nil {
-			return n, err
+	for _, part := range [][]byte{b, tail} {
+		for off := 0; off < len(part); off += chunk {
+			p := part[off:min(off+chunk, len(part))]
+			crc = crc32.Update(crc, castagnoli, p)
+			k, err := w.Write(p)
+			n += int64(k)
+			if err != nil {
+				return n, err
+			}
 		}
 	}
 	k, err := w.Write(binary.LittleEndian.AppendUint32(nil, crc))

@@ -332,16 +332,23 @@ func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
 func newPacketConn(t *testing.T, ifname string) *packetConn {
 	t.Helper()
+	return openPacketConn(t, ifname, neEtherType)
+}
+
+// openPacketConn is an AF_PACKET socket on ifname for one EtherType
+// (unix.ETH_P_ALL: every frame).
+func openPacketConn(t *testing.T, ifname string, proto uint16) *packetConn {
+	t.Helper()
 	l, err := netlink.LinkByName(ifname)
 	if err != nil {
 		t.Fatal(err)
 	}
-	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(neEtherType)))
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, int(htons(proto)))
 	if err != nil {
 		t.Fatalf("AF_PACKET socket: %v", err)
 	}
 	t.Cleanup(func() { unix.Close(fd) })
-	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(neEtherType), Ifindex: l.Attrs().Index}); err != nil {
+	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(proto), Ifindex: l.Attrs().Index}); err != nil {
 		t.Fatalf("bind to %s: %v", ifname, err)
 	}
 	// A hang guard on each receive, not a timed assertion: a frame that

@@ -39,53 +39,6 @@ func linkExists(name string) bool {
 	return err == nil
 }
 
-// packetSocket is a raw socket on an interface: what the host sends and
-// receives there.
-type packetSocket struct{ fd int }
-
-func openPacket(t *testing.T, ifname string) *packetSocket {
-	t.Helper()
-	ifi, err := net.InterfaceByName(ifname)
-	if err != nil {
-		t.Fatal(err)
-	}
-	proto := int(htons(unix.ETH_P_ALL))
-	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, proto)
-	if err != nil {
-		t.Fatalf("packet socket: %v", err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifi.Index}); err != nil {
-		unix.Close(fd)
-		t.Fatalf("bind to %s: %v", ifname, err)
-	}
-	tv := unix.NsecToTimeval(int64(200 * time.Millisecond))
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Close(fd) })
-	return &packetSocket{fd}
-}
-
-// send sends a frame out of the interface: to the tap's reader, ftkvm.
-func (s *packetSocket) send(t *testing.T, frame []byte) {
-	t.Helper()
-	if _, err := unix.Write(s.fd, frame); err != nil {
-		t.Fatalf("send a frame: %v", err)
-	}
-}
-
-// await reads frames until one satisfies match, for at most d.
-func (s *packetSocket) await(d time.Duration, match func([]byte) bool) bool {
-	buf := make([]byte, 2048)
-	for end := time.Now().Add(d); time.Now().Before(end); {
-		n, _, err := unix.Recvfrom(s.fd, buf, 0)
-		if err == nil && match(buf[:n]) {
-			return true
-		}
-	}
-	return false
-}
-
 // testFrame is a frame for the guest's MAC from the host.
 func testFrame(dst net.HardwareAddr, seq uint32) []byte {
 	f := make([]byte, 64)
@@ -130,7 +83,7 @@ func TestReplicaNICs(t *testing.T) {
 	if !linkExists(ptap) {
 		t.Fatalf("the primary's tap %s does not exist", ptap)
 	}
-	ps := openPacket(t, ptap)
+	ps := openPacketConn(t, ptap, unix.ETH_P_ALL)
 	for i := range 20 {
 		ps.send(t, testFrame(guestMAC, uint32(i)))
 	}
@@ -163,7 +116,7 @@ func TestReplicaNICs(t *testing.T) {
 	b = start(t, append([]string{"--log-level", "info", "backup", "--listen", "127.0.0.1:0", "--net", "tap=" + btap + ",mac=" + mac}, replicaArgs(w)...)...)
 	p = start(t, append([]string{"--log-level", "info", "primary", "--backup", b.backupAddr(), "--net", "tap=" + ptap + ",mac=" + mac}, replicaArgs(w)...)...)
 	p.waitOutput("echo: ready\n")
-	ps = openPacket(t, ptap)
+	ps = openPacketConn(t, ptap, unix.ETH_P_ALL)
 	for i := range 20 {
 		ps.send(t, testFrame(guestMAC, uint32(i)))
 	}
@@ -177,9 +130,9 @@ func TestReplicaNICs(t *testing.T) {
 	}
 	p.kill()
 	b.waitUntil("its tap", func() bool { return linkExists(btap) })
-	bs := openPacket(t, btap)
+	bs := openPacketConn(t, btap, unix.ETH_P_ALL)
 	var announced []byte
-	if !bs.await(2*time.Second, func(f []byte) bool {
+	if !bs.await(t, 2*time.Second, func(f []byte) bool {
 		if len(f) >= 42 && f[12] == 0x80 && f[13] == 0x35 {
 			announced = bytes.Clone(f)
 			return true
@@ -254,7 +207,7 @@ func TestSnapshotRestoreWithNIC(t *testing.T) {
 	tp := tapName("fts")
 	src := start(t, "--log-level", "info", "run", "--kernel", testosELF, "--mem", "64", "--cmdline", w.cmdline, "--api", sock, "--net", "tap="+tp)
 	src.waitLines(2)
-	ps := openPacket(t, tp)
+	ps := openPacketConn(t, tp, unix.ETH_P_ALL)
 	for i := range 5 {
 		ps.send(t, testFrame(net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, uint32(i)))
 	}
@@ -308,7 +261,7 @@ func TestMigrateWithNIC(t *testing.T) {
 	tp := tapName("ftm")
 	src := start(t, "--log-level", "info", "run", "--kernel", testosELF, "--mem", "64", "--cmdline", w.cmdline, "--api", sock, "--net", "tap="+tp)
 	src.waitLines(2)
-	ps := openPacket(t, tp)
+	ps := openPacketConn(t, tp, unix.ETH_P_ALL)
 	for i := range 5 {
 		ps.send(t, testFrame(net.HardwareAddr{0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, uint32(i)))
 	}
@@ -360,7 +313,7 @@ func TestReplicaReprotectWithNIC(t *testing.T) {
 		t.Fatalf("protect: %v\nfirst backup:\n%s", err, b1.stderr())
 	}
 	b1.waitUntil("protection", func() bool { return strings.Contains(b1.stderr(), "protected: the backup holds") })
-	ps := openPacket(t, b1tap)
+	ps := openPacketConn(t, b1tap, unix.ETH_P_ALL)
 	for i := range 20 {
 		ps.send(t, testFrame(guestMAC, uint32(i)))
 	}

@@ -127,6 +127,18 @@ func (c *packetConn) recvWithin(t *testing.T, d time.Duration) []byte {
 	}
 }
 
+// await takes frames from the guest until one satisfies match, for at
+// most d.
+func (c *packetConn) await(t *testing.T, d time.Duration, match func([]byte) bool) bool {
+	t.Helper()
+	for end := time.Now().Add(d); time.Now().Before(end); {
+		if f := c.recvWithin(t, time.Until(end)); f != nil && match(f) {
+			return true
+		}
+	}
+	return false
+}
+
 // netDrillClient is the client's side of one run.
 type netDrillClient struct {
 	t     *testing.T

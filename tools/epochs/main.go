@@ -117,6 +117,7 @@ type key struct {
 // it is the host's work: exits, devices, the protocol).
 type measure struct {
 	wall, cpu time.Duration
+	ticks     int // timer interrupts (vector 0x20) the guest took; a pair's: their mean
 }
 
 // sample is one replicated run and its round's baselines.
@@ -170,7 +171,7 @@ func run(outDir string, reps int, bin, kernel string) error {
 		}
 	}
 	rs := summarize(samples)
-	table := formatTable(rs, reps, time.Since(start))
+	table := formatTable(rs, reps, time.Since(start)) + formatFits(samples)
 	fmt.Print(table)
 	if err := os.MkdirAll(outDir, 0o755); err != nil {
 		return err
@@ -210,6 +211,7 @@ type result struct {
 	meanEpoch         float64 // ms: that run's guest run time (its vCPU loop's) over its epochs
 	perEpoch          float64 // µs: (replicated - baseline) / epochs, wall time, median over rounds
 	cpuPerEpoch       float64 // µs: the same in CPU time
+	ticks, pairTicks  int     // timer interrupts taken: the median run, a plain run of its round
 
 	atExit, atHalt, byCheckpoint int
 	checkpointMiB                float64
@@ -245,6 +247,7 @@ func summarize(samples map[key][]sample) []result {
 				})
 				m := ss[len(ss)/2]
 				r.ft, r.pair = m.ft.wall, m.pair.wall
+				r.ticks, r.pairTicks = m.ft.ticks, m.pair.ticks
 				r.epochs = m.info.epochs
 				if m.info.epochs > 0 {
 					r.meanEpoch = m.info.guestWall.Seconds() * 1e3 / float64(m.info.epochs)
@@ -366,6 +369,17 @@ func (l lockedBuffer) Write(p []byte) (int, error) {
 	return l.b.Write(p)
 }
 
+// ticksOf reads the timer interrupts (IRQ 0 at vector 0x20, testos's
+// PIC base) from --exit-stats output.
+func ticksOf(stderr string) int {
+	m := timerVec.FindStringSubmatch(stderr)
+	if m == nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(m[1])
+	return n
+}
+
 func cpuOf(p *proc) time.Duration {
 	if p.cmd.ProcessState == nil {
 		return 0
@@ -377,7 +391,7 @@ func cpuOf(p *proc) time.Duration {
 func (x *experiment) plainPair(w workload) (measure, error) {
 	var ps [2]*proc
 	for i := range ps {
-		p, err := x.start(append([]string{"run"}, x.guest(w)...)...)
+		p, err := x.start(append([]string{"run", "--exit-stats"}, x.guest(w)...)...)
 		if err != nil {
 			return measure{}, err
 		}
@@ -392,6 +406,7 @@ func (x *experiment) plainPair(w workload) (measure, error) {
 		}
 		m.wall = max(m.wall, d)
 		m.cpu += cpuOf(p)
+		m.ticks += ticksOf(p.errText()) / len(ps)
 	}
 	return m, firstErr
 }
@@ -400,6 +415,7 @@ var (
 	waitingOn = regexp.MustCompile(`waiting for its primary on (\S+)`)
 	profile   = regexp.MustCompile(`replica profile \(primary\): (\d+) epochs, \d+ ended by a checkpoint \(([0-9.]+) MiB\)`)
 	guestWall = regexp.MustCompile(`exit profile: (\S+) wall`)
+	timerVec  = regexp.MustCompile(`by vector: [^)]*\b0x20:(\d+)`)
 	ends      = regexp.MustCompile(`epoch ends sent: (\d+) at an exit, (\d+) at a halt, (\d+) by a checkpoint at a kick`)
 )
 
@@ -462,7 +478,7 @@ func (x *experiment) replicatedOnce(w workload, policy string, l time.Duration) 
 	case <-time.After(time.Minute):
 		return measure{}, runInfo{}, fmt.Errorf("the backup did not end with its primary:\n%s", b.errText())
 	}
-	m := measure{wall: d, cpu: cpuOf(p) + cpuOf(b)}
+	m := measure{wall: d, cpu: cpuOf(p) + cpuOf(b), ticks: ticksOf(p.errText())}
 	var info runInfo
 	text := p.errText()
 	if !strings.Contains(text, "replica stopped: primary, protected") {
@@ -488,15 +504,61 @@ func formatTable(rs []result, reps int, took time.Duration) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "Measured %s, %d rounds in %.1f minutes: `go run ./tools/epochs -reps %d`.\n\n",
 		time.Now().UTC().Format("2006-01-02 15:04 MST"), reps, took.Minutes(), reps)
-	fmt.Fprintf(&b, "| workload | policy | `--epoch-length` | wall time / baseline: median (min–max) | CPU time / baseline: median (min–max) | epochs | mean epoch (ms) | cost per epoch, wall / CPU (µs) | epoch ends: exit / halt / checkpoint (MiB) |\n")
-	fmt.Fprintf(&b, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+	fmt.Fprintf(&b, "| workload | policy | `--epoch-length` | wall time / baseline: median (min–max) | CPU time / baseline: median (min–max) | epochs | mean epoch (ms) | cost per epoch, wall / CPU (µs) | epoch ends: exit / halt / checkpoint (MiB) | timer interrupts: replicated / plain |\n")
+	fmt.Fprintf(&b, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
 	for _, r := range rs {
-		fmt.Fprintf(&b, "| %s (%s) | %s | %v | %.2f (%.2f–%.2f; %.2f s / %.2f s) | %.2f (%.2f–%.2f) | %d | %.2f | %.0f / %.0f | %d / %d / %d (%.1f) |\n",
+		fmt.Fprintf(&b, "| %s (%s) | %s | %v | %.2f (%.2f–%.2f; %.2f s / %.2f s) | %.2f (%.2f–%.2f) | %d | %.2f | %.0f / %.0f | %d / %d / %d (%.1f) | %d / %d |\n",
 			r.workload, kindOf(r.workload), r.policy, r.length, r.ratio, r.lo, r.hi, r.ft.Seconds(), r.pair.Seconds(),
 			r.cpu, r.cpuLo, r.cpuHi, r.epochs, r.meanEpoch, r.perEpoch, r.cpuPerEpoch,
-			r.atExit, r.atHalt, r.byCheckpoint, r.checkpointMiB)
+			r.atExit, r.atHalt, r.byCheckpoint, r.checkpointMiB, r.ticks, r.pairTicks)
 	}
 	return b.String()
+}
+
+// formatFits: per workload and policy, a least-squares line through all
+// replicated runs (every length, every round) of a time against the
+// run's epochs. Its slope is the cost of one epoch measured without the
+// plain baseline: what an epoch end adds, whatever the host's load did
+// to the runs' other work.
+func formatFits(samples map[key][]sample) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "\nCost per epoch fitted over every replicated run of a workload and policy (time = a + b × epochs, least squares):\n\n")
+	fmt.Fprintf(&b, "| workload | policy | runs | b: CPU time of both processes (µs per epoch) | r² | b: the primary's vCPU loop time (µs per epoch) | r² |\n")
+	fmt.Fprintf(&b, "| --- | --- | --- | --- | --- | --- | --- |\n")
+	for _, w := range workloads {
+		for _, pol := range policies {
+			var ep, cpu, loop []float64
+			for _, l := range lengths {
+				for _, s := range samples[key{w.name, pol, l}] {
+					ep = append(ep, float64(s.info.epochs))
+					cpu = append(cpu, s.ft.cpu.Seconds()*1e6)
+					loop = append(loop, s.info.guestWall.Seconds()*1e6)
+				}
+			}
+			if len(ep) < 3 {
+				continue
+			}
+			bc, rc := fit(ep, cpu)
+			bl, rl := fit(ep, loop)
+			fmt.Fprintf(&b, "| %s (%s) | %s | %d | %.0f | %.2f | %.0f | %.2f |\n", w.name, w.kind, pol, len(ep), bc, rc, bl, rl)
+		}
+	}
+	return b.String()
+}
+
+// fit returns the least-squares slope of y on x and the r².
+func fit(x, y []float64) (slope, r2 float64) {
+	n := float64(len(x))
+	var sx, sy, sxx, sxy, syy float64
+	for i := range x {
+		sx, sy = sx+x[i], sy+y[i]
+		sxx, sxy, syy = sxx+x[i]*x[i], sxy+x[i]*y[i], syy+y[i]*y[i]
+	}
+	vx, vy, cxy := sxx-sx*sx/n, syy-sy*sy/n, sxy-sx*sy/n
+	if vx == 0 || vy == 0 {
+		return 0, 0
+	}
+	return cxy / vx, cxy * cxy / (vx * vy)
 }
 
 func kindOf(name string) string {

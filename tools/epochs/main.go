@@ -304,6 +304,7 @@ type proc struct {
 	first    chan time.Time // the guest's first console line
 	done     chan error
 	started  time.Time
+	ended    time.Time // set before done is sent
 	firstOne sync.Once
 }
 
@@ -326,7 +327,9 @@ func (x *experiment) start(args ...string) (*proc, error) {
 			}
 		}
 		_, _ = io.Copy(io.Discard, stdout)
-		p.done <- p.cmd.Wait()
+		err := p.cmd.Wait()
+		p.ended = time.Now()
+		p.done <- err
 	}()
 	return p, nil
 }
@@ -342,20 +345,24 @@ func (p *proc) errText() string {
 // handshake are in it, the same for every configuration of a workload.
 // (Timing from the guest's first line instead was distorted: under
 // output-commit that line leaves only once acknowledged.)
+// It may be called after the process ended (the second of a pair).
 func (p *proc) timed() (time.Duration, error) {
-	t0 := p.started
+	var err error
 	select {
-	case <-p.first:
-	case err := <-p.done:
-		return 0, fmt.Errorf("ftkvm ended before the guest printed (%v):\n%s", err, p.errText())
+	case err = <-p.done:
 	case <-time.After(5 * time.Minute):
 		p.cmd.Process.Kill()
 		return 0, errors.New("ftkvm hung")
 	}
-	if err := <-p.done; err != nil {
+	select {
+	case <-p.first:
+	default:
+		return 0, fmt.Errorf("ftkvm ended before the guest printed (%v):\n%s", err, p.errText())
+	}
+	if err != nil {
 		return 0, fmt.Errorf("ftkvm: %v\n%s", err, p.errText())
 	}
-	return time.Since(t0), nil
+	return p.ended.Sub(p.started), nil
 }
 
 type lockedBuffer struct {

@@ -6,7 +6,7 @@ BIN      := bin/ftkvm
 TESTOS   := guest/testos/testos.elf
 WORKLOAD ?= counter
 
-.PHONY: all build testos run boot test race deps deps-build vet clean bench
+.PHONY: all build testos run boot test race deps deps-build vet clean bench epochs
 
 all: build testos
 
@@ -58,6 +58,11 @@ race:
 
 bench: all
 	$(GO) test -run '^$$' -bench . -benchtime 1x ./vmm/ ./test/
+
+# The epoch-length experiment: docs/epochs.png and the table in
+# docs/epochs.md (about 6 minutes; docs/epochs.md says how to read it).
+epochs: testos
+	$(GO) run ./tools/epochs -reps 3
 
 clean:
 	rm -rf bin

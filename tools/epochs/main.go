@@ -549,9 +549,16 @@ func redraw(outDir string) error {
 	if err != nil {
 		return err
 	}
-	reps := 0
-	var rs []result
-	for _, line := range strings.Split(string(b), "\n") {
+	rs, reps, err := parseTable(string(b))
+	if err != nil {
+		return err
+	}
+	return drawPlot(rs, reps, filepath.Join(outDir, "epochs.png"))
+}
+
+// parseTable reads back what drawPlot needs from formatTable's rows.
+func parseTable(text string) (rs []result, reps int, err error) {
+	for _, line := range strings.Split(text, "\n") {
 		if m := roundsRe.FindStringSubmatch(line); m != nil && reps == 0 {
 			reps, _ = strconv.Atoi(m[1])
 		}
@@ -561,7 +568,7 @@ func redraw(outDir string) error {
 		}
 		l, err := time.ParseDuration(m[4])
 		if err != nil {
-			return fmt.Errorf("epochs.md: %q: %w", line, err)
+			return nil, 0, fmt.Errorf("epochs.md: %q: %w", line, err)
 		}
 		f := func(i int) float64 { v, _ := strconv.ParseFloat(m[i], 64); return v }
 		r := result{key: key{m[1], m[3], l}, ratio: f(5), lo: f(6), hi: f(7), cpu: f(8), cpuLo: f(9), cpuHi: f(10), meanEpoch: f(12)}
@@ -569,9 +576,9 @@ func redraw(outDir string) error {
 		rs = append(rs, r)
 	}
 	if len(rs) == 0 {
-		return errors.New("epochs.md has no table rows")
+		return nil, 0, errors.New("epochs.md has no table rows")
 	}
-	return drawPlot(rs, reps, filepath.Join(outDir, "epochs.png"))
+	return rs, reps, nil
 }
 
 // formatFits: per workload and policy, a least-squares line through all
@@ -636,7 +643,7 @@ func kindOf(name string) string {
 // legend is below them, off the data.
 func drawPlot(rs []result, reps int, path string) error {
 	wall := plot.New()
-	wall.Title.Text = fmt.Sprintf("Replication overhead against epoch length (exit clock; median of %d runs, bars min–max, cut at 3)", reps)
+	wall.Title.Text = fmt.Sprintf("Replication overhead against epoch length (exit clock; median of %d runs, bars min–max, cut at 3;\nthe series drawn side by side around each length)", reps)
 	wall.Y.Label.Text = "wall time / two plain runs side by side"
 	cpu := plot.New()
 	cpu.Title.Text = "Host CPU time of the two processes (the guest's own time is not in it)"
@@ -685,19 +692,23 @@ func drawPlot(rs []result, reps int, path string) error {
 		color.RGBA{R: 0x94, G: 0x67, B: 0xbd, A: 0xff}, color.RGBA{R: 0x8c, G: 0x56, B: 0x4b, A: 0xff},
 	}
 	i := 0
+	series := len(workloads) * len(policies)
 	for _, w := range workloads {
 		for _, pol := range policies {
+			// Each series a little to the side of the length it was run
+			// at, so that the bars of one length do not cover each other.
+			shift := math.Pow(1.06, float64(i)-float64(series-1)/2)
 			var wpts, cpts errXYs
 			var ach plotter.XYs
 			for _, r := range rs {
 				if r.workload != w.name || r.policy != pol {
 					continue
 				}
-				x := float64(r.length) / 1e6
+				x := float64(r.length) / 1e6 * shift
 				wpts = append(wpts, errXY{x: x, y: r.ratio, lo: r.ratio - r.lo, hi: r.hi - r.ratio})
 				cpts = append(cpts, errXY{x: x, y: r.cpu, lo: r.cpu - r.cpuLo, hi: r.cpuHi - r.cpu})
 				if r.meanEpoch > 0 {
-					ach = append(ach, plotter.XY{X: x, Y: r.meanEpoch})
+					ach = append(ach, plotter.XY{X: x / shift, Y: r.meanEpoch})
 				}
 			}
 			if len(wpts) == 0 {

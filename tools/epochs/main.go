@@ -2,7 +2,8 @@
 // Schneider, section 4): the cost of replication against the epoch length,
 // for a CPU-bound and an I/O-bound guest, under both output policies.
 //
-//	go run ./tools/epochs [-out docs] [-reps 3]
+//	go run ./tools/epochs [-out docs] [-reps 3]   # or: make epochs
+//	go run ./tools/epochs -replot                 # redraw the figure from the table
 //
 // The clock is the exit clock (`--epoch exits`, ftkvm's default), whose
 // epoch length is `--epoch-length` (time): the guest runs natively between
@@ -12,25 +13,28 @@
 // ring 3 (guest/testos/README.md):
 //
 //   - compute (CPU-bound): one task hashes a stream of MiB, a second prints
-//     a line per second of guest time; the guest makes almost no exits, so
-//     its epochs end by a kick and a checkpoint (ft/doc.go, the kick bound);
+//     a line every second of guest time; the guest makes almost no exits,
+//     so its epochs end by a kick and a checkpoint (ft/doc.go, the kick
+//     bound);
 //   - counter with wait=0 (I/O-bound): a line per loop, each a write
-//     syscall and a UART transmission, thousands of exits a second; its
-//     epochs end at an exit.
+//     syscall and a UART transmission, thousands of exits a second;
+//   - the same counter with the primary in verify mode (see workloads).
 //
 // Each round runs, per workload, two plain `ftkvm run`s side by side (the
-// baseline: a replicated pair runs two guests, one per process, on this
-// host's two cores, so against one plain run it would measure that
-// doubled load as much as the protocol), then every replicated configuration (primary and backup on this
-// machine, over loopback), in ascending length order in even rounds and
-// descending in odd ones, so that a drift of the host's load does not
-// fall on one end of the curve. A replicated run's ratio is its time over
-// the same round's baseline; each point is the median of the rounds'
-// ratios, with their minimum and maximum. Runs are timed from process
-// start to end; the CPU time is the processes' user and system time
-// (primary and backup, or both plain runs), which on a host shared with
-// other work is far steadier than the wall time. The table goes to stdout and OUT/epochs.md (between the
-// markers, if the file has them), the plot to OUT/epochs.png.
+// baseline: a replicated pair runs two guests, one per process, so on a
+// two-core host against one plain run it would measure that doubled load
+// as much as the protocol), then every replicated configuration (primary
+// and backup on this machine, over loopback), in ascending length order
+// in even rounds and descending in odd ones, so that a drift of the
+// host's load does not fall on one end of the curve. A replicated run's
+// ratio is its time over the same round's baseline; each point is the
+// median of the rounds' ratios, with their minimum and maximum. Runs are
+// timed from process start to end; the CPU time is the processes' user
+// and system time (primary and backup, or both plain runs), which on a
+// host shared with other work is far steadier than the wall time. The
+// table goes to stdout and OUT/epochs.md (between the markers, if the
+// file has them), the plot to OUT/epochs.png. docs/epochs.md explains
+// the figures.
 package main
 
 import (

@@ -42,7 +42,7 @@ func BenchmarkBlockRequest(b *testing.B) {
 			}
 			b.StopTimer()
 			if mem.b[statusAt] != VIRTIO_BLK_S_OK || blk.IOErrors != 0 {
-				b.Fatalf("status %d, counters %+v", mem.b[statusAt], *blk)
+				b.Fatalf("status %d, counters %+v", mem.b[statusAt], blk.BlockCounters)
 			}
 		})
 	}

@@ -170,13 +170,14 @@ type fakeTarget struct {
 	frames int
 }
 
-func (f *fakeTarget) TimerDeadline() (int64, bool) { return 0, false }
-func (f *fakeTarget) FireTimer(int64)              {}
-func (f *fakeTarget) RxSpace() int                 { return 0 }
-func (f *fakeTarget) Receive(byte)                 {}
-func (f *fakeTarget) ReceiveFrame(int, []byte)     { f.mu.Lock(); f.frames++; f.mu.Unlock() }
-func (f *fakeTarget) Pending() bool                { return false }
-func (f *fakeTarget) Wake() <-chan struct{}        { return nil }
+func (f *fakeTarget) TimerDeadline() (int64, bool)           { return 0, false }
+func (f *fakeTarget) FireTimer(int64)                        {}
+func (f *fakeTarget) RxSpace() int                           { return 0 }
+func (f *fakeTarget) Receive(byte)                           {}
+func (f *fakeTarget) ReceiveFrame(int, []byte)               { f.mu.Lock(); f.frames++; f.mu.Unlock() }
+func (f *fakeTarget) Pending() bool                          { return false }
+func (f *fakeTarget) CompleteDisk(int, uint64) (uint8, bool) { return 0, false }
+func (f *fakeTarget) Wake() <-chan struct{}                  { return nil }
 
 // The LiveEnv holds at most LiveFramesQueued frames; more are dropped and
 // counted. A source that fails reports it.

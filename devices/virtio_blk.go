@@ -20,7 +20,7 @@ import (
 //
 // Requests are served off the vCPU thread, and their completion is an
 // event the environment delivers, so that its moment is replayable
-// (docs/REPLICATION.md, "Disk requests"):
+// (docs/REPLICATION.md, "Disks"):
 //
 //   - At the guest's QueueNotify (vCPU thread) the device pops available
 //     chains while it has a free slot (BlockSlots; the others wait in the

@@ -253,6 +253,7 @@ type Block struct {
 	work    chan int  // slots for the I/O goroutine; nil without SetAsync
 	stopped chan struct{}
 	hook    func(seq uint64, status byte)
+	hold    bool // Notify completes but takes no request (SetHold)
 
 	unhandled uint64
 	BlockCounters
@@ -391,7 +392,7 @@ func (b *Block) WriteConfig(offset uint64, data []byte) { b.unhandled++ }
 // take available requests while a slot is free.
 func (b *Block) Notify(index int, q *Queue, mem GuestMemory) (bool, error) {
 	used := b.complete(q, mem)
-	for {
+	for !b.hold {
 		slot := b.freeSlot()
 		if slot < 0 {
 			return used, nil
@@ -421,7 +422,14 @@ func (b *Block) Notify(index int, q *Queue, mem GuestMemory) (bool, error) {
 		b.mu.Unlock()
 		b.work <- slot // never blocks: at most BlockSlots are queued
 	}
+	return used, nil
 }
+
+// SetHold makes Notify complete the delivered requests without taking
+// available ones (true), or take them again (false): a capture settles
+// the requests in flight without starting others, which a replica whose
+// own image must see them submits itself after installing the state.
+func (b *Block) SetHold(h bool) { b.hold = h }
 
 // freeSlot is a free slot's index, or -1.
 func (b *Block) freeSlot() int {

@@ -112,6 +112,7 @@ func (n *Node) backupPoint() Action {
 			m := n.log[0].(wire.EpochEnd)
 			o.stage = stDelivered
 			if len(m.Events) > 0 {
+				o.woke = true
 				return Action{Kind: ActDeliver, Events: m.Events}
 			}
 
@@ -236,7 +237,11 @@ func (n *Node) checkpointHead(m wire.Checkpoint) Action {
 		if m.Pos.Less(o.pt.Pos) {
 			return n.diverge(errorf("%w: at %v, past the primary's checkpoint at %v", ErrDivergence, o.pt.Pos, m.Pos))
 		}
-		if o.kind == opPoint && o.pt.Pos.Less(m.Pos) {
+		if o.pt.Pos.Less(m.Pos) && (o.kind == opPoint || o.woke) {
+			// Also in Halt when this call delivered events: they woke
+			// the guest here, as they woke the primary's, which ran on
+			// to the checkpoint's position (a disk completion, then the
+			// next request: its exits must execute here too).
 			return goAction
 		}
 	}

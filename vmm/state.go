@@ -309,6 +309,9 @@ func (m *Machine) Install(s *snapshot.State) error {
 			return fmt.Errorf("install: %w", err)
 		}
 	}
+	// Requests waiting in the rings are taken here, as the captured
+	// machine took them after its capture (SettleDisks).
+	m.ServiceDisks()
 	// Run starts with a kick point, so the environment sees the installed
 	// timer deadline before the guest runs.
 	m.installed = true
@@ -353,7 +356,8 @@ type CheckpointOptions struct {
 // CheckpointWith is Checkpoint with options.
 //
 // It settles the disks first (SettleDisks): a caller that reads the dirty
-// log before (a replica's verify hash) settles them before that.
+// log before (a replica's verify hash) settles them before that. The
+// caller calls ServiceDisks once the capture is done.
 func (m *Machine) CheckpointWith(cp *Checkpoint, o CheckpointOptions) error {
 	if !m.quiescent {
 		return errNotQuiescent

@@ -258,29 +258,54 @@ func (m *Machine) WaitDisk(disk int, seq uint64) {
 
 // SettleDisks waits for every disk request in flight and completes them
 // all in the guest now, in each disk's sequence order; those a driver not
-// ready (or waiting for a reset) cannot take are dropped. Then no request
-// is in flight and the images hold every write the guest submitted. A
-// capture calls it first (devices/virtio_blk.go); completions the
-// environment delivers later for these requests do nothing. vCPU thread,
-// at a quiescent point.
+// ready (or waiting for a reset) cannot take are dropped. It takes no
+// request waiting in the rings: then no request is in flight, and the
+// images hold every write the guest submitted. A capture calls it first
+// (devices/virtio_blk.go); completions the environment delivers later for
+// these requests do nothing. Once the capture is done (and a join's
+// images copied), ServiceDisks takes the waiting requests; a machine the
+// state is installed into does the same at the end of Install, at the
+// same point of the guest's execution. vCPU thread, at a quiescent point.
 func (m *Machine) SettleDisks() {
 	for _, v := range m.virtio {
-		if v.blk != nil && v.blk.Busy() > 0 {
-			v.blk.Settle()
+		if v.blk == nil || v.blk.Busy() == 0 {
+			continue
+		}
+		v.blk.Settle()
+		v.blk.SetHold(true)
+		v.t.Service(0)
+		v.blk.SetHold(false)
+		v.blk.Drop()
+	}
+}
+
+// ServiceDisks has each disk take the requests waiting in its ring (after
+// a capture, SettleDisks). vCPU thread, or before Run.
+func (m *Machine) ServiceDisks() {
+	for _, v := range m.virtio {
+		if v.blk != nil {
 			v.t.Service(0)
-			v.blk.Drop()
 		}
 	}
 }
 
-// SettleDisksAlone is SettleDisks for a machine whose delivery points no
-// other run follows (its environment is not ExactPoints): settling at a
-// control request is a point another replica would not find. A replica's
-// machine settles only at its checkpoints; a snapshot of it with requests
-// in flight is refused (CaptureState) and can be tried again.
+// SettleDisksAlone is, for a machine whose delivery points no other run
+// follows (its environment is not ExactPoints), SettleDisks repeated with
+// ServiceDisks until no request is in flight or waiting: the state then
+// has none, and the image, which goes with the state (a snapshot, a
+// migration), holds all their writes. A replica's machine settles only at
+// its checkpoints: a snapshot of it with requests in flight is refused
+// (CaptureState) and can be tried again. vCPU thread, quiescent.
 func (m *Machine) SettleDisksAlone() {
 	if ep, ok := m.env.(ExactPoints); ok && ep.ExactPoints() {
 		return
+	}
+	for range 256 / devices.BlockSlots * 2 {
+		m.SettleDisks()
+		m.ServiceDisks()
+		if !m.disksBusy() {
+			return
+		}
 	}
 	m.SettleDisks()
 }

@@ -324,6 +324,10 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 					return a, err
 				}
 			}
+			// Disk requests waiting in the rings are taken now, after
+			// the capture settled those in flight: a backup installing
+			// the state takes them at the same point (vmm.SettleDisks).
+			r.m.ServiceDisks()
 			a = r.node.Checkpointed(blob)
 		case ft.ActInstall:
 			t := time.Now()

@@ -36,10 +36,12 @@ type Machine interface {
 	Install(s *snapshot.State) error
 
 	// SettleDisks completes the disk requests in flight (a capture's
-	// first step); WaitDisk waits for one to be performed, from any
+	// first step); ServiceDisks takes those waiting (once the capture and
+	// a join's images are sent); WaitDisk waits for one to be performed, from any
 	// goroutine; DiskInFlight lists those performed and not delivered,
 	// from any goroutine (vmm.Machine).
 	SettleDisks()
+	ServiceDisks()
 	WaitDisk(disk int, seq uint64)
 	DiskInFlight(fn func(vmm.DiskCompletion))
 

@@ -226,8 +226,9 @@ func (n *Node) epochEndHead(m wire.EpochEnd) (Action, bool) {
 // replicas: device requests take effect at exits, and what they write
 // outside guest memory (a disk image, docs/DEVICES.md) is in no
 // checkpoint. The pages the backup wrote are among those the checkpoint
-// carries. Installing needs a quiescent vCPU: at a kick point or in Halt;
-// at an exit, yield first.
+// carries. Installing needs a quiescent vCPU: at a kick point or in Halt
+// (unless this Halt delivered events: they woke the guest, which runs on
+// to the position first); at an exit, yield first.
 func (n *Node) checkpointHead(m wire.Checkpoint) Action {
 	o := &n.op
 	if !m.Full {

@@ -120,10 +120,14 @@
 // write outside guest memory (a disk image) is in no checkpoint. The
 // primary's capture first completes the disk requests in flight
 // (vmm.Machine.SettleDisks), so that a state has none; the backup, which
-// submitted the same ones, drops its own once performed when it installs. It installs at a
-// kick point or in Halt; at an exit it yields (ActYield) to get a kick
-// point first. Events of a checkpoint epoch are delivered after the
-// install, on both sides.
+// submitted the same ones, drops its own once performed when it installs.
+// Requests waiting in the rings are taken after the capture (and a join's
+// image copy) on the primary, and at the end of the install on the
+// backup: the same point. The backup installs at a kick point or in Halt
+// (but a Halt whose epoch end delivered events woke the guest, as it woke
+// the primary's, which ran on: the backup runs on to the position too); at
+// an exit it yields (ActYield) to get a kick point first. Events of a
+// checkpoint epoch are delivered after the install, on both sides.
 //
 // Verify mode: each EpochEnd carries the primary's state hash, taken at
 // the boundary before delivery; the backup compares its own. Any mismatch

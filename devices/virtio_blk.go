@@ -47,7 +47,11 @@ import (
 //   - Captures (checkpoints, snapshots, migration) Settle first: wait for
 //     the I/O goroutine and complete every request in flight at the
 //     capture point, in sequence order, so that a state never has requests
-//     in flight and the image holds all their writes. An install Drops
+//     in flight and the image holds all their writes. Chains waiting in
+//     the available ring are not taken then (SetHold): a replica's backup,
+//     which performs the requests on its own image, takes them after
+//     installing the state, where the primary takes them after its
+//     capture (vmm.Machine.SettleDisks, ServiceDisks). An install Drops
 //     the requests in flight (once performed): the installed state has
 //     their completions. A completion delivered for a request no longer
 //     in flight does nothing.

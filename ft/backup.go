@@ -112,6 +112,7 @@ func (n *Node) backupPoint() Action {
 			m := n.log[0].(wire.EpochEnd)
 			o.stage = stDelivered
 			if len(m.Events) > 0 {
+				o.woke = true
 				return Action{Kind: ActDeliver, Events: m.Events}
 			}
 
@@ -225,8 +226,9 @@ func (n *Node) epochEndHead(m wire.EpochEnd) (Action, bool) {
 // replicas: device requests take effect at exits, and what they write
 // outside guest memory (a disk image, docs/DEVICES.md) is in no
 // checkpoint. The pages the backup wrote are among those the checkpoint
-// carries. Installing needs a quiescent vCPU: at a kick point or in Halt;
-// at an exit, yield first.
+// carries. Installing needs a quiescent vCPU: at a kick point or in Halt
+// (unless this Halt delivered events: they woke the guest, which runs on
+// to the position first); at an exit, yield first.
 func (n *Node) checkpointHead(m wire.Checkpoint) Action {
 	o := &n.op
 	if !m.Full {
@@ -236,7 +238,11 @@ func (n *Node) checkpointHead(m wire.Checkpoint) Action {
 		if m.Pos.Less(o.pt.Pos) {
 			return n.diverge(errorf("%w: at %v, past the primary's checkpoint at %v", ErrDivergence, o.pt.Pos, m.Pos))
 		}
-		if o.kind == opPoint && o.pt.Pos.Less(m.Pos) {
+		if o.pt.Pos.Less(m.Pos) && (o.kind == opPoint || o.woke) {
+			// Also in Halt when this call delivered events: they woke
+			// the guest here, as they woke the primary's, which ran on
+			// to the checkpoint's position (a disk completion, then the
+			// next request: its exits must execute here too).
 			return goAction
 		}
 	}

@@ -51,7 +51,9 @@
 //     events too: at most MaxPendingFrames wait for an epoch end, and
 //     more are dropped and counted (Status.FramesDropped), as a full
 //     network card drops them, so a flood grows neither memory nor the
-//     epoch end's record.
+//     epoch end's record. Disk completions (wire.KindDiskDone) are
+//     events the primary's own disks cause: never dropped, and bounded by
+//     the requests in flight (devices.BlockSlots per disk).
 //   - P2 (p2EndEpoch): at the epoch's end it sends the events (EpochEnd),
 //     waits for the ack as the policy requires, delivers them and starts
 //     the next epoch.
@@ -114,11 +116,18 @@
 // quiescent (KVM holds no half-done instruction) and the position exact.
 // The backup first runs to an incremental checkpoint's position (the count
 // at the primary's last exit), so that every exit of the epoch executes on
-// both replicas: device requests take effect at exits, and what they write
-// outside guest memory (a disk image) is in no checkpoint. It installs at a
-// kick point or in Halt; at an exit it yields (ActYield) to get a kick
-// point first. Events of a checkpoint epoch are delivered after the
-// install, on both sides.
+// both replicas: device requests are submitted at exits, and what they
+// write outside guest memory (a disk image) is in no checkpoint. The
+// primary's capture first completes the disk requests in flight
+// (vmm.Machine.SettleDisks), so that a state has none; the backup, which
+// submitted the same ones, drops its own once performed when it installs.
+// Requests waiting in the rings are taken after the capture (and a join's
+// image copy) on the primary, and at the end of the install on the
+// backup: the same point. The backup installs at a kick point or in Halt
+// (but a Halt whose epoch end delivered events woke the guest, as it woke
+// the primary's, which ran on: the backup runs on to the position too); at
+// an exit it yields (ActYield) to get a kick point first. Events of a
+// checkpoint epoch are delivered after the install, on both sides.
 //
 // Verify mode: each EpochEnd carries the primary's state hash, taken at
 // the boundary before delivery; the backup compares its own. Any mismatch
@@ -138,10 +147,10 @@
 // backup (ActCheckpoint with Join) the primary's driver sends each
 // read-write image whole, as DiskData chunks in order (the last with the
 // image's SHA-256), at that kick point and before the Checkpoint. The
-// guest writes its images only on the vCPU thread at exits, and the vCPU
-// stays stopped until the chunks are queued: the images sent are the
-// state's, no block changes during the copy, and the guest waits for the
-// transfer. Only a backup that joins and has no state yet takes DiskData
+// capture settled the requests in flight, and the vCPU, which alone
+// submits requests, stays stopped until the chunks are queued: the images
+// sent are the state's, no block changes during the copy, and the guest
+// waits for the transfer. Only a backup that joins and has no state yet takes DiskData
 // (TakesDisks; any other is a protocol error); it writes them to its
 // copies while its vCPU waits, and installs the state (ActInstall with
 // Join) only if every read-write image arrived whole and matched its
@@ -159,7 +168,12 @@
 // ends deliver the primary's events, and the outputs not confirmed are
 // performed (uncertain). Where the log ends it goes live (NoteLive): reads
 // become real and it delivers its own events, unprotected until a backup
-// joins. A partial frame never reaches it (the decoder hands out only
+// joins. Among them are the completions of the disk requests its guest
+// submitted and the log did not complete (wire.KindDiskDone): its own I/O
+// goroutines performed them or will; the dead primary may have too. These
+// are uncertain completions, as outputs are: a write performed twice
+// writes the same data to the same sectors, and a completion delivered for
+// a request no longer in flight does nothing. A partial frame never reaches it (the decoder hands out only
 // frames whose checksums verify). A backup still waiting for a join's full
 // state has nothing to take over: ActStop with ErrNoState. When the guest
 // ends on the primary, Goodbye carries its status; the backup replays the
@@ -300,7 +314,10 @@
 //     PIC held the last tick is posted again once the guest took that
 //     tick, or when it ran a tick without exits; a byte typed: KindUART; a frame read from a
 //     network interface's host side, of 14 to 1518 bytes: KindNetRx, only
-//     while the node's role is primary); Step each decoded message; Disconnected on
+//     while the node's role is primary; a disk request its I/O goroutine
+//     performed: KindDiskDone, only while primary, and at NoteLive every
+//     request performed and not delivered; delivering one on a backup
+//     waits for its own I/O goroutine and checks the status); Step each decoded message; Disconnected on
 //     EOF, a reset or a decoding error; Connected when a link is up (one
 //     at a time; refuse others with Refuse{RefuseBusy}).
 //   - A backup's accepted connection is a stranger until its first frame

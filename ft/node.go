@@ -117,6 +117,7 @@ type op struct {
 	data    []byte // Output
 	status  int    // Finish
 	halt    bool   // the epoch ends in Halt
+	woke    bool   // Halt (backup): events were delivered in this call
 	events  []Event
 	hash    Digest
 	hashed  bool

@@ -619,6 +619,29 @@ func TestBackupInstallsCheckpointThenDelivers(t *testing.T) {
 	}
 }
 
+// Rule (ft/doc.go, checkpoint epochs): every exit of the epoch executes on
+// both replicas before an install. A backup in Halt woken by the events of
+// an epoch end (a disk completion: the primary's guest then ran on and
+// submitted its next request) goes on to the checkpoint's position rather
+// than installing where it halted; a backup in Halt that nothing woke
+// installs at once (the test above).
+func TestBackupWokenInHaltRunsToTheCheckpoint(t *testing.T) {
+	_, b := pair(t, OutputCommit, false)
+	done := Event{Kind: wire.KindDiskDone, Value: 7, Data: wire.DiskDoneData(nil, 0, 0)}
+	b.step(wire.EpochEnd{Seq: 1, Epoch: 1, Pos: at(6), Halt: true, Events: []Event{done}},
+		wire.Checkpoint{Seq: 2, Epoch: 2, Pos: at(8), State: []byte("S")})
+	b.drain()
+	wantGo(t, "an exit before the halt", b.n.Point(pt(5, 0)))
+	a := wantAction(t, "the epoch end in Halt", b.n.Halt(pt(6, 0)), ActDeliver)
+	if !equalEvents(a.Events, []Event{done}) {
+		t.Fatalf("delivered %v", a.Events)
+	}
+	wantGo(t, "woken: run on towards the checkpoint", b.n.Continue())
+	wantGo(t, "the exit after the halt", b.n.Point(pt(7, 0)))
+	wantAction(t, "the exit at the checkpoint's position", b.n.Point(pt(8, 0)), ActYield)
+	wantAction(t, "install at the kick point", b.n.Point(kick(8, 0)), ActInstall)
+}
+
 // Rule (ft/doc.go): "Wire format: framed, versioned, checksummed, with
 // heartbeats." A quiet link carries heartbeats both ways.
 func TestHeartbeatsOnAQuietLink(t *testing.T) {

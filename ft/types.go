@@ -14,8 +14,10 @@ import (
 // the interrupt windows and the CPUID hash; version 4 the disks to Hello
 // and the console stream's offsets to Output and Checkpoint; version 5 the
 // network interfaces to Hello (and the frame kinds, wire.KindNetRx and
-// wire.KindNetTx).
-const ProtocolVersion = 5
+// wire.KindNetTx); version 6 the disk completion events (wire.KindDiskDone:
+// disk requests are performed off the vCPU thread and complete at epoch
+// ends), with no new Hello field.
+const ProtocolVersion = 6
 
 // The wire types the protocol speaks in, under shorter names.
 type (

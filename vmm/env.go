@@ -73,6 +73,13 @@ type Target interface {
 	// frame it cannot hold is dropped and counted by the device, so the
 	// outcome depends only on the guest's state here.
 	ReceiveFrame(nic int, frame []byte)
+	// CompleteDisk delivers the completion of request seq of disk (the
+	// index in Config.Disks): the guest sees its result from here. It
+	// waits for the disk's I/O goroutine if the request is not performed
+	// yet, and returns the request's status; ok is false when no such
+	// request is in flight (it was completed or dropped already), which
+	// is then a no-op. See DiskEnvironment.
+	CompleteDisk(disk int, seq uint64) (status uint8, ok bool)
 	// Pending reports whether an interrupt is waiting to be injected.
 	Pending() bool
 	// Wake receives when the machine needs its vCPU thread back (a control
@@ -127,4 +134,25 @@ type Freezer interface {
 type StateSaver interface {
 	SaveState(*snapshot.Env)
 	RestoreState(*snapshot.Env)
+}
+
+// DiskCompletion reports a disk request performed by the disk's I/O
+// goroutine: the disk (index in Config.Disks), the request's sequence
+// number and its virtio-blk status (devices/virtio_blk.go).
+type DiskCompletion struct {
+	Disk   int
+	Seq    uint64
+	Status uint8
+}
+
+// DiskEnvironment is an environment that delivers disk completions: the
+// machine then performs disk requests off the vCPU thread, reports each
+// one performed to DiskDone, and the guest sees it complete only when the
+// environment calls Target.CompleteDisk at a delivery point of its
+// choosing (a replica logs that point). DiskDone is called on a disk's I/O
+// goroutine: it must not block or call the machine. With an environment
+// that is not one, the machine performs each request inside the guest's
+// notification, on the vCPU thread.
+type DiskEnvironment interface {
+	DiskDone(c DiskCompletion)
 }

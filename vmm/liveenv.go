@@ -12,8 +12,9 @@ import (
 
 // LiveEnv is the environment of a machine running alone: host monotonic
 // time, bytes from an input stream (the terminal), frames from network
-// interfaces' host sides (liveframes.go), and delivery of pending
-// events at every point, kicks included, so that a guest spinning without
+// interfaces' host sides (liveframes.go), disk completions at the first
+// point after the disk's I/O goroutine performed the request (DiskDone),
+// and delivery of pending events at every point, kicks included, so that a guest spinning without
 // exits still gets its timer ticks. It records nothing.
 //
 // Virtual time runs with host time while the machine runs: it starts when
@@ -39,6 +40,13 @@ type LiveEnv struct {
 
 	frames    liveFrames // network frames not yet delivered (liveframes.go)
 	hasFrames atomic.Bool
+
+	// Disk completions not yet delivered: at most devices.BlockSlots per
+	// disk are in flight, so the queue is bounded by the guest's disks.
+	diskMu    sync.Mutex
+	disks     []DiskCompletion
+	diskSpare []DiskCompletion
+	hasDisks  atomic.Bool
 
 	input io.Reader
 	kick  func()
@@ -186,6 +194,41 @@ func (e *LiveEnv) deliver(t Target) {
 	if e.hasFrames.Load() {
 		e.deliverFrames(t)
 	}
+	if e.hasDisks.Load() {
+		e.deliverDisks(t)
+	}
+}
+
+// DiskDone queues a disk completion for the next point and wakes the
+// vCPU (DiskEnvironment).
+func (e *LiveEnv) DiskDone(c DiskCompletion) {
+	e.diskMu.Lock()
+	e.disks = append(e.disks, c)
+	e.hasDisks.Store(true)
+	e.diskMu.Unlock()
+	select {
+	case e.inReady <- struct{}{}:
+	default:
+	}
+	if e.kick != nil {
+		e.kick()
+	}
+}
+
+// deliverDisks delivers the queued disk completions, oldest first. The
+// two slices swap so that neither grows past the requests in flight.
+func (e *LiveEnv) deliverDisks(t Target) {
+	e.diskMu.Lock()
+	batch := e.disks
+	e.disks, e.diskSpare = e.diskSpare[:0], nil
+	e.hasDisks.Store(false)
+	e.diskMu.Unlock()
+	for _, c := range batch {
+		t.CompleteDisk(c.Disk, c.Seq)
+	}
+	e.diskMu.Lock()
+	e.diskSpare = batch[:0]
+	e.diskMu.Unlock()
 }
 
 // Halt waits, in host time, for the next timer deadline or input.

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -168,6 +169,7 @@ func TestNetThroughEnvironment(t *testing.T) {
 type fakeTarget struct {
 	mu     sync.Mutex
 	frames int
+	disks  []DiskCompletion // CompleteDisk calls (Status unset)
 }
 
 func (f *fakeTarget) TimerDeadline() (int64, bool) { return 0, false }
@@ -176,7 +178,11 @@ func (f *fakeTarget) RxSpace() int                 { return 0 }
 func (f *fakeTarget) Receive(byte)                 {}
 func (f *fakeTarget) ReceiveFrame(int, []byte)     { f.mu.Lock(); f.frames++; f.mu.Unlock() }
 func (f *fakeTarget) Pending() bool                { return false }
-func (f *fakeTarget) Wake() <-chan struct{}        { return nil }
+func (f *fakeTarget) CompleteDisk(disk int, seq uint64) (uint8, bool) {
+	f.disks = append(f.disks, DiskCompletion{Disk: disk, Seq: seq})
+	return 0, true
+}
+func (f *fakeTarget) Wake() <-chan struct{} { return nil }
 
 // The LiveEnv holds at most LiveFramesQueued frames; more are dropped and
 // counted. A source that fails reports it.
@@ -303,5 +309,33 @@ func TestCaptureInstallWithNIC(t *testing.T) {
 	}
 	if !bytes.Equal(snapshot.EncodeNICs(nil, s2.NICs), snapshot.EncodeNICs(nil, s.NICs)) {
 		t.Fatal("the installed machine captures another interface state")
+	}
+}
+
+// A LiveEnv delivers a disk completion at the first point after the I/O
+// goroutine reported it, in the order reported, and wakes the vCPU for it.
+func TestLiveEnvDeliversDiskCompletions(t *testing.T) {
+	env := NewLiveEnv(nil)
+	kicks := 0
+	if err := env.Start(func() { kicks++ }); err != nil {
+		t.Fatal(err)
+	}
+	defer env.Stop()
+	tg := &fakeTarget{}
+	if err := env.At(Point{}, tg); err != nil || len(tg.disks) != 0 {
+		t.Fatalf("delivered %v before any report (%v)", tg.disks, err)
+	}
+	want := []DiskCompletion{{Disk: 1, Seq: 7}, {Disk: 0, Seq: 3}, {Disk: 1, Seq: 8}}
+	for _, c := range want {
+		env.DiskDone(DiskCompletion{Disk: c.Disk, Seq: c.Seq, Status: 1})
+	}
+	if kicks != len(want) {
+		t.Fatalf("%d kicks for %d reports", kicks, len(want))
+	}
+	if err := env.At(Point{}, tg); err != nil || !reflect.DeepEqual(tg.disks, want) {
+		t.Fatalf("delivered %v, want %v (%v)", tg.disks, want, err)
+	}
+	if err := env.At(Point{}, tg); err != nil || len(tg.disks) != len(want) {
+		t.Fatalf("delivered again: %v (%v)", tg.disks, err)
 	}
 }

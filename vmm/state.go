@@ -89,13 +89,23 @@ func (m *Machine) Quiescent() bool { return m.quiescent }
 // half-done instruction.
 var errNotQuiescent = errors.New("vmm: the vCPU is not at a quiescent point (use Do or Post)")
 
+// errDisksBusy is returned when state is captured with disk requests in
+// flight.
+var errDisksBusy = errors.New("vmm: disk requests in flight (SettleDisks first)")
+
 // CaptureState fills s with the machine's complete state apart from guest
 // memory. Call it on the vCPU thread where Quiescent is true (inside Do or
 // Post, at a kick point, in Halt), or while Run is not active. s's slices
 // are reused.
+//
+// No disk request may be in flight: call SettleDisks first, before guest
+// memory is read, since it writes the completions there.
 func (m *Machine) CaptureState(s *snapshot.State) error {
 	if !m.quiescent {
 		return errNotQuiescent
+	}
+	if m.disksBusy() {
+		return errDisksBusy
 	}
 	if s.Header.Kind == 0 {
 		s.Header.Kind = snapshot.KindSnapshot
@@ -148,7 +158,8 @@ func (m *Machine) CaptureState(s *snapshot.State) error {
 	s.Disks = slices.Grow(s.Disks[:0], len(m.virtio))
 	for _, v := range m.virtio {
 		if v.img != nil {
-			s.Disks = append(s.Disks, snapshot.Disk{Size: v.img.Size(), ReadOnly: v.img.ReadOnly(), Transport: v.t.State()})
+			s.Disks = append(s.Disks, snapshot.Disk{Size: v.img.Size(), ReadOnly: v.img.ReadOnly(), Transport: v.t.State(),
+				NextSeq: v.blk.NextSeq()})
 		}
 	}
 	s.NICs = slices.Grow(s.NICs[:0], len(m.nics))
@@ -254,9 +265,14 @@ func (m *Machine) Install(s *snapshot.State) error {
 		if v.img == nil {
 			continue // a network interface: below
 		}
+		// Requests in flight here are the state's too (a backup ran
+		// the guest to this state's point) and completed in it: they
+		// are dropped once performed, so the image has their writes.
+		v.blk.Drop()
 		if err := v.t.SetState(s.Disks[i].Transport); err != nil {
 			return fmt.Errorf("install disk %d (%s): %w", i, v.img.Path(), err)
 		}
+		v.blk.SetNextSeq(s.Disks[i].NextSeq)
 	}
 	for i, v := range m.nics {
 		if v.adoptMAC {
@@ -293,6 +309,9 @@ func (m *Machine) Install(s *snapshot.State) error {
 			return fmt.Errorf("install: %w", err)
 		}
 	}
+	// Requests waiting in the rings are taken here, as the captured
+	// machine took them after its capture (SettleDisks).
+	m.ServiceDisks()
 	// Run starts with a kick point, so the environment sees the installed
 	// timer deadline before the guest runs.
 	m.installed = true
@@ -335,10 +354,15 @@ type CheckpointOptions struct {
 }
 
 // CheckpointWith is Checkpoint with options.
+//
+// It settles the disks first (SettleDisks): a caller that reads the dirty
+// log before (a replica's verify hash) settles them before that. The
+// caller calls ServiceDisks once the capture is done.
 func (m *Machine) CheckpointWith(cp *Checkpoint, o CheckpointOptions) error {
 	if !m.quiescent {
 		return errNotQuiescent
 	}
+	m.SettleDisks()
 	words := m.BitmapWords()
 	if o.Extra != nil && len(o.Extra) < words {
 		return fmt.Errorf("checkpoint: extra bitmap of %d words, %d needed", len(o.Extra), words)

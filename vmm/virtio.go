@@ -75,6 +75,12 @@ func (m *Machine) wireVirtio(cfg Config) error {
 		// The serial number is the disk's position: the same on every
 		// replica, whatever the image's file name there.
 		blk := devices.NewBlock(img, fmt.Sprintf("ftkvm-disk%d", i))
+		if de, ok := m.env.(DiskEnvironment); ok {
+			disk := i
+			blk.SetAsync(func(seq uint64, status byte) {
+				de.DiskDone(DiskCompletion{Disk: disk, Seq: seq, Status: status})
+			})
+		}
 		v := &virtioDev{base: virtioMMIOBase + uint64(i)*devices.VirtioMMIOWindow, irq: virtioIRQs[i], blk: blk, img: img}
 		m.virtio = append(m.virtio, v)
 		v.t = devices.NewMMIOTransport(blk, guestMemory{m}, m.pic, v.irq)
@@ -156,10 +162,10 @@ func DescribeDisks(disks []Disk) ([]DiskInfo, error) {
 	return out, nil
 }
 
-// DiskImages returns the machine's open disk images, in --disk order. The
-// machine serves the guest's requests on them on the vCPU thread: others
-// may use them only while the vCPU is stopped (a replica sending or
-// receiving images at a join, ft/doc.go).
+// DiskImages returns the machine's open disk images, in --disk order.
+// Others may use them only while the vCPU is stopped and no request is in
+// flight (SettleDisks): a replica sending or receiving images at a join,
+// ft/doc.go.
 func (m *Machine) DiskImages() []*devices.DiskImage {
 	var out []*devices.DiskImage
 	for _, v := range m.virtio {
@@ -177,11 +183,13 @@ type DiskError struct{ Err error }
 func (e *DiskError) Error() string { return e.Err.Error() }
 func (e *DiskError) Unwrap() error { return e.Err }
 
-// closeVirtio closes the disk images.
+// closeVirtio closes the disk images, once the requests in flight are
+// performed.
 func (m *Machine) closeVirtio() error {
 	var errs []error
 	for _, v := range m.virtio {
 		if v.img != nil {
+			v.blk.Close()
 			errs = append(errs, v.img.Close())
 			v.img = nil
 		}
@@ -212,4 +220,114 @@ func (m *Machine) DiskStats() []DiskStats {
 		})
 	}
 	return out
+}
+
+// disk is the virtio-blk device of disk i (Config.Disks order), or nil.
+func (m *Machine) disk(i int) *virtioDev {
+	if i < 0 || i >= len(m.virtio) || m.virtio[i].blk == nil {
+		return nil
+	}
+	return m.virtio[i]
+}
+
+// CompleteDisk delivers a disk request's completion (Target): the device
+// completes it in the guest's rings and interrupts the driver.
+func (m *Machine) CompleteDisk(disk int, seq uint64) (uint8, bool) {
+	v := m.disk(disk)
+	if v == nil {
+		return 0, false
+	}
+	status, ok := v.blk.Deliver(seq)
+	if !ok {
+		return 0, false
+	}
+	v.t.Service(0)
+	m.point.Delivered = true
+	return status, true
+}
+
+// WaitDisk waits until request seq of disk is performed (or returns at
+// once if it is not in flight), without delivering it: a replica waits
+// for its own I/O goroutine this way without holding its lock. Any
+// goroutine.
+func (m *Machine) WaitDisk(disk int, seq uint64) {
+	if v := m.disk(disk); v != nil {
+		v.blk.Wait(seq)
+	}
+}
+
+// SettleDisks waits for every disk request in flight and completes them
+// all in the guest now, in each disk's sequence order; those a driver not
+// ready (or waiting for a reset) cannot take are dropped. It takes no
+// request waiting in the rings: then no request is in flight, and the
+// images hold every write the guest submitted. A capture calls it first
+// (devices/virtio_blk.go); completions the environment delivers later for
+// these requests do nothing. Once the capture is done (and a join's
+// images copied), ServiceDisks takes the waiting requests; a machine the
+// state is installed into does the same at the end of Install, at the
+// same point of the guest's execution. vCPU thread, at a quiescent point.
+func (m *Machine) SettleDisks() {
+	for _, v := range m.virtio {
+		if v.blk == nil || v.blk.Busy() == 0 {
+			continue
+		}
+		v.blk.Settle()
+		v.blk.SetHold(true)
+		v.t.Service(0)
+		v.blk.SetHold(false)
+		v.blk.Drop()
+	}
+}
+
+// ServiceDisks has each disk take the requests waiting in its ring (after
+// a capture, SettleDisks). vCPU thread, or before Run.
+func (m *Machine) ServiceDisks() {
+	for _, v := range m.virtio {
+		if v.blk != nil {
+			v.t.Service(0)
+		}
+	}
+}
+
+// SettleDisksAlone is, for a machine whose delivery points no other run
+// follows (its environment is not ExactPoints), SettleDisks repeated with
+// ServiceDisks until no request is in flight or waiting: the state then
+// has none, and the image, which goes with the state (a snapshot, a
+// migration), holds all their writes. A replica's machine settles only at
+// its checkpoints: a snapshot of it with requests in flight is refused
+// (CaptureState) and can be tried again. vCPU thread, quiescent.
+func (m *Machine) SettleDisksAlone() {
+	if ep, ok := m.env.(ExactPoints); ok && ep.ExactPoints() {
+		return
+	}
+	for range 256 / devices.BlockSlots * 2 {
+		m.SettleDisks()
+		m.ServiceDisks()
+		if !m.disksBusy() {
+			return
+		}
+	}
+	m.SettleDisks()
+}
+
+// DiskInFlight calls fn for each disk request performed and not yet
+// delivered: what a replica that takes over delivers itself (those still
+// being performed reach the environment's DiskDone when they are). Any
+// goroutine.
+func (m *Machine) DiskInFlight(fn func(DiskCompletion)) {
+	for i, v := range m.virtio {
+		if v.blk != nil {
+			v.blk.InFlight(func(seq uint64, status byte) { fn(DiskCompletion{Disk: i, Seq: seq, Status: status}) })
+		}
+	}
+}
+
+// disksBusy reports whether a disk request is in flight.
+func (m *Machine) disksBusy() bool {
+	for _, v := range m.virtio {
+		if v.blk != nil && v.blk.Busy() > 0 {
+			return true
+		}
+	}
+	return false
 }

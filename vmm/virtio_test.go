@@ -111,6 +111,12 @@ func TestVirtioBlockWritesAreDirty(t *testing.T) {
 	} {
 		m.testMMIO32(base+w.off, w.v)
 	}
+	// Performed off the vCPU thread; completed when delivered (here as
+	// a capture does, SettleDisks).
+	if mem[status] != 0xee || le.Uint16(mem[used+2:]) != 0 {
+		t.Fatalf("read request completed before its delivery: status %d", mem[status])
+	}
+	m.SettleDisks()
 	if mem[status] != devices.VIRTIO_BLK_S_OK || !bytes.Equal(mem[data:data+512], bytes.Repeat([]byte{7}, 512)) {
 		t.Fatalf("read request: status %d, data starts % x", mem[status], mem[data:data+4])
 	}
@@ -227,6 +233,17 @@ func (d *testBlkDriver) request(t *testing.T, typ uint32, sector uint64, n uint3
 	le.PutUint16(mem[tbAvail+2:], d.next)
 	mem[tbStatus] = 0xee
 	d.m.testMMIO32(virtioMMIOBase+devices.VIRTIO_MMIO_QUEUE_NOTIFY, 0)
+	// The request completes only when the environment delivers it.
+	if got := le.Uint16(mem[tbUsed+2:]); got != d.next-1 || mem[tbStatus] != 0xee {
+		t.Fatalf("used index %d, status %#x before the completion of request %d was delivered", got, mem[tbStatus], d.next)
+	}
+	seq := d.m.virtio[0].blk.NextSeq() - 1
+	if _, ok := d.m.CompleteDisk(0, seq); !ok {
+		t.Fatalf("request %d (seq %d) not in flight", d.next, seq)
+	}
+	if _, ok := d.m.CompleteDisk(0, seq); ok {
+		t.Fatalf("request %d (seq %d) completed twice", d.next, seq)
+	}
 	if got := le.Uint16(mem[tbUsed+2:]); got != d.next {
 		t.Fatalf("used index %d after request %d", got, d.next)
 	}
@@ -256,7 +273,7 @@ func TestCaptureInstallWithDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(s.Disks) != 1 || s.Disks[0].Size != 64*512 || s.Disks[0].ReadOnly || s.Disks[0].Transport.Status != 15 ||
-		s.Disks[0].Transport.Queues[0].LastAvail != 1 {
+		s.Disks[0].Transport.Queues[0].LastAvail != 1 || s.Disks[0].NextSeq != 1 {
 		t.Fatalf("captured disks %+v", s.Disks)
 	}
 	// Through the stream encoding, as a snapshot file carries it.

@@ -123,7 +123,8 @@ type Replica struct {
 	stallSince  time.Time
 	stallWarned bool
 
-	net netState // net.go
+	net  netState  // net.go
+	disk diskState // diskdone.go
 
 	// Disks at a join (disks.go): the primary streams its images
 	// (diskCopy); a joining backup receives them (diskRx, diskErr).
@@ -179,6 +180,7 @@ func New(opts Options) *Replica {
 		done:     make(chan struct{}),
 	}
 	r.net.netAttached = make(chan struct{})
+	r.disk.wake = make(chan struct{}, 1)
 	if l, ok := opts.Log.(*logrus.Logger); ok && l.IsLevelEnabled(logrus.TraceLevel) {
 		r.trace = true
 	}
@@ -342,6 +344,9 @@ func (r *Replica) noted(n ft.Note) {
 			n.Seam, n.Uncertain)
 	case ft.NoteLive:
 		f.Warnf("replica: log replayed; this replica is the primary now, unprotected")
+		// The disk requests whose completions the log did not carry
+		// complete here now (diskdone.go).
+		r.postInFlight()
 	case ft.NoteDivergence:
 		f.Errorf("replica: DIVERGENCE: %v", n.Err)
 	case ft.NoteRepaired:

@@ -89,6 +89,7 @@ func (r *Replica) Start(kick func()) error {
 		r.started = true
 	}
 	go r.watchWake(r.m.Wake())
+	r.startDisks()
 	if r.node.Role() == ft.RolePrimary {
 		r.startNets(false)
 	}
@@ -285,6 +286,8 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 					r.m.Receive(byte(ev.Value))
 				case wire.KindNetRx:
 					r.m.ReceiveFrame(int(ev.Value), ev.Data)
+				case wire.KindDiskDone:
+					r.completeDisk(ev) // diskdone.go
 				}
 			}
 			// A tick moves the deadline: learn the next one now, since
@@ -321,6 +324,10 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 					return a, err
 				}
 			}
+			// Disk requests waiting in the rings are taken now, after
+			// the capture settled those in flight: a backup installing
+			// the state takes them at the same point (vmm.SettleDisks).
+			r.m.ServiceDisks()
 			a = r.node.Checkpointed(blob)
 		case ft.ActInstall:
 			t := time.Now()

@@ -287,6 +287,17 @@ func (f *fakeMachine) FireTimer(now int64) {
 
 func (f *fakeMachine) RxSpace() int { return simFIFO - int(f.regs.rcx) }
 
+// The fake guest has no disks: nothing to settle, wait for or list.
+func (f *fakeMachine) SettleDisks()                             {}
+func (f *fakeMachine) ServiceDisks()                            {}
+func (f *fakeMachine) WaitDisk(int, uint64)                     {}
+func (f *fakeMachine) DiskInFlight(fn func(vmm.DiskCompletion)) {}
+
+// CompleteDisk: the fake guest has no disks.
+func (f *fakeMachine) CompleteDisk(disk int, seq uint64) (uint8, bool) {
+	panic(fmt.Sprintf("driver simulation: a completion delivered to disk %d of a guest without disks", disk))
+}
+
 // ReceiveFrame: a frame arrives on the guest's network interface; what it
 // holds enters the computation, and an interrupt is raised.
 func (f *fakeMachine) ReceiveFrame(nic int, frame []byte) {

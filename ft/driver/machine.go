@@ -35,9 +35,22 @@ type Machine interface {
 	CheckpointWith(cp *vmm.Checkpoint, o vmm.CheckpointOptions) error
 	Install(s *snapshot.State) error
 
+	// SettleDisks completes the disk requests in flight (a capture's
+	// first step); ServiceDisks takes those waiting (once the capture and
+	// a join's images are sent); WaitDisk waits for one to be performed, from any
+	// goroutine; DiskInFlight lists those performed and not delivered,
+	// from any goroutine (vmm.Machine).
+	SettleDisks()
+	ServiceDisks()
+	WaitDisk(disk int, seq uint64)
+	DiskInFlight(fn func(vmm.DiskCompletion))
+
 	// Steps is the count of instructions retired under the step clock
 	// (vmm.Stats.Steps).
 	Steps() uint64
 }
 
-var _ Machine = (*vmm.Machine)(nil)
+var (
+	_ Machine             = (*vmm.Machine)(nil)
+	_ vmm.DiskEnvironment = (*Replica)(nil)
+)

@@ -67,6 +67,10 @@ func (r *Replica) injectDivergence() {
 
 // capture is a checkpoint at a quiescent point, as one stream.
 func (r *Replica) capture(full bool) ([]byte, error) {
+	// Disk requests in flight complete first, at this point, so that the
+	// state has none and the dirty log below sees what they wrote
+	// (devices/virtio_blk.go). A backup installing it drops its own.
+	r.m.SettleDisks()
 	// The checkpoint would drain the dirty log (a full one drops it): take
 	// it first, so that the verify hash sees those pages, and only those.
 	if _, err := r.m.DirtyLog(r.scratch); err != nil {

@@ -127,3 +127,26 @@ func FuzzReader(f *testing.F) {
 		t.Fatal("reader did not end")
 	})
 }
+
+// FuzzDiskDone: a KindDiskDone event's data, whatever it holds, splits
+// without a panic; what splits names a disk below MaxDisks and encodes
+// back to the same bytes.
+func FuzzDiskDone(f *testing.F) {
+	f.Add(DiskDoneData(nil, 0, 0))
+	f.Add(DiskDoneData(nil, MaxDisks-1, 2))
+	f.Add([]byte{MaxDisks, 0})
+	f.Add([]byte{1})
+	f.Add([]byte{1, 2, 3})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		disk, status, ok := DiskDone(data)
+		if !ok {
+			return
+		}
+		if disk < 0 || disk >= MaxDisks {
+			t.Fatalf("disk %d accepted", disk)
+		}
+		if back := DiskDoneData(nil, disk, status); !bytes.Equal(back, data) {
+			t.Fatalf("% x splits to disk %d status %d, which encodes to % x", data, disk, status, back)
+		}
+	})
+}

@@ -93,6 +93,8 @@ type Hello struct {
 	// replicas must give the same ones. At most MaxNICs.
 	NICs []NIC
 
+	// (Version 6 adds no field: it adds wire.KindDiskDone.)
+
 	// Rest holds the fields of versions after 5, which this version
 	// cannot read: a Hello of any later version decodes, and is refused
 	// for its version.

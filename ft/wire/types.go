@@ -63,7 +63,30 @@ const (
 	// KindNetTx is an output: a frame the guest transmits. Data is the
 	// interface's index (one byte) followed by the frame (NetTxData).
 	KindNetTx Kind = 6
+	// KindDiskDone is an asynchronous event: a disk request the disk's
+	// I/O goroutine performed completes in the guest
+	// (vmm.Target.CompleteDisk). Value is the request's sequence number
+	// on its disk; Data is the disk's index (vmm.Config.Disks) and the
+	// request's virtio-blk status, one byte each (DiskDoneData). A backup
+	// delivers it at the same point, after its own I/O goroutine
+	// performed the same request, and checks that its status is this one.
+	KindDiskDone Kind = 7
 )
+
+// DiskDoneData is a KindDiskDone event's Data: the disk, then the status.
+func DiskDoneData(dst []byte, disk int, status uint8) []byte {
+	return append(dst[:0], byte(disk), status)
+}
+
+// DiskDone splits a KindDiskDone event's Data into the disk and the
+// status; ok is false unless it is exactly two bytes naming a disk below
+// MaxDisks.
+func DiskDone(data []byte) (disk int, status uint8, ok bool) {
+	if len(data) != 2 || int(data[0]) >= MaxDisks {
+		return 0, 0, false
+	}
+	return int(data[0]), data[1], true
+}
 
 // NetTxData is a KindNetTx output's Data: the interface index, then the
 // frame. NetTxFrame splits it again.
@@ -94,6 +117,8 @@ func (k Kind) String() string {
 		return "net-rx"
 	case KindNetTx:
 		return "net-tx"
+	case KindDiskDone:
+		return "disk-done"
 	}
 	return "kind(" + strconv.Itoa(int(k)) + ")"
 }

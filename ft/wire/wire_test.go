@@ -21,7 +21,7 @@ func digest(b byte) (d Digest) {
 func samples() []Msg {
 	pos := Position{Exits: 1234567, Instr: 89}
 	evs := []Event{{Kind: KindTimer, Value: 1_000_000}, {Kind: KindUART, Value: 'x'}, {Kind: 99, Value: 7, Data: []byte("blk")},
-		{Kind: KindNetRx, Value: 1, Data: bytes.Repeat([]byte{0xee}, 60)}}
+		{Kind: KindNetRx, Value: 1, Data: bytes.Repeat([]byte{0xee}, 60)}, {Kind: KindDiskDone, Value: 41, Data: DiskDoneData(nil, 2, 1)}}
 	return []Msg{
 		Hello{Version: 1, Role: RolePrimary, Policy: PolicyStrict, Clock: ClockExits, Verify: true, Started: true,
 			MemSize: 256 << 20, WallClock: -5, Kernel: digest(1), Initrd: digest(2), Cmdline: digest(3)},

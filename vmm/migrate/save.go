@@ -213,6 +213,11 @@ func (s *saver) stop(res *Result) error {
 	if err := s.m.Pause(); err != nil {
 		return err
 	}
+	// Disk requests in flight complete now, before the last pages are
+	// copied: a state has none in flight (vmm.Machine.SettleDisksAlone).
+	if err := s.m.Do(func(m *vmm.Machine) error { m.SettleDisksAlone(); return nil }); err != nil {
+		return fmt.Errorf("settle disk requests: %w", err)
+	}
 	res.PausedAt = time.Now()
 	return nil
 }

@@ -51,7 +51,10 @@ import (
 // Version 4: a network interfaces frame (required, once) carries the
 // virtio-net devices: each one's address, virtio-mmio transport and the
 // received frames waiting for receive chains.
-const Version = 4
+//
+// Version 5: each disk carries the sequence number of its device's next
+// request (NextSeq): disk requests complete as events naming them.
+const Version = 5
 
 // Magic starts every snapshot file.
 const Magic = "FTKVMSNP"

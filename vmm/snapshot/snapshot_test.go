@@ -307,7 +307,7 @@ func TestLayout(t *testing.T) {
 		{"kvm.DebugRegs", kvm.DebugRegs{}, 128},
 		{"kvm.MPState", kvm.MPState{}, 4},
 		{"Devices", Devices{}, -1},
-		{"Disk", Disk{}, 303},
+		{"Disk", Disk{}, 311},
 		{"Machine", Machine{}, -1},
 		{"End", End{}, 16},
 	} {

@@ -97,10 +97,15 @@ type Devices struct {
 // The image's contents are not part of a stream: the image is the guest's
 // disk, which the machine the state is installed into must be given in
 // the state it had at the capture (docs/SNAPSHOTS.md).
+//
+// No request is in flight in a state (a capture settles them first:
+// devices/virtio_blk.go); NextSeq is the sequence number the device gives
+// its next request, which logs and completions name requests by.
 type Disk struct {
 	Size      uint64 // image size in bytes
 	ReadOnly  bool
 	Transport devices.MMIOTransportState
+	NextSeq   uint64
 }
 
 // NIC is one virtio-net device: its address, its virtio-mmio transport

@@ -1038,11 +1038,12 @@ func TestHandshakeGivesPeerIdentity(t *testing.T) {
 	}
 }
 
-// Rule (ft/doc.go, divergence): "In --verify mode the primary sends, at
-// each epoch end, a hash of its vCPU registers and of the guest pages
-// dirtied in the epoch; the backup compares. On a mismatch, a logged
-// divergence, the backup requests a checkpoint and continues from the
-// primary's state. Count repairs."
+// Rule (ft/doc.go, verify mode): each EpochEnd carries the primary's
+// state hash; the backup compares. On a mismatch, a logged divergence:
+// the backup asks for a page repair, takes its page hashes at a kick
+// point and sends them; the primary, at its next kick point, sends only
+// the pages whose hashes differ with the rest of its state; the backup
+// installs it and goes on. Repairs are counted.
 func TestVerifyDivergenceDetectedAndRepaired(t *testing.T) {
 	p, b := pair(t, OutputCommit, true)
 	primaryHash, backupHash := Digest{1}, Digest{2}
@@ -1058,32 +1059,60 @@ func TestVerifyDivergenceDetectedAndRepaired(t *testing.T) {
 	b.step(p.drain()...)
 
 	wantAction(t, "backup hash", b.n.Point(pt(4, 0)), ActHash)
-	wantWait(t, "mismatch", b.n.Hashed(backupHash), WaitRepair)
+	// Diverged at an exit: it yields, to take its page hashes at the
+	// kick point where it will install the repair.
+	wantAction(t, "mismatch", b.n.Hashed(backupHash), ActYield)
 	fromB := b.drain()
 	if n, ok := b.hasNote(NoteDivergence); !ok || !contains(n.Err.Error(), "state hash") {
 		t.Fatalf("backup notes %v", b.notes)
 	}
 	reqs := ofType[wire.CheckpointRequest](fromB)
-	if len(reqs) != 1 || reqs[0].Epoch != 1 {
+	if len(reqs) != 1 || reqs[0].Epoch != 1 || !reqs[0].Pages {
 		t.Fatalf("requests %#v", reqs)
 	}
 	p.step(fromB...)
 	p.drain()
-	if _, ok := p.hasNote(NoteDivergence); !ok || p.kicks != 1 {
-		t.Fatalf("primary: notes %v, kicks %d", p.notes, p.kicks)
+	if _, ok := p.hasNote(NoteDivergence); !ok || p.kicks != 0 {
+		t.Fatalf("primary: notes %v, kicks %d (none before the page hashes)", p.notes, p.kicks)
 	}
-	// The primary's next kick point gives its full state.
-	a := wantAction(t, "repair checkpoint", p.n.Point(kick(7, 2*ms)), ActCheckpoint)
-	if !a.Full {
-		t.Fatal("a repair needs the full state")
+	// An overdue kick point meanwhile is no repair: the hashes are not here.
+	if p.n.repairReady() {
+		t.Fatal("repair ready without the page hashes")
 	}
-	wantGo(t, "", p.n.Checkpointed([]byte("FULL")))
-	b.step(p.drain()...)
 
-	// The backup skips what the checkpoint replaces and installs it.
-	wantAction(t, "yield", b.n.Continue(), ActYield)
-	a = wantAction(t, "install", b.n.Point(kick(4, 0)), ActInstall)
-	if !a.Full || string(a.State) != "FULL" {
+	pages := testPages(b)
+	pages[3] ^= 1 // the page that differs, as the backup hashed it
+	a := wantAction(t, "page hashes", b.n.Point(kick(4, 0)), ActHash)
+	if !a.Pages {
+		t.Fatalf("a diverged backup hashes %v, want its pages", a)
+	}
+	wantWait(t, "hashed", b.n.HashedPages(Digest{7}, pages), WaitRepair)
+	fromB = b.drain()
+	hs := ofType[wire.PageHashes](fromB)
+	if len(hs) != 1 || !hs[0].Last || hs[0].Total != uint64(len(pages)) || hs[0].Regs != (Digest{7}) {
+		t.Fatalf("page hashes %d frames", len(hs))
+	}
+	p.step(fromB...)
+	p.drain()
+	if p.kicks != 1 {
+		t.Fatalf("primary: kicks %d once the hashes are in", p.kicks)
+	}
+	// The primary's next kick point gives a page repair against them.
+	a = wantAction(t, "repair checkpoint", p.n.Point(kick(7, 2*ms)), ActCheckpoint)
+	if !a.Repair || a.Full || len(a.Against) != len(pages) || a.Against[3] != pages[3] {
+		t.Fatalf("repair %v, against %d hashes", a, len(a.Against))
+	}
+	wantGo(t, "", p.n.Checkpointed([]byte("PAGES")))
+	cps := ofType[wire.Checkpoint](p.drain())
+	if len(cps) != 1 || !cps[0].Repair || cps[0].Full {
+		t.Fatalf("checkpoints sent %+v", cps)
+	}
+	b.step(cps[0])
+
+	// The backup skips what the checkpoint replaces and installs it at
+	// the kick point where it hashed.
+	a = wantAction(t, "install", b.n.Continue(), ActInstall)
+	if !a.Repair || a.Full || string(a.State) != "PAGES" {
 		t.Fatalf("install %v", a)
 	}
 	wantAction(t, "at the primary's kick point", b.n.Continue(), ActWait)
@@ -1094,7 +1123,8 @@ func TestVerifyDivergenceDetectedAndRepaired(t *testing.T) {
 		t.Fatal("no repaired note")
 	}
 	s := b.n.Status()
-	if s.Repairs != 1 || s.Divergences != 1 || s.Diverged || s.Epoch != 3 || s.Pos != at(7) || s.Outputs != 1 {
+	if s.Repairs != 1 || s.PageRepairs != 1 || s.RepairBytes != 5 || s.Divergences != 1 || s.Diverged ||
+		s.Epoch != 3 || s.Pos != at(7) || s.Outputs != 1 {
 		t.Fatalf("status %v", s)
 	}
 
@@ -1585,11 +1615,10 @@ func TestRepairRequestedDuringIncrementalCapture(t *testing.T) {
 	wantGo(t, "", p.n.Continue())
 	b.step(p.drain()...)
 	wantAction(t, "backup hash", b.n.Point(pt(4, 0)), ActHash)
-	wantWait(t, "mismatch", b.n.Hashed(Digest{2}), WaitRepair)
-	fromB := b.drain()
+	fromB := divergedPages(t, b, b.n.Hashed(Digest{2}), 4)
 
-	// An overdue incremental checkpoint begins; the request arrives
-	// while its state is captured.
+	// An overdue incremental checkpoint begins; the request and the
+	// page hashes arrive while its state is captured.
 	p.n.Async(timer(5))
 	p.n.Tick(5 * ms) // the event is due; a guest without exits is overdue after the kick bound
 	p.n.Tick(20 * ms)
@@ -1604,21 +1633,43 @@ func TestRepairRequestedDuringIncrementalCapture(t *testing.T) {
 	if !p.n.repair {
 		t.Fatal("the incremental checkpoint cleared the repair")
 	}
-	// The next kick point gives the full state.
+	// The next kick point gives the repair.
 	a = wantAction(t, "repair checkpoint", p.n.Point(kick(8, 31*ms)), ActCheckpoint)
-	if !a.Full {
-		t.Fatal("the repair got no full state")
+	if !a.Repair {
+		t.Fatal("the repair got no page repair")
 	}
-	wantGo(t, "", p.n.Checkpointed([]byte("FULL")))
-	var full int
+	wantGo(t, "", p.n.Checkpointed([]byte("PAGES")))
+	var repairs int
 	for _, m := range ofType[wire.Checkpoint](p.drain()) {
-		if m.Full && string(m.State) == "FULL" {
-			full++
+		if m.Repair && string(m.State) == "PAGES" {
+			repairs++
 		}
 	}
-	if full != 1 || p.n.repair {
-		t.Fatalf("%d full checkpoints sent, repair still asked %v", full, p.n.repair)
+	if repairs != 1 || p.n.repair {
+		t.Fatalf("%d page repairs sent, repair still asked %v", repairs, p.n.repair)
 	}
+}
+
+// testPages is a backup's page hashes for the test guest: one per page.
+func testPages(r *replica) []uint64 {
+	pages := make([]uint64, r.n.cfg.Guest.MemSize/PageSize)
+	for i := range pages {
+		pages[i] = uint64(i) * 0x9e3779b97f4a7c15
+	}
+	return pages
+}
+
+// divergedPages: a backup whose last call diverged at an exit (a) yields
+// and takes its page hashes at the kick point at exits; it returns what
+// it sent (the request and the hashes).
+func divergedPages(t *testing.T, b *replica, a Action, exits uint64) []wire.Msg {
+	t.Helper()
+	wantAction(t, "diverged at an exit", a, ActYield)
+	if a := wantAction(t, "page hashes", b.n.Point(kick(exits, 0)), ActHash); !a.Pages {
+		t.Fatalf("hash %v, want the pages", a)
+	}
+	wantWait(t, "hashed", b.n.HashedPages(Digest{7}, testPages(b)), WaitRepair)
+	return b.drain()
 }
 
 // The same for a join: the backup whose link was up when an incremental

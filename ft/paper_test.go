@@ -1720,3 +1720,168 @@ func TestJoinDuringIncrementalCapture(t *testing.T) {
 		t.Fatalf("%d full checkpoints sent; %v", full, s)
 	}
 }
+
+// pageRepairedPair: a verify-mode pair whose backup diverged at the end
+// of epoch 1 (exit 4) and installed a page repair the primary captured at
+// its kick point at exit 5 (ending epoch 2). Both are in epoch 3 at 5.
+func pageRepairedPair(t *testing.T) (p, b *replica) {
+	t.Helper()
+	p, b = pair(t, OutputCommit, true)
+	p.n.Async(timer(1))
+	wantAction(t, "primary hash", p.n.Point(pt(4, ms)), ActHash)
+	wantAction(t, "deliver", p.n.Hashed(Digest{1}), ActDeliver)
+	wantGo(t, "", p.n.Continue())
+	b.step(p.drain()...)
+	wantAction(t, "backup hash", b.n.Point(pt(4, 0)), ActHash)
+	p.step(divergedPages(t, b, b.n.Hashed(Digest{2}), 4)...)
+	p.drain()
+	if a := wantAction(t, "page repair", p.n.Point(kick(5, 2*ms)), ActCheckpoint); !a.Repair {
+		t.Fatalf("checkpoint %v, want a page repair", a)
+	}
+	wantGo(t, "", p.n.Checkpointed([]byte("PAGES")))
+	b.step(p.drain()...)
+	if a := wantAction(t, "install", b.n.Continue(), ActInstall); !a.Repair {
+		t.Fatalf("install %v", a)
+	}
+	wantWait(t, "at the primary's kick point", b.n.Continue(), WaitLog)
+	if s := b.n.Status(); s.Diverged || s.PageRepairs != 1 || s.Epoch != 3 || s.Pos != at(5) {
+		t.Fatalf("after the page repair: %v", s)
+	}
+	return p, b
+}
+
+// endEpoch3: the primary ends epoch 3 at exit 6 with hash h; the backup
+// reaches it and hashes.
+func endEpoch3(t *testing.T, p, b *replica, h Digest) {
+	t.Helper()
+	p.n.Async(timer(3 * ms))
+	wantAction(t, "primary hash", p.n.Point(pt(6, 3*ms)), ActHash)
+	wantAction(t, "deliver", p.n.Hashed(h), ActDeliver)
+	wantGo(t, "", p.n.Continue())
+	b.step(p.drain()...)
+	wantGo(t, "the backup leaves the kick point", b.n.Continue())
+	wantAction(t, "backup hash", b.n.Point(pt(6, 0)), ActHash)
+}
+
+// Rule (ft/doc.go, verify mode): a page repair is right only if the pages
+// it did not carry were equal; the next compared hash says so. If it
+// differs, the backup says so and asks for the full state, which it gets.
+func TestVerifyPageRepairNotConfirmedFallsBackToFull(t *testing.T) {
+	p, b := pageRepairedPair(t)
+	endEpoch3(t, p, b, Digest{3})
+	wantWait(t, "still differs: no page hashes this time", b.n.Hashed(Digest{4}), WaitRepair)
+	fromB := b.drain()
+	reqs := ofType[wire.CheckpointRequest](fromB)
+	if len(reqs) != 1 || reqs[0].Pages || len(ofType[wire.PageHashes](fromB)) != 0 {
+		t.Fatalf("sent %v, want a request for the full state", fromB)
+	}
+	var said bool
+	for _, n := range b.notes {
+		said = said || n.Kind == NoteDivergence && contains(n.Err.Error(), "page repair") && contains(n.Err.Error(), "full state")
+	}
+	if !said {
+		t.Fatalf("the fallback is not in the notes: %v", b.notes)
+	}
+	p.step(fromB...)
+	p.drain()
+	if a := wantAction(t, "full repair", p.n.Point(kick(7, 4*ms)), ActCheckpoint); !a.Full || a.Repair {
+		t.Fatalf("checkpoint %v, want the full state", a)
+	}
+	wantGo(t, "", p.n.Checkpointed([]byte("FULL")))
+	b.step(p.drain()...)
+	wantAction(t, "yield to install", b.n.Continue(), ActYield)
+	if a := wantAction(t, "install", b.n.Point(kick(6, 0)), ActInstall); !a.Full || string(a.State) != "FULL" {
+		t.Fatalf("install %v", a)
+	}
+	b.n.Continue()
+	b.drain()
+	if s := b.n.Status(); s.Repairs != 2 || s.PageRepairs != 1 || s.RepairBytes != 5+4 || s.Diverged {
+		t.Fatalf("status %v", s)
+	}
+}
+
+// A matching hash confirms a page repair: a later divergence is repaired
+// by pages again.
+func TestVerifyPageRepairConfirmedByNextHash(t *testing.T) {
+	p, b := pageRepairedPair(t)
+	endEpoch3(t, p, b, Digest{3})
+	wantAction(t, "matches", b.n.Hashed(Digest{3}), ActDeliver)
+	if b.n.checkRepair {
+		t.Fatal("a matching hash left the page repair unconfirmed")
+	}
+	p.n.Read(at(7), wire.KindClock, 60)
+	b.step(p.drain()...)
+	wantGo(t, "", b.n.Continue())
+	b.drain()
+	// The next divergence (a read where the primary made none) asks for
+	// pages.
+	b.n.Read(at(8), wire.KindClock, 1)
+	reqs := ofType[wire.CheckpointRequest](b.drain())
+	if len(reqs) != 1 || !reqs[0].Pages {
+		t.Fatalf("requests %+v, want a page repair", reqs)
+	}
+}
+
+// Page hashes come in bounded frames, in order; the primary takes them
+// only after a request for a page repair and only for its guest's pages,
+// and a backup takes a page repair only after sending its hashes. Anything
+// else is a protocol error.
+func TestPageHashesFramesAndProtocol(t *testing.T) {
+	pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
+	pc.Verify = true
+	pc.Guest.MemSize, bc.Guest.MemSize = 1<<30, 1<<30 // 262144 pages: 4 frames
+	p, b := pairOf(t, pc, bc)
+	p.n.Async(timer(1))
+	wantAction(t, "primary hash", p.n.Point(pt(4, ms)), ActHash)
+	wantAction(t, "deliver", p.n.Hashed(Digest{1}), ActDeliver)
+	wantGo(t, "", p.n.Continue())
+	b.step(p.drain()...)
+	wantAction(t, "backup hash", b.n.Point(pt(4, 0)), ActHash)
+	fromB := divergedPages(t, b, b.n.Hashed(Digest{2}), 4)
+	hs := ofType[wire.PageHashes](fromB)
+	if len(hs) != 4 {
+		t.Fatalf("%d frames of page hashes, want 4", len(hs))
+	}
+	for i, h := range hs {
+		if len(h.Hashes) > wire.MaxPageHashes || h.First != uint64(i*wire.MaxPageHashes) || h.Last != (i == 3) || h.Total != 1<<18 {
+			t.Fatalf("frame %d: first %d, %d hashes, last %v", i, h.First, len(h.Hashes), h.Last)
+		}
+	}
+	req := ofType[wire.CheckpointRequest](fromB)[0]
+
+	for _, tc := range []struct {
+		name string
+		msgs []wire.Msg
+		text string
+	}{
+		{"hashes without a request", []wire.Msg{hs[0]}, "without a request"},
+		{"a frame missing", []wire.Msg{req, hs[0], hs[2]}, "page 65536 was expected"},
+		{"another memory size", []wire.Msg{req, wire.PageHashes{Total: 5, Last: true, Hashes: make([]uint64, 5)}}, "the guest has 262144"},
+		{"past the end", []wire.Msg{req, hs[0], hs[1], hs[2], hs[3], hs[3]}, "without a request"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			q, _ := pairOf(t, pc, bc)
+			q.step(tc.msgs...)
+			q.drain()
+			n, ok := q.hasNote(NoteProtocol)
+			if !ok || !contains(n.Err.Error(), tc.text) {
+				t.Fatalf("notes %v, want a protocol error with %q", q.notes, tc.text)
+			}
+		})
+	}
+
+	// In order, the primary has them all and kicks for the repair.
+	p.step(fromB...)
+	p.drain()
+	if !p.n.repairReady() || len(p.n.peerPages) != 1<<18 {
+		t.Fatalf("primary: repair ready %v with %d hashes", p.n.repairReady(), len(p.n.peerPages))
+	}
+
+	// A backup that sent no hashes takes no page repair.
+	_, c := pairOf(t, pc, bc)
+	c.step(wire.Checkpoint{Seq: 1, Epoch: 1, Repair: true, State: []byte("PAGES")})
+	c.drain()
+	if n, ok := c.hasNote(NoteProtocol); !ok || !contains(n.Err.Error(), "sent no page hashes") {
+		t.Fatalf("notes %v", c.notes)
+	}
+}

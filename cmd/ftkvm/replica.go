@@ -418,6 +418,7 @@ type replicaAPI struct{ r *driver.Replica }
 func (a replicaAPI) ReplicaStatus() api.ReplicaStatus {
 	m := a.r.Metrics()
 	s := m.Status
+	prof := a.r.Profile()
 	return api.ReplicaStatus{
 		LagRecords: m.Lag.Records, LagBytes: m.Lag.Bytes, LagSeconds: m.Lag.Age.Seconds(),
 		HeldOutputs: m.Holds.Count, HoldSeconds: m.Holds.Sum,
@@ -427,8 +428,9 @@ func (a replicaAPI) ReplicaStatus() api.ReplicaStatus {
 		Outputs: s.Outputs, Performed: s.Performed, Held: s.Held, LogSent: s.LogSent, LogAcked: s.LogAcked,
 		Backlog: s.Backlog, LinkBytes: a.r.LinkBytes(), Epochs: s.Epochs, CheckpointEpochs: s.CheckpointEpochs,
 		CheckpointBytes: s.CheckpointBytes, Divergences: s.Divergences, Repairs: s.Repairs,
+		PageRepairs: s.PageRepairs, RepairBytes: s.RepairBytes, RepairedPages: prof.RepairedPages,
 		Promotions: s.Promotions, Seam: s.Seam, SeamUncertain: s.SeamUncertain, ConsoleBytes: s.ConsoleBytes,
-		Summary: s.String(), Profile: ptr(a.r.Profile()),
+		Summary: s.String(), Profile: &prof,
 	}
 }
 

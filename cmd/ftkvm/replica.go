@@ -76,7 +76,7 @@ type primaryCmd struct {
 	replicaFlags
 	Backup      string        `required:"" help:"Address of the backup (ftkvm backup --listen)." placeholder:"HOST:PORT"`
 	Policy      string        `help:"Output policy: strict (wait for the backup's ack of every log record) or output-commit (stream the log; hold only outputs until acknowledged)." enum:"strict,output-commit" default:"output-commit"`
-	Verify      bool          `help:"Send a SHA-256 of the vCPU registers and of all guest memory at every epoch end; the backup compares it with its own, reports a divergence and repairs it from the primary's full state."`
+	Verify      bool          `help:"Send a SHA-256 of the vCPU registers and of all guest memory at every epoch end; the backup compares it with its own, reports a divergence and repairs it with the pages that differ from the primary's (the full state if that did not make them equal)."`
 	EpochLength time.Duration `help:"Epoch length (virtual time); an epoch ends at the first guest-caused exit after it." default:"1ms" name:"epoch-length"`
 	Connect     time.Duration `help:"How long to keep trying to reach the backup at start." default:"10s"`
 

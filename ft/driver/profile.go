@@ -100,7 +100,8 @@ func (p *replicaProfile) epochKind(m wire.Msg) {
 			p.epochEnds++
 		}
 	case wire.Checkpoint:
-		if m.Full {
+		if m.Full || m.Repair {
+			// A page repair replaces the state as a full one does.
 			p.fullCkpt++
 		} else {
 			p.kickCheckpoints++
@@ -120,7 +121,7 @@ type ReplicaProfile struct {
 	EndedAtExit       uint64 `json:"ended_at_exit"`
 	EndedAtHalt       uint64 `json:"ended_at_halt"`
 	EndedByCheckpoint uint64 `json:"ended_by_checkpoint"` // at a kick point, after the kick bound
-	FullCheckpoints   uint64 `json:"full_checkpoints"`    // a joining or repaired backup
+	FullCheckpoints   uint64 `json:"full_checkpoints"`    // a joining or repaired backup (page repairs too)
 	// Repairs (backup, verify mode): states installed after a divergence,
 	// their bytes, and how many pages of this replica's memory they
 	// changed (those that differed from the primary's). PageRepairs: of

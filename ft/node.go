@@ -256,6 +256,9 @@ func (n *Node) Continue() Action {
 // Hashed gives the state hash ActHash asked for.
 func (n *Node) Hashed(h Digest) Action {
 	n.resume(ActHash)
+	if n.op.kind != opStopped && n.op.stage == stPageHashed {
+		panic("ft: Hashed for page hashes (HashedPages)")
+	}
 	n.op.hash, n.op.hashed = h, true
 	return n.run()
 }

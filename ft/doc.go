@@ -325,7 +325,9 @@
 //     Hash) differ from Action.Against, and all the other state.
 //   - Install: the state replaces the machine's entirely, its position
 //     included (a page repair's pages replace those that differed); then
-//     deliver and go on.
+//     deliver and go on. Installed in Halt, a state that is not halted
+//     goes on as from the kick point it was captured at (injecting only
+//     what was delivered there), not as a guest woken from HLT.
 //   - ActYield: call the kick function and return from At or Halt.
 //   - ActStop: make Run return (Status, or Err).
 //   - Tick at least every millisecond with the driver's clock; Async the

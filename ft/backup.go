@@ -43,7 +43,7 @@ func (n *Node) backupPoint() Action {
 				// Waiting for the primary's full state (a repair, or
 				// a join): what comes before it is replaced by it.
 				if n.diverged {
-					return wait(WaitRepair)
+					return n.awaitRepair()
 				}
 				return wait(WaitLog)
 			}
@@ -103,9 +103,15 @@ func (n *Node) backupPoint() Action {
 			// Verify mode: "the backup compares" the hashes at the end.
 			m := n.log[0].(wire.EpochEnd)
 			if o.hash != m.Hash {
+				if n.checkRepair {
+					return n.diverge(errorf("%w: the state hash at the end of epoch %d (position %v) differs from the primary's after a page repair; falling back to the full state",
+						ErrDivergence, m.Epoch, m.Pos))
+				}
 				return n.diverge(errorf("%w: the state hash at the end of epoch %d (position %v) differs from the primary's",
 					ErrDivergence, m.Epoch, m.Pos))
 			}
+			// A page repair is confirmed by the first hash that matches.
+			n.checkRepair = false
 			o.stage = stDeliver
 
 		case stDeliver:
@@ -231,7 +237,7 @@ func (n *Node) epochEndHead(m wire.EpochEnd) (Action, bool) {
 // to the position first); at an exit, yield first.
 func (n *Node) checkpointHead(m wire.Checkpoint) Action {
 	o := &n.op
-	if !m.Full {
+	if !replaces(m) {
 		if m.Epoch != n.epoch {
 			return n.diverge(errorf("%w: a checkpoint ends epoch %d; this replica is in epoch %d", ErrDivergence, m.Epoch, n.epoch))
 		}
@@ -250,8 +256,13 @@ func (n *Node) checkpointHead(m wire.Checkpoint) Action {
 		return Action{Kind: ActYield}
 	}
 	o.stage = stInstalled
-	return Action{Kind: ActInstall, State: m.State, Full: m.Full, Join: !n.hasState}
+	return Action{Kind: ActInstall, State: m.State, Full: m.Full, Repair: m.Repair, Join: !n.hasState}
 }
+
+// replaces: the checkpoint replaces the backup's state as a whole (a
+// join's or a repair's full state, or a page repair), rather than ending
+// an epoch both replicas ran.
+func replaces(cp wire.Checkpoint) bool { return cp.Full || cp.Repair }
 
 func (n *Node) installed(cp wire.Checkpoint) {
 	n.epoch, n.pos, n.outSeq, n.outBytes = cp.Epoch+1, cp.Pos, cp.OutSeq, cp.OutBytes
@@ -265,8 +276,15 @@ func (n *Node) installed(cp wire.Checkpoint) {
 		n.trimAbsorbed()
 	}
 	if n.diverged {
-		n.diverged = false
+		n.diverged, n.pagesDue, n.pagesSent = false, false, false
 		n.st.Repairs++
+		n.st.RepairBytes += uint64(len(cp.State))
+		// A page repair is right only if the pages not sent were
+		// equal: the next compared hash says (ft/doc.go, verify mode).
+		n.checkRepair = cp.Repair
+		if cp.Repair {
+			n.st.PageRepairs++
+		}
 		n.note(NoteRepaired, nil)
 	}
 }
@@ -279,7 +297,7 @@ func (n *Node) skipToRepair() bool {
 	for len(n.log) > 0 {
 		switch m := n.log[0].(type) {
 		case wire.Checkpoint:
-			if m.Full {
+			if replaces(m) {
 				return true
 			}
 		case wire.Output:
@@ -413,7 +431,15 @@ func (n *Node) diverge(err error) Action {
 	}
 	if !n.diverged {
 		n.diverged = true
-		n.send(wire.CheckpointRequest{Epoch: n.epoch, Pos: n.pos, Reason: err.Error()})
+		// In verify mode the backup asks for the pages that differ only
+		// (a page repair), unless a page repair was installed and no
+		// hash has matched since: then for the full state.
+		pages := n.peer.Verify && n.hasState && !n.checkRepair
+		if n.checkRepair {
+			n.note(NoteDivergence, errorf("%w: the last page repair did not make the replicas equal; asking for the full state", ErrDivergence))
+		}
+		n.checkRepair, n.pagesDue, n.pagesSent = false, pages, false
+		n.send(wire.CheckpointRequest{Epoch: n.epoch, Pos: n.pos, Pages: pages, Reason: err.Error()})
 	}
 	switch o.kind {
 	case opRead:
@@ -421,8 +447,51 @@ func (n *Node) diverge(err error) Action {
 	case opOutput:
 		return goAction
 	}
+	return n.awaitRepair()
+}
+
+// awaitRepair: a diverged backup at a point waits for its repair. For a
+// page repair it first takes its page hashes and sends them (ActHash with
+// Pages): at a quiescent point (a kick point or in Halt), so that its
+// state does not change between the hashes and the install, which happens
+// at that same point (at an exit it yields first, as for an install).
+func (n *Node) awaitRepair() Action {
+	o := &n.op
 	o.stage = stStart
-	return wait(WaitRepair)
+	if !n.pagesDue {
+		return wait(WaitRepair)
+	}
+	if o.kind == opPoint && !o.pt.Kick {
+		return Action{Kind: ActYield}
+	}
+	o.stage = stPageHashed
+	return Action{Kind: ActHash, Pages: true}
+}
+
+// sendPageHashes sends a diverged backup's page hashes in frames of at
+// most wire.MaxPageHashes, then waits for the repair.
+func (n *Node) sendPageHashes(regs Digest, pages []uint64) {
+	if n.op.kind == opStopped {
+		return
+	}
+	n.op.stage = stStart
+	if !n.diverged || !n.pagesDue {
+		return // repaired or promoted meanwhile
+	}
+	n.pagesDue, n.pagesSent = false, true
+	for first := 0; ; first += wire.MaxPageHashes {
+		end := min(first+wire.MaxPageHashes, len(pages))
+		last := end == len(pages)
+		m := wire.PageHashes{Epoch: n.epoch, Pos: n.pos, First: uint64(first), Total: uint64(len(pages)), Last: last,
+			Hashes: pages[first:end:end]}
+		if last {
+			m.Regs = regs
+		}
+		n.send(m)
+		if last {
+			return
+		}
+	}
 }
 
 // stopsAtGoodbye: after the primary's goodbye, whether the backup stops
@@ -472,6 +541,13 @@ func (n *Node) backupStepMsg(m wire.Msg) {
 			n.confirm(m.Done)
 		}
 	case wire.Checkpoint:
+		if m.Repair && !(n.diverged && n.pagesSent) {
+			// Its pages are those in which this replica's memory, as
+			// hashed, differed: only a backup that sent its hashes and
+			// waited since can install it.
+			n.protocolError(errorf("a page repair for a backup that sent no page hashes"))
+			return
+		}
 		if n.append(m.Seq, m) {
 			n.kick = true // the vCPU may be computing: bring it to a kick point
 		}
@@ -551,6 +627,7 @@ func (n *Node) promote(why error, up bool) {
 // takeOver makes the backup the primary, replaying its log first.
 func (n *Node) takeOver() {
 	n.role, n.replaying, n.started = RolePrimary, true, true
+	n.pagesDue, n.pagesSent, n.checkRepair = false, false, false
 	n.st.Promotions++
 	n.events, n.pendingFrames = n.events[:0], 0
 	n.epochStart, n.epochStartI = n.now, n.instrs

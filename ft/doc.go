@@ -132,9 +132,30 @@
 // Verify mode: each EpochEnd carries the primary's state hash, taken at
 // the boundary before delivery; the backup compares its own. Any mismatch
 // (hash, read, output, position) is a divergence: a NoteDivergence, a
-// CheckpointRequest, and the backup waits; the primary sends its full
-// state at its next kick point; the backup drops the log it replaces,
-// installs it and goes on. Status counts divergences and repairs.
+// CheckpointRequest, and the backup waits; the primary sends its state at
+// its next kick point; the backup drops the log it replaces, installs it
+// and goes on. Status counts divergences and repairs.
+//
+// Page repair (as Plover's, NSDI 2018): in verify mode the request asks
+// for the pages that differ (CheckpointRequest.Pages), not the whole
+// state. The backup, at its next quiescent point (a kick point: at an exit
+// it yields first; or in Halt), takes its page hashes (ActHash with Pages:
+// one 64-bit hash per 4 KiB page, the first word of the page's SHA-256 in
+// the verify hash, and the registers' hash) and sends them in order, in
+// PageHashes frames of at most wire.MaxPageHashes; it waits there, its
+// state unchanged, and installs the repair at that same point. The
+// primary kicks for the repair only once the last frame is in; at its kick
+// point the driver brings its own page hashes up to date and captures
+// (ActCheckpoint with Repair and the backup's hashes) the pages whose
+// hashes differ, those the backup diverged in and those the primary wrote
+// since, with all the rest of the state (registers, devices, machine),
+// sent as a Checkpoint with Repair. Its other pages equal the backup's, so
+// the installed state is the primary's. A repair is confirmed by the next
+// compared hash that matches; a divergence before one (a 64-bit
+// collision, a page the backup wrote after hashing) asks for the full
+// state, and the note says so. Only a backup that sent its hashes takes a
+// page repair, and the primary takes hashes only after a request for one,
+// in order and for its guest's pages: anything else is a protocol error.
 //
 // A primary whose backup died (Timeout without a message, or the link
 // broke) goes on unprotected: held outputs leave, nobody is waited for,
@@ -247,11 +268,13 @@
 //	                   instance and the witness's hash; from version 3
 //	                   interrupt windows and the CPUID hash; from version
 //	                   4 the disks (size, read-only, contents' hash); from
-//	                   version 5 the network interfaces' MACs
+//	                   version 5 the network interfaces' MACs (versions 6 and 7:
+//	                   disk completions and page repairs, no field of their own)
 //	Refuse             a refused handshake, or a protocol error: reason, text
 //	Record      (log)  P0: seq, epoch, position, kind, value
 //	EpochEnd    (log)  P2: seq, epoch, position, halt, events, hash
-//	Checkpoint  (log)  seq, epoch, position, full, output count, events, state
+//	Checkpoint  (log)  seq, epoch, position, full, repair (a page repair),
+//	                   output count, events, state
 //	Output      (log)  seq, epoch, position, output seq, performed-up-to, data
 //	Goodbye     (log)  seq, the guest's exit status
 //	DiskData           primary, to a joining backup before the full
@@ -259,7 +282,12 @@
 //	                   (at most wire.MaxDiskData bytes)
 //	Performed          outputs performed up to N
 //	Ack                backup: every log record up to seq N received
-//	CheckpointRequest  backup: diverged, send the full state
+//	CheckpointRequest  backup: diverged, send the state (pages: a page
+//	                   repair, whose page hashes follow)
+//	PageHashes         backup, after a request for a page repair: epoch,
+//	                   position, first page, total pages, last, the
+//	                   registers' hash (with last), a 64-bit hash per page
+//	                   (at most wire.MaxPageHashes)
 //	Heartbeat          both: liveness; from the primary, its epoch and position
 //
 // Log records carry consecutive sequence numbers per link; the backup
@@ -273,8 +301,9 @@
 //   - Vcpu calls (Point, Halt, Read, Output, Finish) come from the vCPU
 //     thread, one at a time, each followed by answers until the node says
 //     ActGo, ActYield or ActStop: Continue after ActWait, ActDeliver and
-//     ActInstall; Hashed after ActHash; Checkpointed after ActCheckpoint.
-//     Calling anything else in between panics.
+//     ActInstall; Hashed after ActHash (HashedPages with Pages);
+//     Checkpointed after ActCheckpoint. Calling anything else in between
+//     panics.
 //   - ActWait: release the lock and wait (a sync.Cond broadcast after
 //     every other call), then Continue. With WaitEvent (a halted primary)
 //     also wake at the PIT deadline and give the timer event first.
@@ -299,13 +328,20 @@
 //     dirty log may name a page the guest did not write, on one replica
 //     and not the other. Keep a separate accumulated bitmap for
 //     incremental checkpoints, which need every page dirtied since the last
-//     checkpoint.
+//     checkpoint. With Pages: the registers' hash and each page's (the
+//     first word of its SHA-256 in that sum), brought up to date the same
+//     way, given to HashedPages.
 //   - Checkpoint: at the kick point it is asked at (quiescent): Full is the
 //     complete state; otherwise the pages dirtied since the previous
 //     checkpoint plus all vCPU, device and machine state (halted, the
 //     interrupt-window request, the delivery point, Stats).
+//   - Checkpoint with Repair: the pages whose hashes (up to date as for
+//     Hash) differ from Action.Against, and all the other state.
 //   - Install: the state replaces the machine's entirely, its position
-//     included; then deliver and go on.
+//     included (a page repair's pages replace those that differed); then
+//     deliver and go on. Installed in Halt, a state that is not halted
+//     goes on as from the kick point it was captured at (injecting only
+//     what was delivered there), not as a guest woken from HLT.
 //   - ActYield: call the kick function and return from At or Halt.
 //   - ActStop: make Run return (Status, or Err).
 //   - Tick at least every millisecond with the driver's clock; Async the

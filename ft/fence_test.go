@@ -307,7 +307,8 @@ func TestFenceDivergedBackupClaimsLate(t *testing.T) {
 	b.n.Tick(0)
 	b.step(wire.EpochEnd{Seq: 1, Epoch: 1, Pos: at(2), Verify: true, Hash: Digest{1}})
 	wantAction(t, "hash", b.n.Point(pt(2, 0)), ActHash)
-	wantWait(t, "diverged", b.n.Hashed(Digest{2}), WaitRepair)
+	// Diverged: it yields to a kick point to take its page hashes.
+	wantAction(t, "diverged", b.n.Hashed(Digest{2}), ActYield)
 	b.drain()
 	b.n.Tick(10 * ms)
 	b.n.Disconnected()

@@ -85,6 +85,10 @@ func runFuzzNode(t *testing.T, prog []byte) {
 		case busy:
 			switch pending.Kind {
 			case ActHash:
+				if pending.Pages {
+					answer(n.HashedPages(Digest{r.byte() % 2}, make([]uint64, testGuest.MemSize/PageSize)))
+					break
+				}
 				answer(n.Hashed(Digest{r.byte() % 2}))
 			case ActCheckpoint:
 				answer(n.Checkpointed([]byte{r.byte()}))
@@ -154,7 +158,7 @@ func (r *fuzzReader) outKind() Kind {
 func (r *fuzzReader) msg() wire.Msg {
 	pos := Position{Exits: r.small()}
 	evs := []Event{r.event()}
-	switch r.byte() % 11 {
+	switch r.byte() % 12 {
 	case 0:
 		h := wire.Hello{Version: ProtocolVersion, Role: Role(1 + r.byte()%2), MemSize: testGuest.MemSize,
 			Kernel: testGuest.Kernel, Initrd: testGuest.Initrd, Cmdline: testGuest.Cmdline, Started: r.byte()&1 == 1}
@@ -169,7 +173,8 @@ func (r *fuzzReader) msg() wire.Msg {
 	case 3:
 		return wire.EpochEnd{Seq: r.small(), Epoch: r.small(), Pos: pos, Halt: r.byte()&1 == 1, Events: evs, Verify: r.byte()&1 == 1}
 	case 4:
-		return wire.Checkpoint{Seq: r.small(), Epoch: r.small(), Pos: pos, Full: r.byte()&1 == 1, OutSeq: r.small(), Events: evs, State: []byte{1}}
+		b := r.byte()
+		return wire.Checkpoint{Seq: r.small(), Epoch: r.small(), Pos: pos, Full: b&1 == 1, Repair: b&2 == 2, OutSeq: r.small(), Events: evs, State: []byte{1}}
 	case 5:
 		return wire.Output{Seq: r.small(), Epoch: r.small(), Pos: pos, OutSeq: r.small(), Done: r.small(), Kind: r.outKind(), Data: []byte{r.byte()}}
 	case 6:
@@ -177,8 +182,15 @@ func (r *fuzzReader) msg() wire.Msg {
 	case 7:
 		return wire.Ack{Seq: r.small()}
 	case 8:
-		return wire.CheckpointRequest{Epoch: r.small(), Pos: pos}
-	case 9:
+		return wire.CheckpointRequest{Epoch: r.small(), Pos: pos, Pages: r.byte()&1 == 1}
+	case 10:
+		// Page hashes: all of the test guest's in one frame, or a piece.
+		total := testGuest.MemSize / PageSize
+		if r.byte()&1 == 1 {
+			return wire.PageHashes{Epoch: r.small(), Pos: pos, Total: total, Last: true, Hashes: make([]uint64, total)}
+		}
+		return wire.PageHashes{Epoch: r.small(), Pos: pos, First: r.small(), Total: total - r.small(), Last: r.byte()&1 == 1, Hashes: []uint64{r.small()}}
+	case 9, 11:
 		return wire.Heartbeat{Epoch: r.small(), Pos: pos}
 	}
 	return wire.Goodbye{Seq: r.small(), Status: int32(r.byte())}

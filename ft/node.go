@@ -41,11 +41,18 @@ type Node struct {
 	stopAction Action
 
 	// Primary.
-	protected  bool // a backup holds our state and receives the log
-	joining    bool // a backup passed the handshake and needs the full state
-	repair     bool // the backup asked for the full state
-	seq, acked uint64
-	events     []Event // P1: buffered asynchronous events
+	protected bool // a backup holds our state and receives the log
+	joining   bool // a backup passed the handshake and needs the full state
+	repair    bool // the backup asked for its repair
+	// A page repair (verify mode): the backup's page hashes, received in
+	// order (wire.PageHashes) up to peerTotal; the repair waits for the
+	// last of them (pagesIn).
+	repairPages bool
+	peerPages   []uint64
+	peerTotal   uint64
+	pagesIn     bool
+	seq, acked  uint64
+	events      []Event // P1: buffered asynchronous events
 	// pendingFrames: the KindNetRx events among events (MaxPendingFrames).
 	pendingFrames int
 	rxSpace       int // the UART's room at the last point
@@ -68,10 +75,16 @@ type Node struct {
 	absorbed  []Out  // outputs absorbed and not confirmed: redone at promotion
 	hasState  bool   // it holds the guest's state (booted alongside, or installed)
 	diverged  bool   // waiting for the primary's state
-	goodbye   bool   // the guest ended on the primary with goodbyeStatus
-	goodbyeSt int
-	replaying bool  // promoted; still replaying the log
-	failed    error // it cannot go on (ActStop with this error)
+	// pagesDue: diverged, and its page hashes are still to be taken and
+	// sent (at its next quiescent point); pagesSent: they were, and a page
+	// repair may come. checkRepair: a page repair was installed and no
+	// compared hash has matched since; a divergence then asks for the
+	// full state.
+	pagesDue, pagesSent, checkRepair bool
+	goodbye                          bool // the guest ended on the primary with goodbyeStatus
+	goodbyeSt                        int
+	replaying                        bool  // promoted; still replaying the log
+	failed                           error // it cannot go on (ActStop with this error)
 
 	// Fencing (Config.Witness).
 	pair     Digest // names the pair, from both Hellos
@@ -122,6 +135,7 @@ type op struct {
 	hash    Digest
 	hashed  bool
 	full    bool
+	repair  bool // the checkpoint captured is a page repair
 	state   []byte
 	waitSeq uint64
 	last    ActionKind
@@ -154,6 +168,7 @@ const (
 	stDeliver             // backup: the epoch end is checked; deliver its events
 	stCkptDelivered       // backup: the checkpoint's events are delivered
 	stGoOn                // backup: an epoch ended here; may the guest run on?
+	stPageHashed          // backup: ActHash with Pages returned; HashedPages resumes
 )
 
 // NewNode returns a node in cfg.Role, at epoch 1, position 0, with no
@@ -242,7 +257,22 @@ func (n *Node) Continue() Action {
 // Hashed gives the state hash ActHash asked for.
 func (n *Node) Hashed(h Digest) Action {
 	n.resume(ActHash)
+	if n.op.kind != opStopped && n.op.stage == stPageHashed {
+		panic("ft: Hashed for page hashes (HashedPages)")
+	}
 	n.op.hash, n.op.hashed = h, true
+	return n.run()
+}
+
+// HashedPages gives the page hashes ActHash with Pages asked for (a
+// diverged backup): the hash of the vCPU registers and one 64-bit hash
+// per page of guest memory (ft/doc.go, verify mode). The node keeps pages.
+func (n *Node) HashedPages(regs Digest, pages []uint64) Action {
+	n.resume(ActHash)
+	if n.op.kind != opStopped && n.op.stage != stPageHashed {
+		panic("ft: HashedPages for a state hash (Hashed)")
+	}
+	n.sendPageHashes(regs, pages)
 	return n.run()
 }
 
@@ -473,6 +503,7 @@ func (n *Node) dropLink(why error) {
 	if up && why != nil && !n.joining && n.fencing() {
 		// Held outputs stay held: if the backup wins, it performs them.
 		n.protected, n.joining, n.repair = false, false, false
+		n.repairPages, n.pagesIn, n.peerPages = false, false, nil
 		n.claim(why)
 		return
 	}

@@ -1061,11 +1061,12 @@ func TestHandshakeGivesPeerIdentity(t *testing.T) {
 	}
 }
 
-// Rule (ft/doc.go, divergence): "In --verify mode the primary sends, at
-// each epoch end, a hash of its vCPU registers and of the guest pages
-// dirtied in the epoch; the backup compares. On a mismatch, a logged
-// divergence, the backup requests a checkpoint and continues from the
-// primary's state. Count repairs."
+// Rule (ft/doc.go, verify mode): each EpochEnd carries the primary's
+// state hash; the backup compares. On a mismatch, a logged divergence:
+// the backup asks for a page repair, takes its page hashes at a kick
+// point and sends them; the primary, at its next kick point, sends only
+// the pages whose hashes differ with the rest of its state; the backup
+// installs it and goes on. Repairs are counted.
 func TestVerifyDivergenceDetectedAndRepaired(t *testing.T) {
 	p, b := pair(t, OutputCommit, true)
 	primaryHash, backupHash := Digest{1}, Digest{2}
@@ -1081,32 +1082,60 @@ func TestVerifyDivergenceDetectedAndRepaired(t *testing.T) {
 	b.step(p.drain()...)
 
 	wantAction(t, "backup hash", b.n.Point(pt(4, 0)), ActHash)
-	wantWait(t, "mismatch", b.n.Hashed(backupHash), WaitRepair)
+	// Diverged at an exit: it yields, to take its page hashes at the
+	// kick point where it will install the repair.
+	wantAction(t, "mismatch", b.n.Hashed(backupHash), ActYield)
 	fromB := b.drain()
 	if n, ok := b.hasNote(NoteDivergence); !ok || !contains(n.Err.Error(), "state hash") {
 		t.Fatalf("backup notes %v", b.notes)
 	}
 	reqs := ofType[wire.CheckpointRequest](fromB)
-	if len(reqs) != 1 || reqs[0].Epoch != 1 {
+	if len(reqs) != 1 || reqs[0].Epoch != 1 || !reqs[0].Pages {
 		t.Fatalf("requests %#v", reqs)
 	}
 	p.step(fromB...)
 	p.drain()
-	if _, ok := p.hasNote(NoteDivergence); !ok || p.kicks != 1 {
-		t.Fatalf("primary: notes %v, kicks %d", p.notes, p.kicks)
+	if _, ok := p.hasNote(NoteDivergence); !ok || p.kicks != 0 {
+		t.Fatalf("primary: notes %v, kicks %d (none before the page hashes)", p.notes, p.kicks)
 	}
-	// The primary's next kick point gives its full state.
-	a := wantAction(t, "repair checkpoint", p.n.Point(kick(7, 2*ms)), ActCheckpoint)
-	if !a.Full {
-		t.Fatal("a repair needs the full state")
+	// An overdue kick point meanwhile is no repair: the hashes are not here.
+	if p.n.repairReady() {
+		t.Fatal("repair ready without the page hashes")
 	}
-	wantGo(t, "", p.n.Checkpointed([]byte("FULL")))
-	b.step(p.drain()...)
 
-	// The backup skips what the checkpoint replaces and installs it.
-	wantAction(t, "yield", b.n.Continue(), ActYield)
-	a = wantAction(t, "install", b.n.Point(kick(4, 0)), ActInstall)
-	if !a.Full || string(a.State) != "FULL" {
+	pages := testPages(b)
+	pages[3] ^= 1 // the page that differs, as the backup hashed it
+	a := wantAction(t, "page hashes", b.n.Point(kick(4, 0)), ActHash)
+	if !a.Pages {
+		t.Fatalf("a diverged backup hashes %v, want its pages", a)
+	}
+	wantWait(t, "hashed", b.n.HashedPages(Digest{7}, pages), WaitRepair)
+	fromB = b.drain()
+	hs := ofType[wire.PageHashes](fromB)
+	if len(hs) != 1 || !hs[0].Last || hs[0].Total != uint64(len(pages)) || hs[0].Regs != (Digest{7}) {
+		t.Fatalf("page hashes %d frames", len(hs))
+	}
+	p.step(fromB...)
+	p.drain()
+	if p.kicks != 1 {
+		t.Fatalf("primary: kicks %d once the hashes are in", p.kicks)
+	}
+	// The primary's next kick point gives a page repair against them.
+	a = wantAction(t, "repair checkpoint", p.n.Point(kick(7, 2*ms)), ActCheckpoint)
+	if !a.Repair || a.Full || len(a.Against) != len(pages) || a.Against[3] != pages[3] {
+		t.Fatalf("repair %v, against %d hashes", a, len(a.Against))
+	}
+	wantGo(t, "", p.n.Checkpointed([]byte("PAGES")))
+	cps := ofType[wire.Checkpoint](p.drain())
+	if len(cps) != 1 || !cps[0].Repair || cps[0].Full {
+		t.Fatalf("checkpoints sent %+v", cps)
+	}
+	b.step(cps[0])
+
+	// The backup skips what the checkpoint replaces and installs it at
+	// the kick point where it hashed.
+	a = wantAction(t, "install", b.n.Continue(), ActInstall)
+	if !a.Repair || a.Full || string(a.State) != "PAGES" {
 		t.Fatalf("install %v", a)
 	}
 	wantAction(t, "at the primary's kick point", b.n.Continue(), ActWait)
@@ -1117,7 +1146,8 @@ func TestVerifyDivergenceDetectedAndRepaired(t *testing.T) {
 		t.Fatal("no repaired note")
 	}
 	s := b.n.Status()
-	if s.Repairs != 1 || s.Divergences != 1 || s.Diverged || s.Epoch != 3 || s.Pos != at(7) || s.Outputs != 1 {
+	if s.Repairs != 1 || s.PageRepairs != 1 || s.RepairBytes != 5 || s.Divergences != 1 || s.Diverged ||
+		s.Epoch != 3 || s.Pos != at(7) || s.Outputs != 1 {
 		t.Fatalf("status %v", s)
 	}
 
@@ -1608,11 +1638,10 @@ func TestRepairRequestedDuringIncrementalCapture(t *testing.T) {
 	wantGo(t, "", p.n.Continue())
 	b.step(p.drain()...)
 	wantAction(t, "backup hash", b.n.Point(pt(4, 0)), ActHash)
-	wantWait(t, "mismatch", b.n.Hashed(Digest{2}), WaitRepair)
-	fromB := b.drain()
+	fromB := divergedPages(t, b, b.n.Hashed(Digest{2}), 4)
 
-	// An overdue incremental checkpoint begins; the request arrives
-	// while its state is captured.
+	// An overdue incremental checkpoint begins; the request and the
+	// page hashes arrive while its state is captured.
 	p.n.Async(timer(5))
 	p.n.Tick(5 * ms) // the event is due; a guest without exits is overdue after the kick bound
 	p.n.Tick(20 * ms)
@@ -1627,21 +1656,43 @@ func TestRepairRequestedDuringIncrementalCapture(t *testing.T) {
 	if !p.n.repair {
 		t.Fatal("the incremental checkpoint cleared the repair")
 	}
-	// The next kick point gives the full state.
+	// The next kick point gives the repair.
 	a = wantAction(t, "repair checkpoint", p.n.Point(kick(8, 31*ms)), ActCheckpoint)
-	if !a.Full {
-		t.Fatal("the repair got no full state")
+	if !a.Repair {
+		t.Fatal("the repair got no page repair")
 	}
-	wantGo(t, "", p.n.Checkpointed([]byte("FULL")))
-	var full int
+	wantGo(t, "", p.n.Checkpointed([]byte("PAGES")))
+	var repairs int
 	for _, m := range ofType[wire.Checkpoint](p.drain()) {
-		if m.Full && string(m.State) == "FULL" {
-			full++
+		if m.Repair && string(m.State) == "PAGES" {
+			repairs++
 		}
 	}
-	if full != 1 || p.n.repair {
-		t.Fatalf("%d full checkpoints sent, repair still asked %v", full, p.n.repair)
+	if repairs != 1 || p.n.repair {
+		t.Fatalf("%d page repairs sent, repair still asked %v", repairs, p.n.repair)
 	}
+}
+
+// testPages is a backup's page hashes for the test guest: one per page.
+func testPages(r *replica) []uint64 {
+	pages := make([]uint64, r.n.cfg.Guest.MemSize/PageSize)
+	for i := range pages {
+		pages[i] = uint64(i) * 0x9e3779b97f4a7c15
+	}
+	return pages
+}
+
+// divergedPages: a backup whose last call diverged at an exit (a) yields
+// and takes its page hashes at the kick point at exits; it returns what
+// it sent (the request and the hashes).
+func divergedPages(t *testing.T, b *replica, a Action, exits uint64) []wire.Msg {
+	t.Helper()
+	wantAction(t, "diverged at an exit", a, ActYield)
+	if a := wantAction(t, "page hashes", b.n.Point(kick(exits, 0)), ActHash); !a.Pages {
+		t.Fatalf("hash %v, want the pages", a)
+	}
+	wantWait(t, "hashed", b.n.HashedPages(Digest{7}, testPages(b)), WaitRepair)
+	return b.drain()
 }
 
 // The same for a join: the backup whose link was up when an incremental
@@ -1690,5 +1741,170 @@ func TestJoinDuringIncrementalCapture(t *testing.T) {
 	}
 	if s := p.n.Status(); full != 1 || !s.Protected || s.Joining {
 		t.Fatalf("%d full checkpoints sent; %v", full, s)
+	}
+}
+
+// pageRepairedPair: a verify-mode pair whose backup diverged at the end
+// of epoch 1 (exit 4) and installed a page repair the primary captured at
+// its kick point at exit 5 (ending epoch 2). Both are in epoch 3 at 5.
+func pageRepairedPair(t *testing.T) (p, b *replica) {
+	t.Helper()
+	p, b = pair(t, OutputCommit, true)
+	p.n.Async(timer(1))
+	wantAction(t, "primary hash", p.n.Point(pt(4, ms)), ActHash)
+	wantAction(t, "deliver", p.n.Hashed(Digest{1}), ActDeliver)
+	wantGo(t, "", p.n.Continue())
+	b.step(p.drain()...)
+	wantAction(t, "backup hash", b.n.Point(pt(4, 0)), ActHash)
+	p.step(divergedPages(t, b, b.n.Hashed(Digest{2}), 4)...)
+	p.drain()
+	if a := wantAction(t, "page repair", p.n.Point(kick(5, 2*ms)), ActCheckpoint); !a.Repair {
+		t.Fatalf("checkpoint %v, want a page repair", a)
+	}
+	wantGo(t, "", p.n.Checkpointed([]byte("PAGES")))
+	b.step(p.drain()...)
+	if a := wantAction(t, "install", b.n.Continue(), ActInstall); !a.Repair {
+		t.Fatalf("install %v", a)
+	}
+	wantWait(t, "at the primary's kick point", b.n.Continue(), WaitLog)
+	if s := b.n.Status(); s.Diverged || s.PageRepairs != 1 || s.Epoch != 3 || s.Pos != at(5) {
+		t.Fatalf("after the page repair: %v", s)
+	}
+	return p, b
+}
+
+// endEpoch3: the primary ends epoch 3 at exit 6 with hash h; the backup
+// reaches it and hashes.
+func endEpoch3(t *testing.T, p, b *replica, h Digest) {
+	t.Helper()
+	p.n.Async(timer(3 * ms))
+	wantAction(t, "primary hash", p.n.Point(pt(6, 3*ms)), ActHash)
+	wantAction(t, "deliver", p.n.Hashed(h), ActDeliver)
+	wantGo(t, "", p.n.Continue())
+	b.step(p.drain()...)
+	wantGo(t, "the backup leaves the kick point", b.n.Continue())
+	wantAction(t, "backup hash", b.n.Point(pt(6, 0)), ActHash)
+}
+
+// Rule (ft/doc.go, verify mode): a page repair is right only if the pages
+// it did not carry were equal; the next compared hash says so. If it
+// differs, the backup says so and asks for the full state, which it gets.
+func TestVerifyPageRepairNotConfirmedFallsBackToFull(t *testing.T) {
+	p, b := pageRepairedPair(t)
+	endEpoch3(t, p, b, Digest{3})
+	wantWait(t, "still differs: no page hashes this time", b.n.Hashed(Digest{4}), WaitRepair)
+	fromB := b.drain()
+	reqs := ofType[wire.CheckpointRequest](fromB)
+	if len(reqs) != 1 || reqs[0].Pages || len(ofType[wire.PageHashes](fromB)) != 0 {
+		t.Fatalf("sent %v, want a request for the full state", fromB)
+	}
+	var said bool
+	for _, n := range b.notes {
+		said = said || n.Kind == NoteDivergence && contains(n.Err.Error(), "page repair") && contains(n.Err.Error(), "full state")
+	}
+	if !said {
+		t.Fatalf("the fallback is not in the notes: %v", b.notes)
+	}
+	p.step(fromB...)
+	p.drain()
+	if a := wantAction(t, "full repair", p.n.Point(kick(7, 4*ms)), ActCheckpoint); !a.Full || a.Repair {
+		t.Fatalf("checkpoint %v, want the full state", a)
+	}
+	wantGo(t, "", p.n.Checkpointed([]byte("FULL")))
+	b.step(p.drain()...)
+	wantAction(t, "yield to install", b.n.Continue(), ActYield)
+	if a := wantAction(t, "install", b.n.Point(kick(6, 0)), ActInstall); !a.Full || string(a.State) != "FULL" {
+		t.Fatalf("install %v", a)
+	}
+	b.n.Continue()
+	b.drain()
+	if s := b.n.Status(); s.Repairs != 2 || s.PageRepairs != 1 || s.RepairBytes != 5+4 || s.Diverged {
+		t.Fatalf("status %v", s)
+	}
+}
+
+// A matching hash confirms a page repair: a later divergence is repaired
+// by pages again.
+func TestVerifyPageRepairConfirmedByNextHash(t *testing.T) {
+	p, b := pageRepairedPair(t)
+	endEpoch3(t, p, b, Digest{3})
+	wantAction(t, "matches", b.n.Hashed(Digest{3}), ActDeliver)
+	if b.n.checkRepair {
+		t.Fatal("a matching hash left the page repair unconfirmed")
+	}
+	p.n.Read(at(7), wire.KindClock, 60)
+	b.step(p.drain()...)
+	wantGo(t, "", b.n.Continue())
+	b.drain()
+	// The next divergence (a read where the primary made none) asks for
+	// pages.
+	b.n.Read(at(8), wire.KindClock, 1)
+	reqs := ofType[wire.CheckpointRequest](b.drain())
+	if len(reqs) != 1 || !reqs[0].Pages {
+		t.Fatalf("requests %+v, want a page repair", reqs)
+	}
+}
+
+// Page hashes come in bounded frames, in order; the primary takes them
+// only after a request for a page repair and only for its guest's pages,
+// and a backup takes a page repair only after sending its hashes. Anything
+// else is a protocol error.
+func TestPageHashesFramesAndProtocol(t *testing.T) {
+	pc, bc := testConfig(RolePrimary, OutputCommit), testConfig(RoleBackup, OutputCommit)
+	pc.Verify = true
+	pc.Guest.MemSize, bc.Guest.MemSize = 1<<30, 1<<30 // 262144 pages: 4 frames
+	p, b := pairOf(t, pc, bc)
+	p.n.Async(timer(1))
+	wantAction(t, "primary hash", p.n.Point(pt(4, ms)), ActHash)
+	wantAction(t, "deliver", p.n.Hashed(Digest{1}), ActDeliver)
+	wantGo(t, "", p.n.Continue())
+	b.step(p.drain()...)
+	wantAction(t, "backup hash", b.n.Point(pt(4, 0)), ActHash)
+	fromB := divergedPages(t, b, b.n.Hashed(Digest{2}), 4)
+	hs := ofType[wire.PageHashes](fromB)
+	if len(hs) != 4 {
+		t.Fatalf("%d frames of page hashes, want 4", len(hs))
+	}
+	for i, h := range hs {
+		if len(h.Hashes) > wire.MaxPageHashes || h.First != uint64(i*wire.MaxPageHashes) || h.Last != (i == 3) || h.Total != 1<<18 {
+			t.Fatalf("frame %d: first %d, %d hashes, last %v", i, h.First, len(h.Hashes), h.Last)
+		}
+	}
+	req := ofType[wire.CheckpointRequest](fromB)[0]
+
+	for _, tc := range []struct {
+		name string
+		msgs []wire.Msg
+		text string
+	}{
+		{"hashes without a request", []wire.Msg{hs[0]}, "without a request"},
+		{"a frame missing", []wire.Msg{req, hs[0], hs[2]}, "page 65536 was expected"},
+		{"another memory size", []wire.Msg{req, wire.PageHashes{Total: 5, Last: true, Hashes: make([]uint64, 5)}}, "the guest has 262144"},
+		{"past the end", []wire.Msg{req, hs[0], hs[1], hs[2], hs[3], hs[3]}, "without a request"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			q, _ := pairOf(t, pc, bc)
+			q.step(tc.msgs...)
+			q.drain()
+			n, ok := q.hasNote(NoteProtocol)
+			if !ok || !contains(n.Err.Error(), tc.text) {
+				t.Fatalf("notes %v, want a protocol error with %q", q.notes, tc.text)
+			}
+		})
+	}
+
+	// In order, the primary has them all and kicks for the repair.
+	p.step(fromB...)
+	p.drain()
+	if !p.n.repairReady() || len(p.n.peerPages) != 1<<18 {
+		t.Fatalf("primary: repair ready %v with %d hashes", p.n.repairReady(), len(p.n.peerPages))
+	}
+
+	// A backup that sent no hashes takes no page repair.
+	_, c := pairOf(t, pc, bc)
+	c.step(wire.Checkpoint{Seq: 1, Epoch: 1, Repair: true, State: []byte("PAGES")})
+	c.drain()
+	if n, ok := c.hasNote(NoteProtocol); !ok || !contains(n.Err.Error(), "sent no page hashes") {
+		t.Fatalf("notes %v", c.notes)
 	}
 }

@@ -160,7 +160,7 @@ func (n *Node) primaryPoint() Action {
 			switch {
 			case pt.Kick:
 				n.kicked = false
-				if n.joining || n.repair || n.protected && n.overdue(n.now) {
+				if n.joining || n.repairReady() || n.protected && n.overdue(n.now) {
 					return n.checkpointEpoch()
 				}
 				if n.overdue(n.now) {
@@ -247,9 +247,24 @@ func (n *Node) sendEpochEnd() {
 // repair get the full state the same way.
 func (n *Node) checkpointEpoch() Action {
 	o := &n.op
-	o.full = n.joining || n.repair
 	o.stage = stCheckpointed
+	if !n.joining && n.repairReady() && n.repairPages {
+		// A page repair: the driver compares the backup's page hashes
+		// with its own and captures the pages that differ, with the rest
+		// of the state. The hashes are the driver's now.
+		o.repair = true
+		against := n.peerPages
+		n.peerPages = nil
+		return Action{Kind: ActCheckpoint, Repair: true, Against: against}
+	}
+	o.full = n.joining || n.repairReady()
 	return Action{Kind: ActCheckpoint, Full: o.full, Join: n.joining}
+}
+
+// repairReady: the backup asked for its repair, and a page repair has
+// all the backup's page hashes.
+func (n *Node) repairReady() bool {
+	return n.repair && (!n.repairPages || n.pagesIn)
 }
 
 func (n *Node) sendCheckpoint() {
@@ -261,9 +276,14 @@ func (n *Node) sendCheckpoint() {
 	// it: a joining backup, which has no state, is sent nothing, and
 	// either waits for the full state of the next kick point (Tick asks
 	// for one while joining or repair is set).
-	if n.link == linkUp && (n.protected || n.joining) && (o.full || !n.joining) {
+	//
+	// A page repair is sent only to the backup whose hashes it was
+	// computed against: one that still waits for it (repair set, and
+	// no other request reset the hashes since).
+	pageRepairOK := !o.repair || n.repair && n.repairPages && n.pagesIn && n.peerPages == nil
+	if n.link == linkUp && (n.protected || n.joining) && (o.full || !n.joining) && pageRepairOK {
 		n.seq++
-		n.send(wire.Checkpoint{Seq: n.seq, Epoch: n.epoch, Pos: n.pos, Full: o.full, OutSeq: n.outSeq,
+		n.send(wire.Checkpoint{Seq: n.seq, Epoch: n.epoch, Pos: n.pos, Full: o.full, Repair: o.repair, OutSeq: n.outSeq,
 			OutBytes: n.outBytes, Events: o.events, State: o.state})
 		o.waitSeq = n.seq
 		n.st.CheckpointEpochs++
@@ -272,8 +292,8 @@ func (n *Node) sendCheckpoint() {
 			n.joining, n.protected = false, true
 			n.note(NoteProtected, nil)
 		}
-		if o.full {
-			n.repair = false
+		if o.full || o.repair {
+			n.repair, n.repairPages, n.pagesIn = false, false, false
 		}
 	}
 	o.state = nil
@@ -357,16 +377,59 @@ func (n *Node) primaryStepMsg(m wire.Msg) {
 		}
 	case wire.CheckpointRequest:
 		// Verify mode: the backup saw a divergence and waits for our
-		// state. It comes at the next kick point.
+		// state. It comes at the next kick point; a page repair's once
+		// the backup's page hashes are all here.
 		if n.protected {
-			n.repair, n.kick, n.kicked, n.kickedAt = true, true, true, n.now
-			n.note(NoteDivergence, errorf("%w reported by the backup at epoch %d position %v: %s",
-				ErrDivergence, m.Epoch, m.Pos, m.Reason))
+			n.repair, n.repairPages, n.pagesIn = true, m.Pages, false
+			n.peerPages, n.peerTotal = nil, 0
+			if !m.Pages {
+				n.kick, n.kicked, n.kickedAt = true, true, n.now
+			}
+			what := "the full state"
+			if m.Pages {
+				what = "the pages that differ"
+			}
+			n.note(NoteDivergence, errorf("%w reported by the backup at epoch %d position %v: %s; repairing it with %s",
+				ErrDivergence, m.Epoch, m.Pos, m.Reason, what))
 		}
+	case wire.PageHashes:
+		n.stepPageHashes(m)
 	case wire.Heartbeat:
 		// Liveness only.
 	default:
 		n.protocolError(errorf("a primary got %v", m.Type()))
+	}
+}
+
+// stepPageHashes collects a diverged backup's page hashes (ft/doc.go,
+// verify mode): in order from page 0, one per page of the guest's memory,
+// after its request for a page repair. Anything else is a protocol error.
+func (n *Node) stepPageHashes(m wire.PageHashes) {
+	if !n.protected {
+		return // a backup given up on; its link is gone
+	}
+	pages := n.cfg.Guest.MemSize / PageSize
+	end := m.First + uint64(len(m.Hashes))
+	switch {
+	case !n.repair || !n.repairPages || n.pagesIn:
+		n.protocolError(errorf("page hashes without a request for a page repair"))
+		return
+	case m.Total != pages:
+		n.protocolError(errorf("page hashes for %d pages; the guest has %d", m.Total, pages))
+		return
+	case m.First != uint64(len(n.peerPages)) || end < m.First || end > pages || m.Last != (end == pages):
+		n.protocolError(errorf("page hashes for pages %d to %d of %d (last %v); page %d was expected next",
+			m.First, end, m.Total, m.Last, len(n.peerPages)))
+		return
+	}
+	if n.peerPages == nil {
+		n.peerPages = make([]uint64, 0, pages)
+	}
+	n.peerPages = append(n.peerPages, m.Hashes...)
+	n.peerTotal = m.Total
+	if m.Last {
+		n.pagesIn = true
+		n.kick, n.kicked, n.kickedAt = true, true, n.now
 	}
 }
 
@@ -386,6 +449,7 @@ func (n *Node) backupJoined() {
 // backupGone: running unprotected from here; held outputs leave now.
 func (n *Node) backupGone() {
 	n.protected, n.joining, n.repair = false, false, false
+	n.repairPages, n.pagesIn, n.peerPages = false, false, nil
 	n.release()
 }
 
@@ -408,7 +472,7 @@ func (n *Node) primaryTick(now int64) {
 		n.dueSince = now
 	}
 	n.due = due
-	need := n.overdue(now) || n.joining || n.repair
+	need := n.overdue(now) || n.joining || n.repairReady()
 	if need && n.op.kind == opNone && (!n.kicked || now-n.kickedAt >= n.kickAfter) {
 		n.kick, n.kicked, n.kickedAt = true, true, now
 	}

@@ -16,8 +16,12 @@ import (
 // network interfaces to Hello (and the frame kinds, wire.KindNetRx and
 // wire.KindNetTx); version 6 the disk completion events (wire.KindDiskDone:
 // disk requests are performed off the vCPU thread and complete at epoch
-// ends), with no new Hello field.
-const ProtocolVersion = 6
+// ends), with no new Hello field; version 7 page repairs (wire.PageHashes,
+// CheckpointRequest.Pages, Checkpoint.Repair).
+const ProtocolVersion = 7
+
+// PageSize is the page of the page repair's hashes (wire.PageHashes).
+const PageSize = 4096
 
 // The wire types the protocol speaks in, under shorter names.
 type (
@@ -163,7 +167,9 @@ const (
 	// (vmm.Target.FireTimer, Receive), then call Continue.
 	ActDeliver
 	// ActHash: compute the state hash (vCPU registers and guest memory)
-	// and call Hashed.
+	// and call Hashed. With Action.Pages (a diverged backup, at a
+	// quiescent point) compute the page hashes instead (the registers'
+	// hash and a 64-bit hash per page of memory) and call HashedPages.
 	ActHash
 	// ActCheckpoint: capture the machine's state (Action.Full: complete,
 	// else the pages dirtied since the last checkpoint) and call
@@ -232,6 +238,13 @@ type Action struct {
 	Wait   WaitReason // ActWait
 	Events []Event    // ActDeliver
 	Full   bool       // ActCheckpoint, ActInstall
+	// Pages (ActHash): the page hashes for a page repair (HashedPages).
+	Pages bool
+	// Repair (ActCheckpoint): a page repair: capture the pages whose
+	// hashes differ from Against (the backup's, one per page) and all the
+	// rest of the state but memory. ActInstall: the state is one.
+	Repair  bool
+	Against []uint64
 	// Join (ActCheckpoint): the full state is for a backup that joins the
 	// running guest; the driver sends the read-write disk images first
 	// (wire.DiskData). ActInstall: this backup is joining, and must have
@@ -251,7 +264,7 @@ func (a Action) String() string {
 	case ActDeliver:
 		return fmt.Sprintf("deliver%v", a.Events)
 	case ActCheckpoint, ActInstall:
-		return fmt.Sprintf("%v(full=%v, %d bytes)", a.Kind, a.Full, len(a.State))
+		return fmt.Sprintf("%v(full=%v, repair=%v, %d bytes)", a.Kind, a.Full, a.Repair, len(a.State))
 	case ActStop:
 		if a.Err != nil {
 			return fmt.Sprintf("stop(%v)", a.Err)
@@ -428,7 +441,12 @@ type Status struct {
 	CheckpointBytes  uint64
 	Divergences      uint64
 	Repairs          uint64
-	Promotions       uint64
+	// PageRepairs (backup): of the repairs, those that carried only the
+	// pages in which its memory differed (the rest carried the full
+	// state); RepairBytes: the states of all repairs installed.
+	PageRepairs uint64
+	RepairBytes uint64
+	Promotions  uint64
 	// FramesDropped (primary): received frames dropped because
 	// MaxPendingFrames waited for the epoch's end already (P1).
 	FramesDropped uint64
@@ -462,6 +480,9 @@ func (s Status) String() string {
 	}
 	str := fmt.Sprintf("%s; epoch %d at %v; %d outputs, %d performed; %d checkpoint epochs (%d bytes); %d divergences, %d repairs",
 		state, s.Epoch, s.Pos, s.Outputs, s.Performed, s.CheckpointEpochs, s.CheckpointBytes, s.Divergences, s.Repairs)
+	if s.Repairs > 0 {
+		str += fmt.Sprintf(" (%d of pages only; %d bytes of state)", s.PageRepairs, s.RepairBytes)
+	}
 	if s.Promotions > 0 {
 		str += fmt.Sprintf("; took over performing from console byte offset %d (%d bytes uncertain)", s.Seam, s.SeamUncertain)
 	}

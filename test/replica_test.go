@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os/exec"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -94,6 +95,22 @@ func TestReplicaDivergenceRepaired(t *testing.T) {
 	if m := regexp.MustCompile(`(\d+) divergences, (\d+) repairs`).FindStringSubmatch(bres.stderr); m == nil || m[1] == "0" || m[2] == "0" {
 		t.Errorf("backup counters: %v\n%s", m, bres.stderr)
 	}
+	// The repair carried the pages that differed (ft/doc.go, page
+	// repair), far fewer than the guest's.
+	m := regexp.MustCompile(`page repair: (\d+) of (\d+) pages differ`).FindStringSubmatch(res.stderr)
+	if m == nil {
+		t.Fatalf("primary log: no page repair\n%s", res.stderr)
+	}
+	differ, _ := strconv.Atoi(m[1])
+	pages, _ := strconv.Atoi(m[2])
+	if differ < 1 || differ > pages/4 {
+		t.Errorf("page repair: %d of %d pages", differ, pages)
+	}
+	if !strings.Contains(bres.stderr, "the repair (a page repair") {
+		t.Errorf("backup log: no page repair installed\n%s", bres.stderr)
+	}
+	t.Logf("page repair: %d of %d pages differed; backup: %s", differ, pages,
+		regexp.MustCompile(`the repair \(a page repair[^\n]*`).FindString(bres.stderr))
 	// Without the injection: no divergence. (This workload reads no
 	// RDTSC, which at ring 3 would reach the guest unseen under the exit
 	// clock.) A run that reported one here was the hash's fault: it

@@ -70,6 +70,18 @@ func (m *Machine) Run() (int, error) {
 			if m.stopped {
 				return m.exitStatus, m.stopErr
 			}
+			if !m.halted {
+				// An install replaced the state while the guest waited
+				// (a replica's repair, ft/doc.go): the guest goes on as
+				// from the point the state was captured at, where the
+				// primary injected only what it delivered there (point,
+				// at a kick point). Waking it as from HLT would inject a
+				// pending interrupt the primary had not.
+				if m.point.Kind != PointKick || m.point.Delivered {
+					m.inject()
+				}
+				continue
+			}
 			if !m.pic.HasInterrupt() {
 				continue
 			}

@@ -76,7 +76,7 @@ type primaryCmd struct {
 	replicaFlags
 	Backup      string        `required:"" help:"Address of the backup (ftkvm backup --listen)." placeholder:"HOST:PORT"`
 	Policy      string        `help:"Output policy: strict (wait for the backup's ack of every log record) or output-commit (stream the log; hold only outputs until acknowledged)." enum:"strict,output-commit" default:"output-commit"`
-	Verify      bool          `help:"Send a SHA-256 of the vCPU registers and of all guest memory at every epoch end; the backup compares it with its own, reports a divergence and repairs it from the primary's full state."`
+	Verify      bool          `help:"Send a SHA-256 of the vCPU registers and of all guest memory at every epoch end; the backup compares it with its own, reports a divergence and repairs it with the pages that differ from the primary's (the full state if that did not make them equal)."`
 	EpochLength time.Duration `help:"Epoch length (virtual time); an epoch ends at the first guest-caused exit after it." default:"1ms" name:"epoch-length"`
 	Connect     time.Duration `help:"How long to keep trying to reach the backup at start." default:"10s"`
 
@@ -418,6 +418,7 @@ type replicaAPI struct{ r *driver.Replica }
 func (a replicaAPI) ReplicaStatus() api.ReplicaStatus {
 	m := a.r.Metrics()
 	s := m.Status
+	prof := a.r.Profile()
 	return api.ReplicaStatus{
 		LagRecords: m.Lag.Records, LagBytes: m.Lag.Bytes, LagSeconds: m.Lag.Age.Seconds(),
 		HeldOutputs: m.Holds.Count, HoldSeconds: m.Holds.Sum,
@@ -427,8 +428,9 @@ func (a replicaAPI) ReplicaStatus() api.ReplicaStatus {
 		Outputs: s.Outputs, Performed: s.Performed, Held: s.Held, LogSent: s.LogSent, LogAcked: s.LogAcked,
 		Backlog: s.Backlog, LinkBytes: a.r.LinkBytes(), Epochs: s.Epochs, CheckpointEpochs: s.CheckpointEpochs,
 		CheckpointBytes: s.CheckpointBytes, Divergences: s.Divergences, Repairs: s.Repairs,
+		PageRepairs: s.PageRepairs, RepairBytes: s.RepairBytes, RepairedPages: prof.RepairedPages,
 		Promotions: s.Promotions, Seam: s.Seam, SeamUncertain: s.SeamUncertain, ConsoleBytes: s.ConsoleBytes,
-		Summary: s.String(), Profile: ptr(a.r.Profile()),
+		Summary: s.String(), Profile: &prof,
 	}
 }
 

@@ -305,6 +305,15 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 			a = r.node.Continue()
 		case ft.ActHash:
 			t := time.Now()
+			if a.Pages {
+				regs, pages, err := r.pageHashes()
+				r.prof.hash.add(t, 0)
+				if err != nil {
+					return a, err
+				}
+				a = r.node.HashedPages(regs, pages)
+				continue
+			}
 			h, err := r.hash()
 			r.prof.hash.add(t, 0)
 			if err != nil {
@@ -313,7 +322,13 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 			a = r.node.Hashed(h)
 		case ft.ActCheckpoint:
 			t := time.Now()
-			blob, err := r.capture(a.Full)
+			var blob []byte
+			var err error
+			if a.Repair {
+				blob, err = r.captureRepair(a.Against)
+			} else {
+				blob, err = r.capture(a.Full)
+			}
 			if err != nil {
 				return a, err
 			}
@@ -336,7 +351,7 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 					return a, err
 				}
 			}
-			if err := r.install(a.State); err != nil {
+			if err := r.install(a.State, a.Repair); err != nil {
 				return a, err
 			}
 			r.prof.install.add(t, len(a.State))

@@ -157,6 +157,14 @@ func (f *fakeMachine) Run() (int, error) {
 			if err := f.env.Halt(f.point, f); err != nil {
 				return 0, err
 			}
+			if !f.halted {
+				// An install replaced the halted state (vmm/loop.go):
+				// go on as from the kick point it was captured at.
+				if f.point.Delivered {
+					f.take()
+				}
+				continue
+			}
 			if f.regs.rbx == 0 {
 				continue
 			}

@@ -1,9 +1,13 @@
 package driver
 
 import (
+	"bytes"
 	"fmt"
 	"math/rand/v2"
 	"testing"
+
+	"github.com/ftkvm/ftkvm/ft"
+	"github.com/ftkvm/ftkvm/vmm/snapshot"
 )
 
 func bitmapOf(pages uint64, pfns ...uint64) []uint64 {
@@ -127,4 +131,89 @@ func TestMemHashChanged(t *testing.T) {
 			t.Errorf("%s: digest %x, afresh %x", tc.name, d[:8], want[:8])
 		}
 	}
+}
+
+// A page repair (ft/doc.go, verify mode) between two replicas of the fake
+// guest whose memories differ in a few pages and whose registers differ:
+// the backup's page hashes go to the primary, whose repair carries only
+// the pages that differ (those the backup changed and those the primary
+// changed since) with the rest of its state; installed, it makes the
+// backup's state the primary's, and its size is that of those pages, not
+// of the memory.
+func TestPageRepairCarriesOnlyDifferingPages(t *testing.T) {
+	id := ft.Identity{MemSize: simMemSize}
+	rp := New(Options{Node: ft.Config{Role: ft.RolePrimary, Verify: true, Guest: id}, Log: quietLog()})
+	defer rp.Close()
+	rb := New(Options{Node: ft.Config{Role: ft.RoleBackup, Verify: true, Guest: id}, Log: quietLog()})
+	defer rb.Close()
+	fp, fb := newFakeMachine(1000, 10), newFakeMachine(1000, 10)
+	for i := range fp.mem {
+		fp.mem[i] = byte(i*7 + i/4096)
+	}
+	copy(fb.mem, fp.mem)
+	for _, c := range []struct {
+		r *Replica
+		f *fakeMachine
+	}{{rp, fp}, {rb, fb}} {
+		c.f.env, c.f.quiescent = c.r, true
+		if err := c.r.Attach(c.f); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write := func(f *fakeMachine, pfn uint64) {
+		f.mem[pfn*snapshot.PageSize+17] ^= 0xa5
+		f.dirty[pfn/64] |= 1 << (pfn % 64)
+	}
+	// The backup diverged in three pages and a register; the primary went
+	// on and wrote two more pages (one of them also one of the three).
+	for _, pfn := range []uint64{3, 200, 511} {
+		write(fb, pfn)
+	}
+	fb.regs.rax ^= 1
+	for _, pfn := range []uint64{200, 64} {
+		write(fp, pfn)
+	}
+
+	rb.mu.Lock()
+	regs, pages, err := rb.pageHashes()
+	rb.mu.Unlock()
+	if err != nil || len(pages) != simPages || regs == (ft.Digest{}) {
+		t.Fatalf("page hashes: %d, %v", len(pages), err)
+	}
+	rp.mu.Lock()
+	blob, err := rp.captureRepair(pages)
+	rp.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rb.mu.Lock()
+	err = rb.install(blob, true)
+	rb.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(fb.mem, fp.mem) || fb.regs != fp.regs {
+		t.Fatal("the repaired backup's state is not the primary's")
+	}
+	rp.mu.Lock()
+	hp, err1 := rp.hash()
+	rp.mu.Unlock()
+	rb.mu.Lock()
+	hb, err2 := rb.hash()
+	rb.mu.Unlock()
+	if err1 != nil || err2 != nil || hp != hb {
+		t.Fatalf("state hashes after the repair: %x, %x (%v, %v)", hp[:8], hb[:8], err1, err2)
+	}
+	// Pages 3, 64, 200 and 511 differ: four pages and the rest of the
+	// state, against a full state of 512 pages.
+	rp.mu.Lock()
+	full, err := rp.capture(true)
+	rp.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(blob) < 4*snapshot.PageSize || len(blob) > 4*snapshot.PageSize+len(full)-simMemSize {
+		t.Fatalf("the page repair is %d bytes; 4 pages are %d, the full state %d", len(blob), 4*snapshot.PageSize, len(full))
+	}
+	t.Logf("page repair %d bytes; full state %d bytes", len(blob), len(full))
 }

@@ -51,9 +51,10 @@ type replicaProfile struct {
 	kickCheckpoints, fullCkpt uint64 // Checkpoint sent or received: incremental (a kick point), full
 
 	capture, install, hash profOp
-	// Repairs (verify mode): full states installed after a divergence,
-	// their bytes, and the pages they changed (memHash.digestChanged).
-	repairs, repairPages, repairBytes uint64
+	// Repairs (verify mode): states installed after a divergence (full
+	// ones or page repairs), their bytes, and the pages they changed
+	// (memHash.digestChanged).
+	repairs, pageRepairs, repairPages, repairBytes uint64
 	// The ticker's stalls (driver.go, tickerStall): how often and the
 	// longest.
 	stalls              uint64
@@ -99,7 +100,8 @@ func (p *replicaProfile) epochKind(m wire.Msg) {
 			p.epochEnds++
 		}
 	case wire.Checkpoint:
-		if m.Full {
+		if m.Full || m.Repair {
+			// A page repair replaces the state as a full one does.
 			p.fullCkpt++
 		} else {
 			p.kickCheckpoints++
@@ -119,11 +121,14 @@ type ReplicaProfile struct {
 	EndedAtExit       uint64 `json:"ended_at_exit"`
 	EndedAtHalt       uint64 `json:"ended_at_halt"`
 	EndedByCheckpoint uint64 `json:"ended_by_checkpoint"` // at a kick point, after the kick bound
-	FullCheckpoints   uint64 `json:"full_checkpoints"`    // a joining or repaired backup
-	// Repairs (backup, verify mode): full states installed after a
-	// divergence, their bytes, and how many pages of this replica's memory
-	// they changed (those that differed from the primary's).
+	FullCheckpoints   uint64 `json:"full_checkpoints"`    // a joining or repaired backup (page repairs too)
+	// Repairs (backup, verify mode): states installed after a divergence,
+	// their bytes, and how many pages of this replica's memory they
+	// changed (those that differed from the primary's). PageRepairs: of
+	// them, those that carried only the pages that differed (the rest
+	// carried the full state).
 	Repairs       uint64 `json:"repairs"`
+	PageRepairs   uint64 `json:"page_repairs"`
 	RepairBytes   uint64 `json:"repair_bytes"`
 	RepairedPages uint64 `json:"repaired_pages"`
 	// Stalls: times this replica's ticker (due every millisecond) ran at
@@ -179,7 +184,7 @@ func (r *Replica) Profile() ReplicaProfile {
 		Role: st.Role.String(), Epochs: st.Epochs, CheckpointEpochs: st.CheckpointEpochs, CheckpointBytes: st.CheckpointBytes,
 		EndedAtExit: p.epochEnds, EndedAtHalt: p.haltEnds, EndedByCheckpoint: p.kickCheckpoints, FullCheckpoints: p.fullCkpt,
 		Capture: op(p.capture), Install: op(p.install), Hash: op(p.hash),
-		Repairs: p.repairs, RepairBytes: p.repairBytes, RepairedPages: p.repairPages,
+		Repairs: p.repairs, PageRepairs: p.pageRepairs, RepairBytes: p.repairBytes, RepairedPages: p.repairPages,
 		Stalls: p.stalls, StallMaxNs: int64(p.stallMax), StallLockNs: int64(p.stallLock),
 		Send: Op{Count: p.writes.Load(), Ns: p.writeNs.Load(), Bytes: uint64(p.writeBytes.Load())},
 	}
@@ -221,7 +226,8 @@ func (p ReplicaProfile) WriteTable(w io.Writer) error {
 			p.Stalls, msStr(p.StallMaxNs), msStr(p.StallLockNs))
 	}
 	if p.Repairs > 0 {
-		pr("repairs: %d full states (%s) changed %d pages (%s)\n", p.Repairs, mib(p.RepairBytes), p.RepairedPages, mib(p.RepairedPages*4096))
+		pr("repairs: %d (%d of the differing pages only, %d full states) installed %s and changed %d pages (%s)\n",
+			p.Repairs, p.PageRepairs, p.Repairs-p.PageRepairs, mib(p.RepairBytes), p.RepairedPages, mib(p.RepairedPages*4096))
 	}
 	rows := [][]string{{"work", "count", "ms", "µs each", "MiB"}}
 	for _, o := range []struct {

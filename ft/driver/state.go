@@ -51,6 +51,70 @@ func (r *Replica) hash() (ft.Digest, error) {
 	return d, nil
 }
 
+// pageHashes is a diverged backup's memory as page hashes, for a page
+// repair (ft/doc.go, verify mode): the registers' hash, and for each page
+// the first word of its SHA-256 in memHash, brought up to date as hash
+// does (the pages dirtied since are hashed again). The slice is new: the
+// node keeps it in the messages it sends.
+func (r *Replica) pageHashes() (ft.Digest, []uint64, error) {
+	var regs ft.Digest
+	if _, err := r.hash(); err != nil {
+		return regs, nil, fmt.Errorf("page hashes: %w", err)
+	}
+	h := sha256.New()
+	if err := r.m.WriteRegsHash(h); err != nil {
+		return regs, nil, fmt.Errorf("page hashes: %w", err)
+	}
+	copy(regs[:], h.Sum(nil))
+	pages := make([]uint64, r.mh.pages)
+	for pfn := range pages {
+		pages[pfn] = r.mh.per[pfn][0]
+	}
+	return regs, pages, nil
+}
+
+// captureRepair is a page repair, at the quiescent point of a checkpoint:
+// the pages whose hashes (memHash, brought up to date) differ from the
+// backup's (against, one word per page, from pageHashes), and the whole
+// state but memory. The backup's other pages equal this replica's, so
+// after the install its state is this one. What was dirtied since the last
+// checkpoint need not go too: from here the two memories are equal.
+func (r *Replica) captureRepair(against []uint64) ([]byte, error) {
+	if _, err := r.m.DirtyLog(r.scratch); err != nil {
+		return nil, fmt.Errorf("page repair: %w", err)
+	}
+	if r.mh == nil {
+		r.mh = newMemHash(r.m.Memory())
+	}
+	r.mh.mark(r.scratch)
+	if uint64(len(against)) != r.mh.pages {
+		return nil, fmt.Errorf("page repair: the backup sent hashes of %d pages, this guest has %d", len(against), r.mh.pages)
+	}
+	diff := make([]uint64, len(r.scratch))
+	var n uint64
+	r.mu.Unlock()
+	r.mh.digest()
+	for pfn, h := range against {
+		if r.mh.per[pfn][0] != h {
+			diff[pfn/64] |= 1 << (pfn % 64)
+			n++
+		}
+	}
+	err := r.m.CheckpointWith(&r.cp, vmm.CheckpointOptions{Extra: diff})
+	var buf bytes.Buffer
+	if err == nil {
+		err = r.cp.Write(snapshot.NewWriter(&buf))
+	}
+	r.mu.Lock()
+	if err != nil {
+		return nil, fmt.Errorf("page repair: %w", err)
+	}
+	clear(r.accum)
+	r.log.Warnf("replica: page repair: %d of %d pages differ from the backup's; sending them with the rest of the state (%d KiB)",
+		n, r.mh.pages, buf.Len()>>10)
+	return buf.Bytes(), nil
+}
+
 // injectDivergence flips a byte of the first page the guest dirtied in
 // this epoch: a real difference of state that the hash must catch.
 func (r *Replica) injectDivergence() {
@@ -106,8 +170,9 @@ func (r *Replica) captureUnlocked(full bool) ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
-// install replaces the machine's state with the primary's.
-func (r *Replica) install(blob []byte) error {
+// install replaces the machine's state with the primary's (pageRepair:
+// a page repair's, which writes only the pages that differed).
+func (r *Replica) install(blob []byte, pageRepair bool) error {
 	sr := snapshot.NewStreamReader(snapshot.NewReader(bytes.NewReader(blob)), func(h snapshot.Header) ([]byte, error) {
 		if h.MemSize != r.m.MemSize() {
 			return nil, fmt.Errorf("state for %d MiB of guest memory, this replica has %d MiB", h.MemSize>>20, r.m.MemSize()>>20)
@@ -139,7 +204,7 @@ func (r *Replica) install(blob []byte) error {
 	if r.mh != nil {
 		r.mh.mark(r.scratch)
 		if r.node.Status().Diverged {
-			r.repaired(len(blob))
+			r.repaired(len(blob), pageRepair)
 		}
 	}
 	clear(r.accum)
@@ -156,7 +221,7 @@ const repairShown = 24
 // the lock, as hash does; the next epoch end's hash then has nothing left
 // to do. The primary's state is from its next kick point after the
 // divergence, so the pages it changed since then count too.
-func (r *Replica) repaired(stateBytes int) {
+func (r *Replica) repaired(stateBytes int, pageRepair bool) {
 	var n uint64
 	var first []uint64
 	r.mu.Unlock()
@@ -170,6 +235,11 @@ func (r *Replica) repaired(stateBytes int) {
 	r.prof.repairs++
 	r.prof.repairPages += n
 	r.prof.repairBytes += uint64(stateBytes)
-	r.log.Warnf("replica: the repair replaced %d pages that differed from the primary's (%d KiB; the state was %d KiB); first page numbers: %#x",
-		n, n*snapshot.PageSize>>10, stateBytes>>10, first)
+	what := "the full state"
+	if pageRepair {
+		r.prof.pageRepairs++
+		what = "a page repair"
+	}
+	r.log.Warnf("replica: the repair (%s, %d KiB) replaced %d pages that differed from the primary's (%d KiB); first page numbers: %#x",
+		what, stateBytes>>10, n, n*snapshot.PageSize>>10, first)
 }

@@ -18,11 +18,12 @@ const (
 	TypeHeartbeat         Type = 10
 	TypeGoodbye           Type = 11
 	TypeDiskData          Type = 12
-	typeLimit                  = 13
+	TypePageHashes        Type = 13
+	typeLimit                  = 14
 )
 
 var typeNames = [typeLimit]string{"", "hello", "refuse", "record", "epoch-end", "checkpoint",
-	"output", "performed", "ack", "checkpoint-request", "heartbeat", "goodbye", "disk-data"}
+	"output", "performed", "ack", "checkpoint-request", "heartbeat", "goodbye", "disk-data", "page-hashes"}
 
 func (t Type) String() string {
 	if t > 0 && t < typeLimit {
@@ -158,11 +159,16 @@ type EpochEnd struct {
 // blob the state-capture code produced; the backup installs it, then
 // delivers Events.
 type Checkpoint struct {
-	Seq    uint64
-	Epoch  uint64
-	Pos    Position // where the primary was: the count at its last exit
-	Full   bool     // the complete state, not the pages dirtied since the last one
-	OutSeq uint64   // outputs the guest had produced; all were performed
+	Seq   uint64
+	Epoch uint64
+	Pos   Position // where the primary was: the count at its last exit
+	Full  bool     // the complete state, not the pages dirtied since the last one
+	// Repair: a page repair (verify mode). The state replaces the
+	// diverged backup's, as a full one does, but carries only the pages
+	// whose hashes differ from those the backup sent (PageHashes); the
+	// rest of its state (registers, devices, machine) is complete.
+	Repair bool
+	OutSeq uint64 // outputs the guest had produced; all were performed
 	// OutBytes: bytes of console output the guest had written since boot
 	// (the console stream's length at OutSeq).
 	OutBytes uint64
@@ -197,11 +203,14 @@ type Ack struct {
 	Seq uint64
 }
 
-// CheckpointRequest asks the primary for a full checkpoint: the backup
-// diverged at Epoch/Pos and continues from the primary's state.
+// CheckpointRequest asks the primary for its state: the backup diverged
+// at Epoch/Pos and continues from the primary's state. With Pages, the
+// backup's page hashes follow (PageHashes) and a page repair will do;
+// without, the full state.
 type CheckpointRequest struct {
 	Epoch  uint64
 	Pos    Position
+	Pages  bool
 	Reason string
 }
 
@@ -235,6 +244,28 @@ type DiskData struct {
 // MaxDiskData bounds a DiskData's contents.
 const MaxDiskData = 1 << 20
 
+// PageHashes is part of a diverged backup's memory as hashes, one 64-bit
+// hash per 4 KiB page (the first word of the page's SHA-256 in the verify
+// hash, ft/driver/memhash.go), sent after a CheckpointRequest with Pages
+// and before the repair: the primary sends only the pages whose hashes
+// differ from its own (Checkpoint with Repair). The frames come in page
+// order from page 0, each at most MaxPageHashes; the last (Last) ends at
+// page Total and carries Regs, the hash of the backup's registers. The
+// backup's state does not change between these hashes and the repair's
+// install: it waits for the repair.
+type PageHashes struct {
+	Epoch  uint64
+	Pos    Position
+	First  uint64 // the page number of Hashes[0]
+	Total  uint64 // pages of guest memory
+	Last   bool
+	Regs   Digest   // with Last: SHA-256 of the vCPU registers
+	Hashes []uint64 // at most MaxPageHashes
+}
+
+// MaxPageHashes bounds a PageHashes frame's hashes (512 KiB).
+const MaxPageHashes = 1 << 16
+
 func (Hello) Type() Type             { return TypeHello }
 func (Refuse) Type() Type            { return TypeRefuse }
 func (Record) Type() Type            { return TypeRecord }
@@ -247,6 +278,7 @@ func (CheckpointRequest) Type() Type { return TypeCheckpointRequest }
 func (Heartbeat) Type() Type         { return TypeHeartbeat }
 func (Goodbye) Type() Type           { return TypeGoodbye }
 func (DiskData) Type() Type          { return TypeDiskData }
+func (PageHashes) Type() Type        { return TypePageHashes }
 
 // Bodies: little-endian fixed-width integers, bools as one byte 0 or 1,
 // byte strings and lists as a 32-bit count then the items. Every valid
@@ -410,7 +442,7 @@ func (m Checkpoint) appendBody(b []byte) []byte {
 	b = le64(b, m.Seq)
 	b = le64(b, m.Epoch)
 	b = appendPos(b, m.Pos)
-	b = append(b, boolByte(m.Full))
+	b = append(b, boolByte(m.Full), boolByte(m.Repair))
 	b = le64(b, m.OutSeq)
 	b = le64(b, m.OutBytes)
 	b = appendEvents(b, m.Events)
@@ -423,6 +455,7 @@ func decodeCheckpoint(r *reader) Msg {
 	m.Epoch = r.u64()
 	m.Pos = r.pos()
 	m.Full = r.bool()
+	m.Repair = r.bool()
 	m.OutSeq = r.u64()
 	m.OutBytes = r.u64()
 	m.Events = r.events()
@@ -463,6 +496,7 @@ func decodeAck(r *reader) Msg            { return Ack{Seq: r.u64()} }
 func (m CheckpointRequest) appendBody(b []byte) []byte {
 	b = le64(b, m.Epoch)
 	b = appendPos(b, m.Pos)
+	b = append(b, boolByte(m.Pages))
 	return appendBytes(b, []byte(m.Reason))
 }
 
@@ -470,6 +504,7 @@ func decodeCheckpointRequest(r *reader) Msg {
 	var m CheckpointRequest
 	m.Epoch = r.u64()
 	m.Pos = r.pos()
+	m.Pages = r.bool()
 	m.Reason = string(r.bytes())
 	return m
 }
@@ -519,6 +554,42 @@ func decodeDiskData(r *reader) Msg {
 	return m
 }
 
+func (m PageHashes) appendBody(b []byte) []byte {
+	b = le64(b, m.Epoch)
+	b = appendPos(b, m.Pos)
+	b = le64(b, m.First)
+	b = le64(b, m.Total)
+	b = append(b, boolByte(m.Last))
+	b = append(b, m.Regs[:]...)
+	b = le32(b, uint32(len(m.Hashes)))
+	for _, h := range m.Hashes {
+		b = le64(b, h)
+	}
+	return b
+}
+
+func decodePageHashes(r *reader) Msg {
+	var m PageHashes
+	m.Epoch = r.u64()
+	m.Pos = r.pos()
+	m.First = r.u64()
+	m.Total = r.u64()
+	m.Last = r.bool()
+	m.Regs = r.digest()
+	n := r.u32()
+	if r.bad || n > MaxPageHashes || uint64(n)*8 > uint64(len(r.b)) {
+		r.bad = true
+		return m
+	}
+	if n > 0 {
+		m.Hashes = make([]uint64, n)
+		for i := range m.Hashes {
+			m.Hashes[i] = r.u64()
+		}
+	}
+	return m
+}
+
 var decoders = [typeLimit]func(*reader) Msg{
 	TypeHello:             decodeHello,
 	TypeRefuse:            decodeRefuse,
@@ -532,4 +603,5 @@ var decoders = [typeLimit]func(*reader) Msg{
 	TypeHeartbeat:         decodeHeartbeat,
 	TypeGoodbye:           decodeGoodbye,
 	TypeDiskData:          decodeDiskData,
+	TypePageHashes:        decodePageHashes,
 }

@@ -43,11 +43,15 @@ func samples() []Msg {
 		EpochEnd{Seq: 4, Epoch: 3, Pos: pos},
 		Checkpoint{Seq: 5, Epoch: 4, Pos: pos, Full: true, OutSeq: 77, Events: evs[:1], State: bytes.Repeat([]byte{0xab}, 5000)},
 		Checkpoint{Seq: 6, Epoch: 5},
+		Checkpoint{Seq: 7, Epoch: 6, Pos: pos, Repair: true, OutSeq: 3, OutBytes: 9, State: []byte{1, 2, 3}},
 		Output{Seq: 7, Epoch: 5, Pos: pos, OutSeq: 78, Done: 77, Kind: KindConsole, Data: []byte("hello\n")},
 		Output{Seq: 8, Epoch: 5, Pos: pos, OutSeq: 79, Done: 78, Kind: KindNetTx, Offset: 6, Data: NetTxData(nil, 0, bytes.Repeat([]byte{0x5a}, 64))},
 		Performed{OutSeq: 78},
 		Ack{Seq: 7},
 		CheckpointRequest{Epoch: 5, Pos: pos, Reason: "state hash differs"},
+		CheckpointRequest{Epoch: 5, Pos: pos, Pages: true, Reason: "state hash differs"},
+		PageHashes{Epoch: 5, Pos: pos, First: 0, Total: 3, Hashes: []uint64{1, 1 << 63, 7}, Last: true, Regs: digest(16)},
+		PageHashes{Epoch: 5, Pos: pos, First: 1 << 16, Total: 1 << 18, Hashes: []uint64{9}},
 		Heartbeat{Epoch: 6, Pos: pos},
 		Goodbye{Seq: 8, Status: -1},
 		Goodbye{Seq: 9, Status: 3},
@@ -367,5 +371,16 @@ func TestDiskDataBounds(t *testing.T) {
 	}
 	if _, err := Unmarshal(Marshal(DiskData{Disk: MaxDisks - 1, Data: make([]byte, MaxDiskData)})); err != nil {
 		t.Errorf("the largest DiskData: %v", err)
+	}
+}
+
+// A PageHashes frame over MaxPageHashes hashes does not decode; one at
+// the bound does.
+func TestPageHashesBounds(t *testing.T) {
+	if _, err := Unmarshal(Marshal(PageHashes{Hashes: make([]uint64, MaxPageHashes+1)})); err == nil {
+		t.Error("PageHashes over the bound decoded")
+	}
+	if _, err := Unmarshal(Marshal(PageHashes{Total: MaxPageHashes, Last: true, Hashes: make([]uint64, MaxPageHashes)})); err != nil {
+		t.Errorf("the largest PageHashes: %v", err)
 	}
 }

@@ -79,7 +79,13 @@ type ReplicaStatus struct {
 	CheckpointBytes  uint64 `json:"checkpoint_bytes"`
 	Divergences      uint64 `json:"divergences"`
 	Repairs          uint64 `json:"repairs"`
-	Promotions       uint64 `json:"promotions"`
+	// Of the repairs (backup), those that carried only the pages that
+	// differed (page repairs); the bytes of all repairs' states; the
+	// pages of this replica's memory they changed.
+	PageRepairs   uint64 `json:"page_repairs"`
+	RepairBytes   uint64 `json:"repair_bytes"`
+	RepairedPages uint64 `json:"repaired_pages"`
+	Promotions    uint64 `json:"promotions"`
 	// After a promotion: the console byte offset (bytes of console output
 	// since boot) from which this replica performed output, and how many
 	// bytes from there the dead primary may have written already.

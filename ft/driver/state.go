@@ -80,6 +80,9 @@ func (r *Replica) pageHashes() (ft.Digest, []uint64, error) {
 // after the install its state is this one. What was dirtied since the last
 // checkpoint need not go too: from here the two memories are equal.
 func (r *Replica) captureRepair(against []uint64) ([]byte, error) {
+	// As capture: disk requests in flight complete here first, so that
+	// the pages they write are in the dirty log, hashed and compared.
+	r.m.SettleDisks()
 	if _, err := r.m.DirtyLog(r.scratch); err != nil {
 		return nil, fmt.Errorf("page repair: %w", err)
 	}

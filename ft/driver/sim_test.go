@@ -667,11 +667,14 @@ const simParallel = 4
 // that does not reach its index is a faultless run, as TestSimNoFailure's.
 // A run for which waits(k) holds (a silent fault: it waits simTimeout for
 // the peer to notice) takes one of simWaiting other goroutines, so that
-// the runs behind it are not held up. It returns the highest index a run
-// reached.
+// the runs behind it are not held up. The goroutines are shared by every
+// forIndices of the process: the scenarios' configurations run as
+// parallel subtests, so that one's last silent fault is waited out while
+// the others run, and never more runs at once than these. It returns the
+// highest index a run reached.
 func forIndices(t *testing.T, total, stride int, waits func(k int) bool, run func(k int) (reached bool)) int {
 	var wg sync.WaitGroup
-	busy, waiting := make(chan struct{}, simParallel), make(chan struct{}, simWaiting)
+	busy, waiting := simBusy, simWaitingRuns
 	var mu sync.Mutex
 	highest, missed := 0, []int{}
 	for k := 1; k <= total; k += stride {
@@ -716,6 +719,9 @@ func forIndices(t *testing.T, total, stride int, waits func(k int) bool, run fun
 // simWaiting is how many runs waiting out a silent fault forIndices runs
 // beside its simParallel others.
 const simWaiting = 8
+
+// The slots of forIndices' runs.
+var simBusy, simWaitingRuns = make(chan struct{}, simParallel), make(chan struct{}, simWaiting)
 
 // simTail is how many runs in a row may miss their index, beyond the
 // highest one reached, before forIndices stops: several times the runs

@@ -78,6 +78,7 @@ func simKillAt(t *testing.T, cfgs []simConfig, side int, every bool,
 	check := [2]func(*sim, *simReplica, *simReplica, *simLink, *tally) bool{killedPrimary, killedBackup}[side]
 	for _, cfg := range cfgs {
 		t.Run(cfg.String(), func(t *testing.T) {
+			t.Parallel() // forIndices bounds the runs of all
 			total := countFrames(t, cfg)[side]
 			var out tally
 			reached := forIndices(t, total, simStride(total, every), silentAt, func(k int) (fired bool) {
@@ -157,6 +158,7 @@ func TestSimCutLinkAtEveryMessage(t *testing.T) {
 			continue
 		}
 		t.Run(cfg.String(), func(t *testing.T) {
+			t.Parallel() // forIndices bounds the runs of all
 			total := countFrames(t, cfg)[0]
 			var out tally
 			reached := forIndices(t, total, simStride(total, false), silentAt, func(k int) (fired bool) {
@@ -208,6 +210,7 @@ func TestSimCutLinkWithWitness(t *testing.T) {
 		}
 		for _, first := range []ft.Role{ft.RolePrimary, ft.RoleBackup} {
 			t.Run(fmt.Sprintf("%v/%v first", cfg, first), func(t *testing.T) {
+				t.Parallel() // forIndices bounds the runs of all
 				total := countFrames(t, cfg)[0]
 				var out tally
 				reached := forIndices(t, total, simStride(total, false), silentAt, func(k int) (fired bool) {
@@ -257,6 +260,7 @@ func TestSimReprotectionAndSecondFailover(t *testing.T) {
 	for _, cfg := range simConfigs {
 		cfg.exits = 300
 		t.Run(cfg.String(), func(t *testing.T) {
+			t.Parallel() // forIndices bounds the runs of all
 			var out tally
 			k1s := []int{20, 60, 100, 140}
 			k12 := func(i int) (int, int) { return k1s[(i-1)/8], 2 + (i-1)%8*9 + k1s[(i-1)/8]%7 }

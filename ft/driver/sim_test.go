@@ -38,8 +38,10 @@ import (
 // killing the primary runs at every message index of every
 // configuration; the other scenarios, and all of them under -race or
 // -short, run about simSamples (simSamplesRace) indices spread over the
-// range. One index in silentEvery (by a hash of the index) is a silent
-// fault, which waits for the peer timeout; the rest close the connection.
+// range. The range is that of a faultless run, and stops where runs stop
+// reaching their index (forIndices). One index in silentEvery (by a hash
+// of the index) is a silent fault, which waits for the peer timeout; the
+// rest close the connection.
 // Runs use real time and are never judged by it: the timeout is long
 // enough (simTimeout) that a starved process does not fail over falsely.
 

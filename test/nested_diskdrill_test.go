@@ -177,84 +177,25 @@ func badNestedRecords(recs []byte, n, upto int) []string {
 	return bad
 }
 
-// nestedDiskScript runs the drill in the L1, in the output format of
-// nestedFailoverScript (parseNestedFailover reads it), plus the backup's
-// records (b.rec) and the primary's (p.rec, as its death left them) in
-// hex and "@@@ sum <image>=<sha256>" lines for both whole images.
-func nestedDiskScript(killAt int, delayUS int) string {
-	return nestedShellLib + fmt.Sprintf(`F=%[1]s
-mkdir -p /tmp
-cd /tmp
-has() { tr -d '\r' <$1 | grep -qx "$2"; }
-guest="--timeout %[2]s --mem 128 --kernel %[3]s --initrd %[4]s"
-cmdline='quiet ftkvm.records=%[5]d ftkvm.start=%[6]d'
-ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
-dd if=/dev/zero of=base.img bs=512 count=%[7]d 2>/dev/null
-# round K DELAY_US: a backup and a primary on fresh copies of the image;
-# the primary is killed DELAY_US after its console shows record K.
-round() {
-	rm -f p.out p.err b.out b.err
-	cp base.img p.img
-	cp base.img b.img
-	$F --log-level info backup --listen %[8]s $guest --disk b.img --cmdline "$cmdline" >b.out 2>b.err &
-	b=$!
-	i=0
-	until grep -q 'backup waiting for its primary' b.err; do
-		if ! alive $b || [ $i -ge 60 ]; then echo "@@@ no backup after $i s"; break; fi
-		sleep 1; i=$((i + 1))
-	done
-	echo "@@@ t start=$(up)"
-	$F --log-level info primary --backup %[8]s --epoch-length %[9]s $guest --disk p.img --cmdline "$cmdline" >p.out 2>p.err &
-	p=$!
-	i=0
-	first=
-	until has p.out "record $1"; do
-		if [ -z "$first" ] && has p.out 'record 1'; then
-			first=1
-			echo "@@@ t record1=$(up)"
-		fi
-		if ! alive $p || [ $i -ge 6000 ]; then echo "@@@ no record $1 after $((i / 10)) s"; break; fi
-		usleep 100000; i=$((i + 1))
-	done
-	[ -z "$first" ] && echo "@@@ t record1=$(up)"
-	echo "@@@ t seen=$(up)"
-	usleep $2
-	kill -9 $p
-	echo "@@@ t kill=$(up)"
-	wait $p
-	echo "@@@ rc primary=$?"
-	waitpid $b 300 backup
-	echo "@@@ t end=$(up)"
-}
-k=%[10]d
-d=%[11]d
-try=0
-while :; do
-	round $k $d
-	if has p.out '%[13]s status=0' && grep -q 'ended on the primary' b.err && ! grep -q 'taking over' b.err && [ $try -lt %[12]d ]; then
-		echo "@@@ late: the kill after record $k (+$d us) came after the guest's end"
-		for f in p.err b.err; do cp $f late$try.$f; done
-		try=$((try + 1))
-		k=$((k / 2))
-		[ $k -lt 1 ] && k=1
-		d=0
-		continue
-	fi
-	break
-done
-echo "@@@ killed after record $k"
-for f in p b; do
-	dd if=$f.img of=$f.rec bs=512 skip=%[6]d count=%[5]d 2>/dev/null
+// nestedDiskDrill is the drill's L1 script and shared checks
+// (nested_killdrill_test.go): the records workload on a fresh copy of
+// a zeroed image for each replica, the kill after a record; besides the
+// consoles and logs, it prints the backup's records (b.rec) and the
+// primary's (p.rec, as its death left them) in hex and "@@@ sum
+// <image>=<sha256>" lines for both whole images.
+var nestedDiskDrill = nestedKillDrill{
+	initrd:   nestedDiskInitrd,
+	cmdline:  fmt.Sprintf("quiet ftkvm.records=%d ftkvm.start=%d", nestedDiskRecords, nestedDiskStart),
+	progress: "record",
+	addr:     nestedDiskAddr,
+	disk:     true,
+	setup:    fmt.Sprintf("dd if=/dev/zero of=base.img bs=512 count=%d 2>/dev/null\n", nestedDiskSectors),
+	outputs: fmt.Sprintf(`for f in p b; do
+	dd if=$f.img of=$f.rec bs=512 skip=%d count=%d 2>/dev/null
 	showx $f.rec
 	echo "@@@ sum $f.img=$(sha256sum $f.img | cut -d' ' -f1)"
 done
-for f in p.out b.out; do showx $f; done
-for f in p.err b.err late*.err; do
-	if [ -e $f ]; then show $f; fi
-done
-`, l1FTKVM, nestedFailoverPeerTimeout, nested.GuestVmlinux, nestedDiskInitrd,
-		nestedDiskRecords, nestedDiskStart, nestedDiskSectors, nestedDiskAddr, nestedFailoverEpoch,
-		killAt, delayUS, nestedFailoverRetries, imagelib.GuestDoneMarker)
+`, nestedDiskStart, nestedDiskRecords),
 }
 
 // nestedDiskInitrd is where the L1 holds diskDrillGuestInit's initramfs.
@@ -303,7 +244,7 @@ func TestNestedDiskFailover(t *testing.T) {
 	cfg := nested.Config{
 		Files:       map[string]string{l1FTKVM: ftkvmBin, nestedDiskInitrd: virtioInitramfs(ctx, t, im, diskDrillGuestInit)},
 		GuestImages: true,
-		Commands:    []nested.Command{{Name: "disk-failover", Cmd: nestedDiskScript(killAt, delayUS), Timeout: 24 * time.Minute}},
+		Commands:    []nested.Command{{Name: "disk-failover", Cmd: nestedDiskDrill.script(killAt, delayUS), Timeout: 24 * time.Minute}},
 	}
 	res := runNested(ctx, t, cfg)
 	c := res.Command("disk-failover")
@@ -317,49 +258,11 @@ func TestNestedDiskFailover(t *testing.T) {
 	for _, n := range o.notes {
 		if m := ndSumRE.FindStringSubmatch(n); m != nil {
 			sums[m[1]] = m[2]
-			continue
-		}
-		t.Log(n)
-		fmt.Sscanf(n, "@@@ killed after record %d", &killAt)
-	}
-	pOut, pErr, bOut, bErr := o.files["p.out"], o.files["p.err"], o.files["b.out"], o.files["b.err"]
-	dump := func() string {
-		var b strings.Builder
-		for _, f := range []string{"p.out", "p.err", "b.out", "b.err"} {
-			fmt.Fprintf(&b, "--- %s:\n%s\n", f, o.files[f])
-		}
-		return b.String()
-	}
-	ut := o.times
-	t.Logf("L1 uptime: the primary's record 1 %.1fs after it started, record %d seen %.1fs and the primary killed %.1fs after it started, the backup exited %.1fs after the kill",
-		ut["record1"]-ut["start"], killAt, ut["seen"]-ut["start"], ut["kill"]-ut["start"], ut["end"]-ut["kill"])
-
-	if !strings.Contains(pErr, "primary: replicating to "+nestedDiskAddr) {
-		t.Fatalf("the primary never replicated to its backup\n%s", dump())
-	}
-	if strings.Contains(pErr, "backup lost") {
-		t.Fatalf("the primary lost its backup before it was killed: the drill did not test a failover\n%s", dump())
-	}
-	if rc, ok := o.rc["backup"]; !ok || rc != 0 || !strings.Contains(bErr, "taking over") || !strings.Contains(bErr, "this replica is the primary now") {
-		if strings.Contains(bErr, "ended on the primary") {
-			t.Fatalf("every kill, the last after record %d, came after the guest's end: nothing was drilled\n%s", killAt, dump())
-		}
-		t.Fatalf("backup: status %d (reported: %v), want 0 and a takeover on stderr\n%s", rc, ok, dump())
-	}
-	for _, l := range strings.Split(bErr, "\n") {
-		if strings.Contains(l, "DIVERGENCE") || strings.Contains(l, "replica stopped") || strings.Contains(l, "disk ") {
-			t.Logf("b.err: %s", l)
 		}
 	}
-	seam, uncertain, ok := seamOf(bErr)
-	if !ok {
-		t.Fatalf("the backup took over without one line saying from which console byte it performs\n%s", dump())
-	}
-	joined, repeated, err := joinAt(pOut, bOut, seam, uncertain)
-	if err != nil {
-		t.Fatalf("joining the consoles: %v\n%s", err, dump())
-	}
-	joined = strings.ReplaceAll(joined, "\r", "")
+	tk := nestedDiskDrill.checkTakeover(t, o, killAt)
+	joined, pOut, bOut, dump := tk.joined, tk.pOut, tk.bOut, o.dump
+	killAt = tk.killAt
 	pText, bText := strings.ReplaceAll(pOut, "\r", ""), strings.ReplaceAll(bOut, "\r", "")
 	// The records the primary's console showed before its death: those
 	// on lines it ended with a newline (its flush had returned).
@@ -371,7 +274,7 @@ func TestNestedDiskFailover(t *testing.T) {
 	// The backup's console starts mid-workload: its whole record lines.
 	bNums := regexp.MustCompile(`(?m)^record \d+$`).FindAllString(bText, -1)
 	t.Logf("the primary printed %d records (%d console bytes), the backup %d whole record lines (%d bytes) from console byte %d; %d bytes repeated identically at the seam (%d uncertain): %q",
-		printed, len(pOut), len(bNums), len(bOut), seam, repeated, uncertain, bOut[:repeated])
+		printed, len(pOut), len(bNums), len(bOut), tk.seam, tk.repeated, tk.uncertain, bOut[:tk.repeated])
 
 	// The whole workload, through the two consoles.
 	nums, err := recordNumbersIn(joined)

@@ -76,86 +76,17 @@ const (
 	nestedFailoverEpoch = "250ms"
 )
 
-// nestedFailoverScript runs the drill in the L1 and prints, between
-// "@@@ BEGIN <file>" (or "@@@ HEX <file>") and "@@@ END <file>" lines,
-// every output file of the last round, and "@@@ rc <what>=<n>" and "@@@ t
-// <event>=<L1 uptime>" lines ("@@@ late ..." for a round whose kill came
-// after the guest's end). Every wait is bounded, so the outputs are
-// printed even when something hangs.
-func nestedFailoverScript(killAt int, delayUS int) string {
-	return nestedShellLib + fmt.Sprintf(`F=%[1]s
-mkdir -p /tmp
-cd /tmp
-# has FILE LINE: FILE holds LINE as a whole line.
-has() { tr -d '\r' <$1 | grep -qx "$2"; }
-guest="--timeout %[2]s --mem 128 --kernel %[3]s --initrd %[4]s"
-cmdline='quiet ftkvm.workload=lines ftkvm.lines=%[5]d ftkvm.spin=%[6]d'
-
-# The L1 brings up no interface by itself; the replicas talk over lo.
-ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
-# round K DELAY_US: a backup and a primary; the primary is killed
-# DELAY_US after its console shows line K (looked for every 0.1 s).
-round() {
-	rm -f p.out p.err b.out b.err
-	$F --log-level info backup --listen %[7]s $guest --cmdline "$cmdline" >b.out 2>b.err &
-	b=$!
-	i=0
-	until grep -q 'backup waiting for its primary' b.err; do
-		if ! alive $b || [ $i -ge 60 ]; then echo "@@@ no backup after $i s"; break; fi
-		sleep 1; i=$((i + 1))
-	done
-	echo "@@@ t start=$(up)"
-	$F --log-level info primary --backup %[7]s --epoch-length %[8]s $guest --cmdline "$cmdline" >p.out 2>p.err &
-	p=$!
-	i=0
-	first=
-	until has p.out "line $1"; do
-		if [ -z "$first" ] && has p.out 'line 1'; then
-			first=1
-			echo "@@@ t line1=$(up)"
-		fi
-		if ! alive $p || [ $i -ge 6000 ]; then echo "@@@ no line $1 after $((i / 10)) s"; break; fi
-		usleep 100000; i=$((i + 1))
-	done
-	[ -z "$first" ] && echo "@@@ t line1=$(up)"
-	usleep $2
-	kill -9 $p
-	echo "@@@ t kill=$(up)"
-	wait $p
-	echo "@@@ rc primary=$?"
-	waitpid $b 300 backup
-	echo "@@@ t end=$(up)"
-}
-k=%[9]d
-d=%[10]d
-try=0
-while :; do
-	round $k $d
-	# Too late: the primary's console shows the workload's end, and the
-	# backup got it from the primary and took nothing over. Again,
-	# earlier. (A guest that ended early is no late kill.)
-	if has p.out '%[12]s status=0' && grep -q 'ended on the primary' b.err && ! grep -q 'taking over' b.err && [ $try -lt %[11]d ]; then
-		echo "@@@ late: the kill after line $k (+$d us) came after the guest's end"
-		for f in p.err b.err; do cp $f late$try.$f; done
-		try=$((try + 1))
-		k=$((k / 2))
-		[ $k -lt 1 ] && k=1
-		d=0
-		continue
-	fi
-	break
-done
-echo "@@@ killed after line $k"
-for f in p.out b.out; do showx $f; done
-for f in p.err b.err late*.err; do
-	if [ -e $f ]; then show $f; fi
-done
-`, l1FTKVM, nestedFailoverPeerTimeout, nested.GuestVmlinux, nested.GuestInitramfs,
-		nestedFailoverLines, nestedFailoverSpin, nestedFailoverAddr, nestedFailoverEpoch, killAt, delayUS, nestedFailoverRetries,
-		imagelib.GuestDoneMarker)
+// nestedFailoverDrill is the drill's L1 script and shared checks
+// (nested_killdrill_test.go): the lines workload, the kill after a line.
+var nestedFailoverDrill = nestedKillDrill{
+	initrd:   nested.GuestInitramfs,
+	cmdline:  fmt.Sprintf("quiet ftkvm.workload=lines ftkvm.lines=%d ftkvm.spin=%d", nestedFailoverLines, nestedFailoverSpin),
+	progress: "line",
+	addr:     nestedFailoverAddr,
 }
 
-// nestedFailoverOutput is the parsed output of nestedFailoverScript.
+// nestedFailoverOutput is the parsed output of a nestedKillDrill script
+// (and of the other drills that print in its format).
 type nestedFailoverOutput struct {
 	files map[string]string  // file name -> contents, \r removed
 	rc    map[string]int     // "primary", "backup" -> exit status
@@ -271,7 +202,7 @@ func TestNestedFailover(t *testing.T) {
 	cfg := nested.Config{
 		Files:       map[string]string{l1FTKVM: ftkvmBin},
 		GuestImages: true,
-		Commands:    []nested.Command{{Name: "linux-failover", Cmd: nestedFailoverScript(killAt, delayUS), Timeout: 24 * time.Minute}},
+		Commands:    []nested.Command{{Name: "linux-failover", Cmd: nestedFailoverDrill.script(killAt, delayUS), Timeout: 24 * time.Minute}},
 	}
 	res := runNested(ctx, t, cfg)
 	c := res.Command("linux-failover")
@@ -281,66 +212,14 @@ func TestNestedFailover(t *testing.T) {
 		t.Fatalf("%v\n%s", err, c.Output)
 	}
 	o := parseNestedFailover(c.Output)
-	for _, n := range o.notes {
-		t.Log(n)
-		// The last round's kill moment (earlier than drawn after a late one).
-		fmt.Sscanf(n, "@@@ killed after line %d", &killAt)
-	}
-	pOut, pErr, bOut, bErr := o.files["p.out"], o.files["p.err"], o.files["b.out"], o.files["b.err"]
-	dump := func() string {
-		var b strings.Builder
-		for _, f := range []string{"p.out", "p.err", "b.out", "b.err"} {
-			fmt.Fprintf(&b, "--- %s:\n%s\n", f, o.files[f])
-		}
-		return b.String()
-	}
-	ut := o.times
-	t.Logf("L1 uptime: primary's line 1 %.1fs after it started, line %d seen and the primary killed %.1fs after it started, backup exited %.1fs after the kill",
-		ut["line1"]-ut["start"], killAt, ut["kill"]-ut["start"], ut["end"]-ut["kill"])
-	lates := []string{"p.err", "b.err"}
-	for f := range o.files {
-		if strings.HasPrefix(f, "late") {
-			lates = append(lates, f) // a round whose kill came after the guest's end
-		}
-	}
-	for _, f := range lates {
-		for _, l := range strings.Split(o.files[f], "\n") {
-			if strings.Contains(l, "replica stopped") || strings.Contains(l, "DIVERGENCE") || strings.Contains(l, "repaired") ||
-				strings.Contains(l, "ended on the primary") {
-				t.Logf("%s: %s", f, l)
-			}
-		}
-	}
-
-	if !strings.Contains(pErr, "primary: replicating to "+nestedFailoverAddr) {
-		t.Fatalf("the primary never replicated to its backup\n%s", dump())
-	}
-	if strings.Contains(pErr, "backup lost") {
-		t.Fatalf("the primary lost its backup before it was killed: the drill did not test a failover\n%s", dump())
-	}
-	// The backup took over and ran the guest to its end.
-	if rc, ok := o.rc["backup"]; !ok || rc != 0 || !strings.Contains(bErr, "taking over") || !strings.Contains(bErr, "this replica is the primary now") {
-		if strings.Contains(bErr, "ended on the primary") {
-			t.Fatalf("every kill, the last after line %d, came after the guest's end: nothing was drilled\n%s", killAt, dump())
-		}
-		t.Fatalf("backup: status %d (reported: %v), want 0 and a takeover on stderr\n%s", rc, ok, dump())
-	}
-	seam, uncertain, ok := seamOf(bErr)
-	if !ok {
-		t.Fatalf("the backup took over without one line saying from which console byte it performs\n%s", dump())
-	}
-	joined, repeated, err := joinAt(pOut, bOut, seam, uncertain)
-	if err != nil {
-		t.Fatalf("joining the consoles: %v\n%s", err, dump())
-	}
-	// The guest's console ends lines with \r\n.
-	joined = strings.ReplaceAll(joined, "\r", "")
+	tk := nestedFailoverDrill.checkTakeover(t, o, killAt)
+	joined, pOut, bOut, dump := tk.joined, tk.pOut, tk.bOut, o.dump
 	pText, bText := strings.ReplaceAll(pOut, "\r", ""), strings.ReplaceAll(bOut, "\r", "")
 	// The primary's numbered lines are those it ended with a newline.
 	pNums, _ := lineNumbersIn(pText[:strings.LastIndexByte(pText, '\n')+1])
 	bNums, _ := lineNumbersIn(bText)
 	t.Logf("the primary printed %d numbered lines (%d bytes), the backup %d whole ones (%d bytes) from console byte %d; %d bytes repeated identically at the seam (%d uncertain): %q",
-		len(pNums), len(pOut), len(bNums), len(bOut), seam, repeated, uncertain, bOut[:repeated])
+		len(pNums), len(pOut), len(bNums), len(bOut), tk.seam, tk.repeated, tk.uncertain, bOut[:tk.repeated])
 	if err := checkLinesConsole(joined, nestedFailoverLines); err != nil {
 		t.Fatalf("joined console: %v\n%s", err, dump())
 	}

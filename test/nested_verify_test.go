@@ -21,7 +21,7 @@ import (
 // Debian guest (PVH) with the busybox lines workload over loopback in one
 // L1, each command printing its consoles, its stderr (the replicas' logs
 // and --exit-stats profiles) and its L1 times between the markers
-// nestedFailoverScript uses.
+// nestedKillDrill.script uses.
 
 const (
 	nestedPairLines = 6

@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -52,6 +53,16 @@ func ripAt(t Target) uint64 {
 
 // stepRecordEnv fires the timer from host time at every replayable point,
 // exits and steps alike, and logs every value it hands the guest.
+//
+// A tick is due when host time has passed the PIT's deadline and the guest
+// has run stepTickGap instructions since the last tick it was given (a
+// halted guest gets it at once). Without that gap a host too slow for the
+// guest's tick rate (single-stepped ring 0 runs 20-140k instructions/s
+// here, less on a loaded machine) hands it the PIT's late ticks back to
+// back (devices/pit.go reinjects up to a second of them): the guest then
+// does little but take ticks, and the run grows from seconds to tens of
+// minutes. The positions stay host-timed, so every run still drills
+// different instruction boundaries.
 type stepRecordEnv struct {
 	start  time.Time
 	clock  []int64
@@ -63,7 +74,15 @@ type stepRecordEnv struct {
 	injected     map[pos]bool
 	lastPos      pos
 	lastInjected uint64
+	// quietUntil: no tick before the guest's progress (steps and exits)
+	// reaches it.
+	quietUntil uint64
 }
+
+// stepTickGap is the guest instructions stepRecordEnv lets run between two
+// ticks: several times testos's tick handler, and about what a 500 Hz
+// timer gives on an idle host.
+const stepTickGap = 2000
 
 func (e *stepRecordEnv) Now() int64 {
 	n := int64(time.Since(e.start))
@@ -90,15 +109,35 @@ func (e *stepRecordEnv) At(p Point, t Target) error {
 	if p.Kind == PointExit && p.Instrs != 0 {
 		return fmt.Errorf("exit point %+v with instructions since the exit", p)
 	}
-	if dl, ok := t.TimerDeadline(); ok {
-		if now := int64(time.Since(e.start)); now >= dl {
-			t.FireTimer(now)
-			e.events = append(e.events, stepEvent{pos{p.Exits, p.Instrs}, now})
-			e.rips = append(e.rips, ripAt(t))
-		}
-	}
+	e.tick(p, t)
 	return nil
 }
+
+// tick fires the timer if it is due (see stepRecordEnv).
+func (e *stepRecordEnv) tick(p Point, t Target) {
+	var progress uint64
+	if m, ok := t.(*Machine); ok {
+		progress = m.Stats.Steps + m.Stats.Exits
+	}
+	if progress < e.quietUntil {
+		return
+	}
+	dl, ok := t.TimerDeadline()
+	if !ok {
+		return
+	}
+	if now := int64(time.Since(e.start)); now >= dl {
+		t.FireTimer(now)
+		e.events = append(e.events, stepEvent{pos{p.Exits, p.Instrs}, now})
+		e.rips = append(e.rips, ripAt(t))
+		if dl2, ok := t.TimerDeadline(); !ok || dl2 != dl {
+			// An edge was raised (while the controller still holds the
+			// last one, Fire leaves the deadline due).
+			e.quietUntil = progress + stepTickGap
+		}
+	}
+}
+
 func (e *stepRecordEnv) Halt(p Point, t Target) error {
 	for !t.Pending() {
 		dl, ok := t.TimerDeadline()
@@ -108,6 +147,8 @@ func (e *stepRecordEnv) Halt(p Point, t Target) error {
 		if d := time.Duration(dl - int64(time.Since(e.start))); d > 0 {
 			time.Sleep(d)
 		}
+		// A halted guest makes no progress: it waits for the tick.
+		e.quietUntil = 0
 		if err := e.At(p, t); err != nil {
 			return err
 		}
@@ -207,6 +248,32 @@ const tscCmdline = "workload=tsc ring=0 samples=4 work=200 hz=500"
 
 var tscLine = regexp.MustCompile(`(?m)^tsc (\d+) value=(\d+) delta=(\d+)$`)
 
+// tscRecorded is one run of tscCmdline recorded by stepRecordEnv, shared by
+// the tests that replay it (TestStepRecordReplay, its control
+// TestStepReplayPerturbedDiverges, TestStepSnapshotContinues): recording
+// costs as much as a replay, every single-stepped instruction of testos's
+// boot included. The tests only read it; what they change they copy.
+var tscRecorded struct {
+	once sync.Once
+	rec  *stepRecordEnv
+	run  stepRun
+	ok   bool
+}
+
+// recordTSC returns the shared recording, made by the first test that asks.
+func recordTSC(t *testing.T) (*stepRecordEnv, stepRun) {
+	t.Helper()
+	tscRecorded.once.Do(func() {
+		rec := &stepRecordEnv{}
+		tscRecorded.rec, tscRecorded.run = rec, runStep(t, buildTestOS(t), tscCmdline, rec)
+		tscRecorded.ok = true
+	})
+	if !tscRecorded.ok {
+		t.Fatal("recording the run of " + tscCmdline + " failed in the test that made it")
+	}
+	return tscRecorded.rec, tscRecorded.run
+}
+
 // TestStepRecordReplay is the issue's acceptance test at the VMM level: a
 // ring-0 workload that reads RDTSC, run under the step clock with timer
 // ticks delivered at host-timed instruction boundaries, then replayed from
@@ -214,8 +281,7 @@ var tscLine = regexp.MustCompile(`(?m)^tsc (\d+) value=(\d+) delta=(\d+)$`)
 // instruction counts, final registers and memory.
 func TestStepRecordReplay(t *testing.T) {
 	kernel := buildTestOS(t)
-	rec := &stepRecordEnv{}
-	a := runStep(t, kernel, tscCmdline, rec)
+	rec, a := recordTSC(t)
 	if a.err != nil || a.status != 0 || !strings.Contains(a.console, "testos: PASS") {
 		t.Fatalf("recorded run: status %d err %v, console:\n%s", a.status, a.err, a.console)
 	}
@@ -267,8 +333,7 @@ func TestStepRecordReplay(t *testing.T) {
 // timer tick moved by a single instruction).
 func TestStepReplayPerturbedDiverges(t *testing.T) {
 	kernel := buildTestOS(t)
-	rec := &stepRecordEnv{}
-	a := runStep(t, kernel, tscCmdline, rec)
+	rec, a := recordTSC(t)
 	if a.err != nil || a.status != 0 {
 		t.Fatalf("recorded run: status %d err %v", a.status, a.err)
 	}
@@ -360,8 +425,7 @@ func TestStepRing3(t *testing.T) {
 // carries over, and the end is the recorded run's.
 func TestStepSnapshotContinues(t *testing.T) {
 	kernel := buildTestOS(t)
-	rec := &stepRecordEnv{}
-	a := runStep(t, kernel, tscCmdline, rec)
+	rec, a := recordTSC(t)
 	if a.err != nil || a.status != 0 {
 		t.Fatalf("recorded run: status %d err %v", a.status, a.err)
 	}

@@ -38,8 +38,10 @@ import (
 // killing the primary runs at every message index of every
 // configuration; the other scenarios, and all of them under -race or
 // -short, run about simSamples (simSamplesRace) indices spread over the
-// range. One index in silentEvery (by a hash of the index) is a silent
-// fault, which waits for the peer timeout; the rest close the connection.
+// range. The range is that of a faultless run, and stops where runs stop
+// reaching their index (forIndices). One index in silentEvery (by a hash
+// of the index) is a silent fault, which waits for the peer timeout; the
+// rest close the connection.
 // Runs use real time and are never judged by it: the timeout is long
 // enough (simTimeout) that a starved process does not fail over falsely.
 
@@ -659,21 +661,71 @@ func catch(t testing.TB, what string, s *sim) {
 const simParallel = 4
 
 // forIndices calls run(k) for k = 1, 1+stride, ... up to total, on
-// simParallel goroutines, and stops starting runs after a failure.
-func forIndices(t *testing.T, total, stride int, run func(k int)) {
+// simParallel goroutines, and stops starting runs after a failure, or once
+// simTail runs above the highest index a run reached did not reach
+// theirs: run says whether the fault at k fired. A run's messages depend
+// on timing (heartbeats every 20 ms), and total, the count of one
+// faultless run, was seen more than twice what the runs reach; a run
+// that does not reach its index is a faultless run, as TestSimNoFailure's.
+// A run for which waits(k) holds (a silent fault: it waits simTimeout for
+// the peer to notice) takes one of simWaiting other goroutines, so that
+// the runs behind it are not held up. The goroutines are shared by every
+// forIndices of the process: the scenarios' configurations run as
+// parallel subtests, so that one's last silent fault is waited out while
+// the others run, and never more runs at once than these. It returns the
+// highest index a run reached.
+func forIndices(t *testing.T, total, stride int, waits func(k int) bool, run func(k int) (reached bool)) int {
 	var wg sync.WaitGroup
-	sem := make(chan struct{}, simParallel)
+	busy, waiting := simBusy, simWaitingRuns
+	var mu sync.Mutex
+	highest, missed := 0, []int{}
 	for k := 1; k <= total; k += stride {
 		if t.Failed() {
 			break
 		}
+		sem := busy
+		if waits(k) {
+			sem = waiting
+		}
 		sem <- struct{}{}
+		mu.Lock()
+		beyond := 0
+		for _, m := range missed {
+			if m > highest {
+				beyond++
+			}
+		}
+		mu.Unlock()
+		if beyond >= simTail {
+			<-sem
+			break
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			run(k)
+			hit := run(k)
+			mu.Lock()
+			if hit {
+				highest = max(highest, k)
+			} else {
+				missed = append(missed, k)
+			}
+			mu.Unlock()
 		}()
 	}
 	wg.Wait()
+	return highest
 }
+
+// simWaiting is how many runs waiting out a silent fault forIndices runs
+// beside its simParallel others.
+const simWaiting = 8
+
+// The slots of forIndices' runs.
+var simBusy, simWaitingRuns = make(chan struct{}, simParallel), make(chan struct{}, simWaiting)
+
+// simTail is how many runs in a row may miss their index, beyond the
+// highest one reached, before forIndices stops: several times the runs
+// in flight, since the reach of runs near the end varies.
+const simTail = 4 * simParallel

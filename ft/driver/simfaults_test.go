@@ -22,8 +22,11 @@ const silentEvery = 32
 // faultAt is the fault of index k: partial frames at even indices, silent
 // at every silentEvery-th.
 func faultAt(kind faultKind, side, k int) *simFault {
-	return &simFault{kind: kind, side: side, at: k, partial: k%2 == 0, silent: mix(uint64(k), 1)%silentEvery == 0}
+	return &simFault{kind: kind, side: side, at: k, partial: k%2 == 0, silent: silentAt(k)}
 }
+
+// silentAt tells whether faultAt's fault at index k is silent.
+func silentAt(k int) bool { return mix(uint64(k), 1)%silentEvery == 0 }
 
 // tally counts outcomes across the runs of one configuration.
 type tally struct {
@@ -54,74 +57,96 @@ func (sr *simReplica) noHandshake() bool { return errors.Is(sr.err, errNoHandsha
 // guest; the primary's outputs and the backup's hold every output once,
 // repeats only at the seam; the backup's deliveries are the primary's.
 func TestSimKillPrimaryAtEveryMessage(t *testing.T) {
-	for _, cfg := range simConfigs {
-		t.Run(cfg.String(), func(t *testing.T) {
-			total := countFrames(t, cfg)[0]
-			var out tally
-			forIndices(t, total, simStride(total, true), func(k int) {
-				s := newSim(t, cfg)
-				defer catch(t, fmt.Sprintf("kill the primary at %d", k), s)
-				p, b, l := s.run(faultAt(killSender, 0, k))
-				s.checkNoDivergence()
-				switch {
-				case b.noHandshake():
-					out.add("before the handshake")
-					return
-				case !b.ended():
-					s.fail("the backup: status %d, %v", b.status, b.err)
-				case !l.hasFired():
-					out.add("not reached")
-					if !p.ended() {
-						s.fail("faultless: the primary: status %d, %v", p.status, p.err)
-					}
-				case b.promoted:
-					out.add("promoted")
-				default:
-					out.add("after the goodbye")
-				}
-				s.checkSeams(p, b)
-				s.checkDeliveries(p, b, 0)
-			})
-			t.Logf("%d messages: %v", total, &out)
-		})
-	}
+	simKillAt(t, simConfigs, 0, true, (*sim).run, nil)
 }
 
 // Kill the backup at every message: the primary goes on unprotected and
 // performs every output once.
 func TestSimKillBackupAtEveryMessage(t *testing.T) {
-	for _, cfg := range simConfigs {
+	simKillAt(t, simConfigs, 1, false, (*sim).run, nil)
+}
+
+// simKillAt runs each configuration of cfgs with one replica killed (side
+// 0 the primary, 1 the backup) at the message indices simStride(total,
+// every) picks, each run made by run (sim.run, or sim.runNet with a
+// network interface), and checks every run: killedPrimary or
+// killedBackup, then more (nil: nothing more), which may add outcomes.
+func simKillAt(t *testing.T, cfgs []simConfig, side int, every bool,
+	run func(*sim, *simFault) (p, b *simReplica, l *simLink),
+	more func(s *sim, p, b *simReplica, out *tally)) {
+	who := [2]string{"the primary", "the backup"}[side]
+	check := [2]func(*sim, *simReplica, *simReplica, *simLink, *tally) bool{killedPrimary, killedBackup}[side]
+	for _, cfg := range cfgs {
 		t.Run(cfg.String(), func(t *testing.T) {
-			total := countFrames(t, cfg)[1]
+			t.Parallel() // forIndices bounds the runs of all
+			total := countFrames(t, cfg)[side]
 			var out tally
-			forIndices(t, total, simStride(total, false), func(k int) {
+			reached := forIndices(t, total, simStride(total, every), silentAt, func(k int) (fired bool) {
 				s := newSim(t, cfg)
-				defer catch(t, fmt.Sprintf("kill the backup at %d", k), s)
-				p, b, l := s.run(faultAt(killSender, 1, k))
+				defer catch(t, fmt.Sprintf("kill %s at %d", who, k), s)
+				p, b, l := run(s, faultAt(killSender, side, k))
+				fired = l.hasFired()
 				s.checkNoDivergence()
-				if p.noHandshake() {
-					out.add("before the handshake")
-					return
+				if check(s, p, b, l, &out) && more != nil {
+					more(s, p, b, &out)
 				}
-				if !p.ended() {
-					s.fail("the primary: status %d, %v", p.status, p.err)
-				}
-				if len(b.outs) != 0 {
-					s.fail("the backup performed %d outputs", len(b.outs))
-				}
-				s.checkSeams(p)
-				switch {
-				case !l.hasFired():
-					out.add("not reached")
-				case p.r.Status().Protected:
-					out.add("after the goodbye")
-				default:
-					out.add("unprotected")
-				}
+				return fired
 			})
-			t.Logf("%d messages: %v", total, &out)
+			t.Logf("%d messages, reached up to %d: %v", total, reached, &out)
 		})
 	}
+}
+
+// killedPrimary checks a run whose primary was killed: the backup ends
+// the guest (promoted, or after the primary's goodbye); outputs join at
+// the seams; the backup delivered what the primary did. False: the fault
+// came before the handshake, and there is nothing more to check.
+func killedPrimary(s *sim, p, b *simReplica, l *simLink, out *tally) bool {
+	switch {
+	case b.noHandshake():
+		out.add("before the handshake")
+		return false
+	case !b.ended():
+		s.fail("the backup: status %d, %v", b.status, b.err)
+	case !l.hasFired():
+		out.add("not reached")
+		if !p.ended() {
+			s.fail("faultless: the primary: status %d, %v", p.status, p.err)
+		}
+	case b.promoted:
+		out.add("promoted")
+	default:
+		out.add("after the goodbye")
+	}
+	s.checkSeams(p, b)
+	s.checkDeliveries(p, b, 0)
+	return true
+}
+
+// killedBackup checks a run whose backup was killed: the primary ends the
+// guest and performs every output once; the backup performed nothing.
+// False: the fault came before the handshake.
+func killedBackup(s *sim, p, b *simReplica, l *simLink, out *tally) bool {
+	if p.noHandshake() {
+		out.add("before the handshake")
+		return false
+	}
+	if !p.ended() {
+		s.fail("the primary: status %d, %v", p.status, p.err)
+	}
+	if len(b.outs) != 0 {
+		s.fail("the backup performed %d outputs", len(b.outs))
+	}
+	s.checkSeams(p)
+	switch {
+	case !l.hasFired():
+		out.add("not reached")
+	case p.r.Status().Protected:
+		out.add("after the goodbye")
+	default:
+		out.add("unprotected")
+	}
+	return true
 }
 
 // Cut the link at every message without a witness: both go on (split
@@ -133,12 +158,14 @@ func TestSimCutLinkAtEveryMessage(t *testing.T) {
 			continue
 		}
 		t.Run(cfg.String(), func(t *testing.T) {
+			t.Parallel() // forIndices bounds the runs of all
 			total := countFrames(t, cfg)[0]
 			var out tally
-			forIndices(t, total, simStride(total, false), func(k int) {
+			reached := forIndices(t, total, simStride(total, false), silentAt, func(k int) (fired bool) {
 				s := newSim(t, cfg)
 				defer catch(t, fmt.Sprintf("cut at %d", k), s)
-				p, b, _ := s.run(faultAt(cutLink, 0, k))
+				p, b, l := s.run(faultAt(cutLink, 0, k))
+				fired = l.hasFired()
 				s.checkNoDivergence()
 				if b.noHandshake() {
 					out.add("before the handshake")
@@ -165,8 +192,9 @@ func TestSimCutLinkAtEveryMessage(t *testing.T) {
 				} else {
 					out.add("after the goodbye")
 				}
+				return fired
 			})
-			t.Logf("%d messages: %v", total, &out)
+			t.Logf("%d messages, reached up to %d: %v", total, reached, &out)
 		})
 	}
 }
@@ -182,13 +210,15 @@ func TestSimCutLinkWithWitness(t *testing.T) {
 		}
 		for _, first := range []ft.Role{ft.RolePrimary, ft.RoleBackup} {
 			t.Run(fmt.Sprintf("%v/%v first", cfg, first), func(t *testing.T) {
+				t.Parallel() // forIndices bounds the runs of all
 				total := countFrames(t, cfg)[0]
 				var out tally
-				forIndices(t, total, simStride(total, false), func(k int) {
+				reached := forIndices(t, total, simStride(total, false), silentAt, func(k int) (fired bool) {
 					s := newSim(t, cfg)
 					s.witness.delay = map[ft.Role]time.Duration{first: time.Millisecond, ft.RolePrimary + ft.RoleBackup - first: 300 * time.Millisecond}
 					defer catch(t, fmt.Sprintf("cut at %d", k), s)
-					p, b, _ := s.run(faultAt(cutLink, 0, k))
+					p, b, l := s.run(faultAt(cutLink, 0, k))
+					fired = l.hasFired()
 					s.checkNoDivergence()
 					fencedP, fencedB := errors.Is(p.err, ft.ErrFenced), errors.Is(b.err, ft.ErrFenced)
 					switch {
@@ -215,8 +245,9 @@ func TestSimCutLinkWithWitness(t *testing.T) {
 					}
 					s.checkSeams(p, b)
 					s.checkDeliveries(p, b, 0)
+					return fired
 				})
-				t.Logf("%d messages: survivors %v", total, &out)
+				t.Logf("%d messages, reached up to %d: survivors %v", total, reached, &out)
 			})
 		}
 	}
@@ -229,10 +260,15 @@ func TestSimReprotectionAndSecondFailover(t *testing.T) {
 	for _, cfg := range simConfigs {
 		cfg.exits = 300
 		t.Run(cfg.String(), func(t *testing.T) {
+			t.Parallel() // forIndices bounds the runs of all
 			var out tally
 			k1s := []int{20, 60, 100, 140}
-			forIndices(t, len(k1s)*8, 1, func(i int) {
-				k1, k2 := k1s[(i-1)/8], 2+(i-1)%8*9+k1s[(i-1)/8]%7
+			k12 := func(i int) (int, int) { return k1s[(i-1)/8], 2 + (i-1)%8*9 + k1s[(i-1)/8]%7 }
+			waits := func(i int) bool { k1, k2 := k12(i); return silentAt(k1) || silentAt(k2) }
+			forIndices(t, len(k1s)*8, 1, waits, func(i int) (all bool) {
+				// Every run counts as reached: its indices are fixed.
+				all = true
+				k1, k2 := k12(i)
 				s := newSim(t, cfg)
 				defer catch(t, fmt.Sprintf("k1 %d k2 %d", k1, k2), s)
 				p, b := s.add("primary", ft.RolePrimary), s.add("backup", ft.RoleBackup)
@@ -283,6 +319,7 @@ func TestSimReprotectionAndSecondFailover(t *testing.T) {
 				default:
 					s.fail("nobody ended the guest")
 				}
+				return all
 			})
 			t.Logf("%v", &out)
 		})

@@ -336,8 +336,12 @@ func TestSimInjectedDivergenceRepaired(t *testing.T) {
 			continue
 		}
 		cfg.inject = 5
+		// A guest four times the usual length, so that the primary's
+		// guest does not end before the backup, lagging on a loaded host,
+		// reaches the divergence and gets its repair.
+		cfg.exits = 480
 		t.Run(cfg.String(), func(t *testing.T) {
-			total := countFrames(t, simConfig{policy: cfg.policy, verify: true})[0]
+			total := countFrames(t, simConfig{policy: cfg.policy, verify: true, exits: cfg.exits})[0]
 			for _, k := range []int{0, total * 2 / 3, total * 3 / 4, total * 5 / 6} {
 				s := newSim(t, cfg)
 				func() {

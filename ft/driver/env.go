@@ -336,7 +336,7 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 					return a, err
 				}
 			}
-			if err := r.install(a.State); err != nil {
+			if err := r.install(a.State, a.Join); err != nil {
 				return a, err
 			}
 			r.prof.install.add(t, len(a.State))

@@ -46,17 +46,47 @@ func diskRecord(i, records uint64) []byte {
 	return r
 }
 
-// badRecords lists the records among 1..upto of a run of records that are
-// not intact on the image at path, each with what is wrong.
-func badRecords(t *testing.T, path string, start, records, upto uint64) []string {
+// recordPositions returns where the disk workload puts records 1..records,
+// relative to its start sector: in order, or with random the permutation
+// of guest/testos/records.h (rec_order): the values below records in the
+// order the LCG x = (a*x + c) mod m visits them from x = 0, m the smallest
+// power of two >= records.
+func recordPositions(records uint64, random bool) []uint64 {
+	pos := make([]uint64, records)
+	m := uint64(1)
+	for m < records {
+		m <<= 1
+	}
+	x := uint64(0)
+	for i := range pos {
+		if !random {
+			pos[i] = uint64(i)
+			continue
+		}
+		for {
+			x = (6364136223846793005*x + 1442695040888963407) & (m - 1)
+			if x < records {
+				break
+			}
+		}
+		pos[i] = x
+	}
+	return pos
+}
+
+// badRecords lists the records among 1..upto of a run of records (in
+// order, or with random at recordPositions' permutation) that are not
+// intact on the image at path, each with what is wrong.
+func badRecords(t *testing.T, path string, start, records, upto uint64, random bool) []string {
 	t.Helper()
 	img, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
+	pos := recordPositions(records, random)
 	var bad []string
 	for i := uint64(1); i <= upto; i++ {
-		off := (start + i - 1) * recordSize
+		off := (start + pos[i-1]) * recordSize
 		if off+recordSize > uint64(len(img)) {
 			bad = append(bad, fmt.Sprintf("record %d: beyond the image", i))
 			continue
@@ -78,12 +108,21 @@ func badRecords(t *testing.T, path string, start, records, upto uint64) []string
 	return bad
 }
 
-// diskWorkload is the disk workload writing records from sector 0.
-func diskWorkload(records int) workload {
+// diskWorkload is the disk workload writing records from sector 0 in
+// order.
+func diskWorkload(records int) workload { return diskOrderWorkload(records, false) }
+
+// diskOrderWorkload is the disk workload writing records from sector 0, in
+// order or with random at recordPositions' permutation (order=random).
+func diskOrderWorkload(records int, random bool) workload {
+	cmdline, header := fmt.Sprintf("workload=disk records=%d hz=100", records), fmt.Sprintf(`disk: capacity=\d+ records=%d start=0`, records)
+	if random {
+		cmdline, header = cmdline+" order=random", header+" order=random"
+	}
 	return workload{
-		name: "disk", cmdline: fmt.Sprintf("workload=disk records=%d hz=100", records), lines: records + 4,
+		name: "disk", cmdline: cmdline, lines: records + 4,
 		check: func(t *testing.T, body []string) {
-			want := []string{fmt.Sprintf(`disk: capacity=\d+ records=%d start=0`, records)}
+			want := []string{header}
 			for i := 1; i <= records; i++ {
 				want = append(want, fmt.Sprintf("disk record %d", i))
 			}
@@ -117,11 +156,12 @@ func printedRecords(t *testing.T, console string) int {
 }
 
 // TestDiskWorkload: the disk workload under run writes its records to the
-// image, flushing each before printing it; the image holds them all,
+// image (in order and at order=random's positions), flushing each before printing it; the image holds them all,
 // intact, and nothing else changed. Then the workload's refusals: a
 // read-only disk (the device offers VIRTIO_BLK_F_RO, and testos's driver,
 // having accepted it, sends no write: error -6), a disk too small for the
-// records, no disk at all; the image is left as it was.
+// records, no disk at all, an order that is neither seq nor random; the
+// image is left as it was.
 func TestDiskWorkload(t *testing.T) {
 	requireKVM(t)
 	const records, sectors = 24, 64
@@ -131,44 +171,53 @@ func TestDiskWorkload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res := ftkvm(t, time.Minute, "", "--log-level", "info", "run", "--kernel", testosELF, "--mem", "32", "--cmdline", w.cmdline, "--disk", img)
-	if res.status != 0 {
-		t.Fatalf("status %d\n%s\n%s", res.status, res.stdout, res.stderr)
-	}
-	w.checkComplete(t, res.stdout)
-	if bad := badRecords(t, img, 0, records, records); len(bad) > 0 {
-		t.Fatalf("the image after the run:\n%s", strings.Join(bad, "\n"))
-	}
-	got, err := os.ReadFile(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got[records*recordSize:], orig[records*recordSize:]) {
-		t.Errorf("sectors past the records changed")
-	}
-	// The device's counters: every request served, none malformed, no
-	// access the transport does not model (the driver kept the rules).
-	if m := regexp.MustCompile(`msg="disk \S+" device_errors=(\d+) flushes=(\d+) ioerrors=(\d+) malformed=(\d+) reads=(\d+) unhandled=(\d+) unsupported=(\d+) writes=(\d+)`).FindStringSubmatch(res.stderr); m == nil ||
-		m[1] != "0" || m[2] != strconv.Itoa(records) || m[3] != "0" || m[4] != "0" || m[5] != strconv.Itoa(records) || m[6] != "0" || m[7] != "0" || m[8] != strconv.Itoa(records) {
-		t.Errorf("device counters: want %d writes, flushes and reads and no errors, got %v\n%s", records, m, res.stderr)
+	// In order and at order=random's permutation (records.h, rec_order),
+	// each on a fresh copy of the image; the permutation is not the
+	// identity for these records, so a guest ignoring the option fails the
+	// image check.
+	for _, random := range []bool{false, true} {
+		w, img := diskOrderWorkload(records, random), copyImage(t, img, fmt.Sprintf("disk-%t.img", random))
+		res := ftkvm(t, time.Minute, "", "--log-level", "info", "run", "--kernel", testosELF, "--mem", "32", "--cmdline", w.cmdline, "--disk", img)
+		if res.status != 0 {
+			t.Fatalf("random=%t: status %d\n%s\n%s", random, res.status, res.stdout, res.stderr)
+		}
+		w.checkComplete(t, res.stdout)
+		if bad := badRecords(t, img, 0, records, records, random); len(bad) > 0 {
+			t.Fatalf("random=%t: the image after the run:\n%s", random, strings.Join(bad, "\n"))
+		}
+		got, err := os.ReadFile(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got[records*recordSize:], orig[records*recordSize:]) {
+			t.Errorf("random=%t: sectors past the records changed", random)
+		}
+		// The device's counters: every request served, none malformed, no
+		// access the transport does not model (the driver kept the rules).
+		if m := regexp.MustCompile(`msg="disk \S+" device_errors=(\d+) flushes=(\d+) ioerrors=(\d+) malformed=(\d+) reads=(\d+) unhandled=(\d+) unsupported=(\d+) writes=(\d+)`).FindStringSubmatch(res.stderr); m == nil ||
+			m[1] != "0" || m[2] != strconv.Itoa(records) || m[3] != "0" || m[4] != "0" || m[5] != strconv.Itoa(records) || m[6] != "0" || m[7] != "0" || m[8] != strconv.Itoa(records) {
+			t.Errorf("random=%t: device counters: want %d writes, flushes and reads and no errors, got %v\n%s", random, records, m, res.stderr)
+		}
 	}
 
 	for _, tc := range []struct {
-		name, disk string
-		want       []string
+		name, disk, extra string
+		status            int
+		want              []string
 	}{
-		{"read-only", img + ",ro", []string{"disk: write of record 1 failed: error -6", "testos: FAIL disk: write failed"}},
-		{"too small", diskImage(t, "small.img", 8), []string{"disk: capacity=8 records=24 start=0", "testos: FAIL disk: the disk is too small for the records"}},
-		{"no disk", "", []string{"testos: FAIL disk: no virtio-blk device"}},
+		{"read-only", img + ",ro", "", 1, []string{"disk: write of record 1 failed: error -6", "testos: FAIL disk: write failed"}},
+		{"too small", diskImage(t, "small.img", 8), "", 1, []string{"disk: capacity=8 records=24 start=0", "testos: FAIL disk: the disk is too small for the records"}},
+		{"no disk", "", "", 1, []string{"testos: FAIL disk: no virtio-blk device"}},
+		{"bad order", img, " order=sideways", 2, []string{"testos: bad option order (want seq or random)"}},
 	} {
-		args := []string{"run", "--kernel", testosELF, "--mem", "32", "--cmdline", w.cmdline}
+		args := []string{"run", "--kernel", testosELF, "--mem", "32", "--cmdline", w.cmdline + tc.extra}
 		if tc.disk != "" {
 			args = append(args, "--disk", tc.disk)
 		}
 		before, _ := os.ReadFile(strings.TrimSuffix(tc.disk, ",ro"))
 		r := ftkvm(t, time.Minute, "", args...)
-		if r.status != 1 {
-			t.Errorf("%s: status %d, want 1\n%s\n%s", tc.name, r.status, r.stdout, r.stderr)
+		if r.status != tc.status {
+			t.Errorf("%s: status %d, want %d\n%s\n%s", tc.name, r.status, tc.status, r.stdout, r.stderr)
 		}
 		for _, l := range tc.want {
 			if !strings.Contains(r.stdout, l+"\n") {
@@ -232,7 +281,7 @@ func TestDiskFailoverDrills(t *testing.T) {
 	if !bytes.Equal(pb, bb) {
 		t.Fatalf("undisturbed run: the two images differ")
 	}
-	if bad := badRecords(t, bimg, 0, records, records); len(bad) > 0 {
+	if bad := badRecords(t, bimg, 0, records, records, false); len(bad) > 0 {
 		t.Fatalf("undisturbed run, the images:\n%s", strings.Join(bad, "\n"))
 	}
 
@@ -251,10 +300,10 @@ func TestDiskFailoverDrills(t *testing.T) {
 		printed := printedRecords(t, pres.stdout)
 		out, _ := mergeSeam(t, pres.stdout, bres)
 		w.checkComplete(t, out)
-		if bad := badRecords(t, bimg, 0, records, uint64(printed)); len(bad) > 0 {
+		if bad := badRecords(t, bimg, 0, records, uint64(printed), false); len(bad) > 0 {
 			t.Fatalf("moment %d: records the primary printed before its death (1..%d) are not on the backup's image:\n%s", i, printed, strings.Join(bad, "\n"))
 		}
-		if bad := badRecords(t, bimg, 0, records, records); len(bad) > 0 {
+		if bad := badRecords(t, bimg, 0, records, records, false); len(bad) > 0 {
 			t.Fatalf("moment %d: after the takeover the backup's image lacks:\n%s", i, strings.Join(bad, "\n"))
 		}
 		if got, _ := os.ReadFile(bimg); !bytes.Equal(got, pb) {

@@ -319,7 +319,7 @@ func TestReplicaJoinWithDisk(t *testing.T) {
 		t.Logf("join: %s bytes of disk image sent in %s with the guest stopped", m[1], m[2])
 		for who, path := range map[string]string{"primary": pimg, "joined backup": b2img} {
 			if got, _ := os.ReadFile(path); !bytes.Equal(got, want) {
-				t.Errorf("the %s's image is not the undisturbed run's: %v", who, badRecords(t, path, 0, records, records))
+				t.Errorf("the %s's image is not the undisturbed run's: %v", who, badRecords(t, path, 0, records, records, false))
 			}
 		}
 	})
@@ -359,7 +359,7 @@ func TestReplicaJoinWithDisk(t *testing.T) {
 		out, _ := mergeSeam(t, p1.stdout(), b1res)
 		out, _ = mergeSeam(t, out, res)
 		w.checkComplete(t, out)
-		if bad := badRecords(t, b2img, 0, records, records); len(bad) > 0 {
+		if bad := badRecords(t, b2img, 0, records, records, false); len(bad) > 0 {
 			t.Fatalf("the last replica's image lacks:\n%s", strings.Join(bad, "\n"))
 		}
 		if got, _ := os.ReadFile(b2img); !bytes.Equal(got, want) {

@@ -99,6 +99,18 @@ type DiskMismatchError struct{ Msg string }
 
 func (e *DiskMismatchError) Error() string { return e.Msg }
 
+// DiskNextSeqs appends each disk's next request sequence number to dst, in
+// the order of a state's Disks. On the vCPU thread, which alone numbers
+// requests.
+func (m *Machine) DiskNextSeqs(dst []uint64) []uint64 {
+	for _, v := range m.virtio {
+		if v.img != nil {
+			dst = append(dst, v.blk.NextSeq())
+		}
+	}
+	return dst
+}
+
 // CheckDisks compares the machine's disks with those a state recorded.
 func (m *Machine) CheckDisks(want []snapshot.Disk) error {
 	var have []string

@@ -114,6 +114,7 @@ type Replica struct {
 	// it drained are kept for the next incremental checkpoint.
 	scratch, accum []uint64
 	cp             vmm.Checkpoint
+	seqs           []uint64 // the disks' next sequence numbers, checked by an install
 	mh             *memHash // verify mode's hash of guest memory
 	injected       bool
 

@@ -351,7 +351,7 @@ func (r *Replica) carry(a ft.Action, inHalt bool) (ft.Action, error) {
 					return a, err
 				}
 			}
-			if err := r.install(a.State, a.Repair); err != nil {
+			if err := r.install(a.State, a.Repair, a.Join); err != nil {
 				return a, err
 			}
 			r.prof.install.add(t, len(a.State))

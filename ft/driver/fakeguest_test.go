@@ -298,6 +298,7 @@ func (f *fakeMachine) RxSpace() int { return simFIFO - int(f.regs.rcx) }
 // The fake guest has no disks: nothing to settle, wait for or list.
 func (f *fakeMachine) SettleDisks()                             {}
 func (f *fakeMachine) ServiceDisks()                            {}
+func (f *fakeMachine) DiskNextSeqs(dst []uint64) []uint64       { return dst }
 func (f *fakeMachine) WaitDisk(int, uint64)                     {}
 func (f *fakeMachine) DiskInFlight(fn func(vmm.DiskCompletion)) {}
 

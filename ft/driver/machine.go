@@ -42,6 +42,9 @@ type Machine interface {
 	// from any goroutine (vmm.Machine).
 	SettleDisks()
 	ServiceDisks()
+	// DiskNextSeqs appends each disk's next request sequence number
+	// (vmm.Machine), which an install checks against the state's.
+	DiskNextSeqs(dst []uint64) []uint64
 	WaitDisk(disk int, seq uint64)
 	DiskInFlight(fn func(vmm.DiskCompletion))
 

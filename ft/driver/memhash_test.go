@@ -187,7 +187,7 @@ func TestPageRepairCarriesOnlyDifferingPages(t *testing.T) {
 		t.Fatal(err)
 	}
 	rb.mu.Lock()
-	err = rb.install(blob, true)
+	err = rb.install(blob, true, false)
 	rb.mu.Unlock()
 	if err != nil {
 		t.Fatal(err)

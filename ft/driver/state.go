@@ -174,8 +174,11 @@ func (r *Replica) captureUnlocked(full bool) ([]byte, error) {
 }
 
 // install replaces the machine's state with the primary's (pageRepair:
-// a page repair's, which writes only the pages that differed).
-func (r *Replica) install(blob []byte, pageRepair bool) error {
+// a page repair's, which writes only the pages that differed). Unless the
+// backup is joining (its device starts from nothing, and its images are
+// the primary's copies), the state's disks must be where this replica's
+// own devices are (checkDiskSeqs).
+func (r *Replica) install(blob []byte, pageRepair, join bool) error {
 	sr := snapshot.NewStreamReader(snapshot.NewReader(bytes.NewReader(blob)), func(h snapshot.Header) ([]byte, error) {
 		if h.MemSize != r.m.MemSize() {
 			return nil, fmt.Errorf("state for %d MiB of guest memory, this replica has %d MiB", h.MemSize>>20, r.m.MemSize()>>20)
@@ -191,10 +194,19 @@ func (r *Replica) install(blob []byte, pageRepair bool) error {
 	// takes a while, and the heartbeats must go on.
 	r.mu.Unlock()
 	st, err := sr.Read()
-	if err == nil {
+	var seqErr error
+	if err == nil && !join {
+		r.seqs = r.m.DiskNextSeqs(r.seqs[:0])
+		seqErr = checkDiskSeqs(r.seqs, st.Disks)
+	}
+	if err == nil && seqErr == nil {
 		err = r.m.Install(st)
 	}
 	r.mu.Lock()
+	if seqErr != nil {
+		r.log.Errorf("replica: DIVERGENCE: %v", seqErr)
+		return fmt.Errorf("install the primary's state: %w", seqErr)
+	}
 	if err != nil {
 		return fmt.Errorf("install the primary's state: %w", err)
 	}
@@ -211,6 +223,31 @@ func (r *Replica) install(blob []byte, pageRepair bool) error {
 		}
 	}
 	clear(r.accum)
+	return nil
+}
+
+// checkDiskSeqs compares each disk's next request sequence number on this
+// replica (have) with the installed state's. A backup installing a
+// checkpoint or a repair ran the guest to the state's position, so its
+// devices took the primary's requests, numbered alike (docs/REPLICATION.md,
+// "Disks"): a different number means this replica's image missed writes
+// the primary's has, or has writes it lacks, which no install repairs (an
+// image is not part of a state). Different disk counts are left to
+// vmm.Machine.Install's check.
+func checkDiskSeqs(have []uint64, want []snapshot.Disk) error {
+	if len(have) != len(want) {
+		return nil
+	}
+	for i, d := range want {
+		switch {
+		case have[i] < d.NextSeq:
+			return fmt.Errorf("%w: disk %d: the primary's state is at request %d, this replica's device at %d: its image missed %d requests' writes",
+				ft.ErrDivergence, i, d.NextSeq, have[i], d.NextSeq-have[i])
+		case have[i] > d.NextSeq:
+			return fmt.Errorf("%w: disk %d: the primary's state is at request %d, this replica's device at %d: its image has %d requests the primary's has not",
+				ft.ErrDivergence, i, d.NextSeq, have[i], have[i]-d.NextSeq)
+		}
+	}
 	return nil
 }
 

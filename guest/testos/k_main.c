@@ -679,9 +679,22 @@ void kmain(uint32_t start_info)
 	} else if (name_is(name, nlen, "rdrand")) {
 		task_create(w_rdrand, 0, 0, 0);
 	} else if (name_is(name, nlen, "disk")) {
+		const char *o = "seq";
+		size_t ol = 3;
+		uint64_t random;
+
+		opt("order", &o, &ol);
+		if (name_is(o, ol, "seq")) {
+			random = 0;
+		} else if (name_is(o, ol, "random")) {
+			random = 1;
+		} else {
+			kputs("testos: bad option order (want seq or random)\n");
+			finish(2);
+		}
 		virtio_init(1, 0);
 		task_create(w_disk, num_opt("records", 32, 1, 1000000),
-			    num_opt("start", 0, 0, 1000000000), 0);
+			    num_opt("start", 0, 0, 1000000000), random);
 	} else if (name_is(name, nlen, "netecho")) {
 		const char *m = "echo";
 		size_t ml = 4;

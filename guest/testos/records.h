@@ -84,6 +84,40 @@ static inline void rec_fill(uint8_t *r, uint64_t i, uint64_t records)
 	put64(r + REC_SUM, fnv1a(FNV_BASIS, r, REC_SUM));
 }
 
+/* disk order=random: record i goes to sector start + pos_i, where pos_1,
+ * pos_2, ... are the values below `records` in the order the LCG
+ * x = (REC_LCG_A * x + REC_LCG_C) mod m visits them from x = 0, m the
+ * smallest power of two >= records. With A = 1 mod 4 and C odd the LCG's
+ * period is m (Hull-Dobell), so every position 0..records-1 comes exactly
+ * once: a fixed permutation, the same on every run and replica. */
+#define REC_LCG_A 6364136223846793005ull
+#define REC_LCG_C 1442695040888963407ull
+
+struct rec_order {
+	uint64_t x, mask, n;
+};
+
+static inline void rec_order_init(struct rec_order *o, uint64_t records)
+{
+	uint64_t m = 1;
+
+	while (m < records)
+		m <<= 1;
+	o->x = 0;
+	o->mask = m - 1;
+	o->n = records;
+}
+
+/* rec_order_next: the next position; skips the at most m - records
+ * values at or above records. */
+static inline uint64_t rec_order_next(struct rec_order *o)
+{
+	do
+		o->x = (REC_LCG_A * o->x + REC_LCG_C) & o->mask;
+	while (o->x >= o->n);
+	return o->x;
+}
+
 /* netecho: frames of EtherType 0x88b5 (IEEE 802 local experimental
  * EtherType 1). After the 14-byte Ethernet header:
  *   0   u8       kind: NE_REQUEST (client to guest), NE_ECHO (guest's

@@ -17,18 +17,25 @@ static void fail_line(struct line *l, const char *what, uint64_t i, long err)
 	l_end(l);
 }
 
-/* disk: writes records 1..records (one sector each, from sector start),
- * flushing after each and printing "disk record <i>" once the flush
- * completed; then reads every record back and compares. */
+/* disk: writes records 1..records (one sector each, from sector start:
+ * record i at start + i - 1, or with random set at start + the i-th
+ * position of rec_order), flushing after each and printing
+ * "disk record <i>" once the flush completed; then reads every record
+ * back from where it was written and compares. */
 static uint8_t rec[REC_SIZE] __attribute__((aligned(64)));
 static uint8_t want[REC_SIZE];
 
-long w_disk(uint64_t records, uint64_t start, uint64_t unused)
+static uint64_t rec_pos(struct rec_order *o, uint64_t i, uint64_t random)
+{
+	return random ? rec_order_next(o) : i - 1;
+}
+
+long w_disk(uint64_t records, uint64_t start, uint64_t random)
 {
 	struct line l;
+	struct rec_order o;
 	long cap, r;
 
-	(void)unused;
 	l.n = 0;
 	cap = sys_blk_info();
 	if (cap < 0)
@@ -39,12 +46,15 @@ long w_disk(uint64_t records, uint64_t start, uint64_t unused)
 	l_dec(&l, records);
 	l_str(&l, " start=");
 	l_dec(&l, start);
+	if (random)
+		l_str(&l, " order=random");
 	l_end(&l);
 	if (start > (uint64_t)cap || records > (uint64_t)cap - start)
 		sys_exit(1, "disk: the disk is too small for the records");
+	rec_order_init(&o, records);
 	for (uint64_t i = 1; i <= records; i++) {
 		rec_fill(rec, i, records);
-		r = sys_blk_write(start + i - 1, rec, 1);
+		r = sys_blk_write(start + rec_pos(&o, i, random), rec, 1);
 		if (r < 0) {
 			fail_line(&l, "disk: write of record ", i, r);
 			sys_exit(1, "disk: write failed");
@@ -58,8 +68,9 @@ long w_disk(uint64_t records, uint64_t start, uint64_t unused)
 		l_dec(&l, i);
 		l_end(&l);
 	}
+	rec_order_init(&o, records);
 	for (uint64_t i = 1; i <= records; i++) {
-		r = sys_blk_read(start + i - 1, rec, 1);
+		r = sys_blk_read(start + rec_pos(&o, i, random), rec, 1);
 		if (r < 0) {
 			fail_line(&l, "disk: read of record ", i, r);
 			sys_exit(1, "disk: read failed");

@@ -16,7 +16,7 @@ long w_echo(uint64_t unused0, uint64_t unused1, uint64_t unused2);
 long w_fault(uint64_t unused0, uint64_t unused1, uint64_t unused2);
 long w_tsc(uint64_t samples, uint64_t work, uint64_t unused);
 long w_rdrand(uint64_t unused0, uint64_t unused1, uint64_t unused2);
-long w_disk(uint64_t records, uint64_t start, uint64_t unused);
+long w_disk(uint64_t records, uint64_t start, uint64_t random);
 long w_netecho(uint64_t mode_size, uint64_t frames, uint64_t every);
 
 #endif

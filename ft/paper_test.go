@@ -1632,13 +1632,7 @@ func TestDiskDataOnlyForAJoiningBackup(t *testing.T) {
 // full state (ft/doc.go, divergence).
 func TestRepairRequestedDuringIncrementalCapture(t *testing.T) {
 	p, b := pair(t, OutputCommit, true)
-	p.n.Async(timer(1))
-	wantAction(t, "primary hash", p.n.Point(pt(4, ms)), ActHash)
-	wantAction(t, "deliver", p.n.Hashed(Digest{1}), ActDeliver)
-	wantGo(t, "", p.n.Continue())
-	b.step(p.drain()...)
-	wantAction(t, "backup hash", b.n.Point(pt(4, 0)), ActHash)
-	fromB := divergedPages(t, b, b.n.Hashed(Digest{2}), 4)
+	fromB := hashesDifferAt4(t, p, b)
 
 	// An overdue incremental checkpoint begins; the request and the
 	// page hashes arrive while its state is captured.
@@ -1744,19 +1738,27 @@ func TestJoinDuringIncrementalCapture(t *testing.T) {
 	}
 }
 
-// pageRepairedPair: a verify-mode pair whose backup diverged at the end
-// of epoch 1 (exit 4) and installed a page repair the primary captured at
-// its kick point at exit 5 (ending epoch 2). Both are in epoch 3 at 5.
-func pageRepairedPair(t *testing.T) (p, b *replica) {
+// hashesDifferAt4 runs a verify pair's first epoch to its end at 4, where
+// the backup's hash differs from the primary's, and returns what the
+// backup sends then (its checkpoint request and its page hashes).
+func hashesDifferAt4(t *testing.T, p, b *replica) []wire.Msg {
 	t.Helper()
-	p, b = pair(t, OutputCommit, true)
 	p.n.Async(timer(1))
 	wantAction(t, "primary hash", p.n.Point(pt(4, ms)), ActHash)
 	wantAction(t, "deliver", p.n.Hashed(Digest{1}), ActDeliver)
 	wantGo(t, "", p.n.Continue())
 	b.step(p.drain()...)
 	wantAction(t, "backup hash", b.n.Point(pt(4, 0)), ActHash)
-	p.step(divergedPages(t, b, b.n.Hashed(Digest{2}), 4)...)
+	return divergedPages(t, b, b.n.Hashed(Digest{2}), 4)
+}
+
+// pageRepairedPair: a verify-mode pair whose backup diverged at the end
+// of epoch 1 (exit 4) and installed a page repair the primary captured at
+// its kick point at exit 5 (ending epoch 2). Both are in epoch 3 at 5.
+func pageRepairedPair(t *testing.T) (p, b *replica) {
+	t.Helper()
+	p, b = pair(t, OutputCommit, true)
+	p.step(hashesDifferAt4(t, p, b)...)
 	p.drain()
 	if a := wantAction(t, "page repair", p.n.Point(kick(5, 2*ms)), ActCheckpoint); !a.Repair {
 		t.Fatalf("checkpoint %v, want a page repair", a)
@@ -1854,13 +1856,7 @@ func TestPageHashesFramesAndProtocol(t *testing.T) {
 	pc.Verify = true
 	pc.Guest.MemSize, bc.Guest.MemSize = 1<<30, 1<<30 // 262144 pages: 4 frames
 	p, b := pairOf(t, pc, bc)
-	p.n.Async(timer(1))
-	wantAction(t, "primary hash", p.n.Point(pt(4, ms)), ActHash)
-	wantAction(t, "deliver", p.n.Hashed(Digest{1}), ActDeliver)
-	wantGo(t, "", p.n.Continue())
-	b.step(p.drain()...)
-	wantAction(t, "backup hash", b.n.Point(pt(4, 0)), ActHash)
-	fromB := divergedPages(t, b, b.n.Hashed(Digest{2}), 4)
+	fromB := hashesDifferAt4(t, p, b)
 	hs := ofType[wire.PageHashes](fromB)
 	if len(hs) != 4 {
 		t.Fatalf("%d frames of page hashes, want 4", len(hs))

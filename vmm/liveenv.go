@@ -49,7 +49,9 @@ type LiveEnv struct {
 	hasDisks  atomic.Bool
 
 	input io.Reader
-	kick  func()
+	// kickFn is set by Start; disk completions may arrive before it (a
+	// restored state's requests taken before Run), hence atomic.
+	kickFn atomic.Pointer[func()]
 }
 
 const noDeadline = math.MaxInt64
@@ -129,7 +131,9 @@ func (e *LiveEnv) Quitting() bool { return e.quit.Load() }
 
 // Start launches the input reader and the kicker, and starts virtual time.
 func (e *LiveEnv) Start(kick func()) error {
-	e.kick = kick
+	if kick != nil {
+		e.kickFn.Store(&kick)
+	}
 	e.Thaw()
 	if e.input != nil {
 		go e.readInput()
@@ -143,9 +147,7 @@ func (e *LiveEnv) Start(kick func()) error {
 func (e *LiveEnv) Quit() {
 	if e.quit.CompareAndSwap(false, true) {
 		close(e.quitCh)
-		if e.kick != nil {
-			e.kick()
-		}
+		e.kick()
 	}
 }
 
@@ -210,9 +212,7 @@ func (e *LiveEnv) DiskDone(c DiskCompletion) {
 	case e.inReady <- struct{}{}:
 	default:
 	}
-	if e.kick != nil {
-		e.kick()
-	}
+	e.kick()
 }
 
 // deliverDisks delivers the queued disk completions, oldest first. The
@@ -281,6 +281,13 @@ func (e *LiveEnv) readInput() {
 		if err != nil {
 			return
 		}
+	}
+}
+
+// kick forces the vCPU out of KVM_RUN, once Start has given the means.
+func (e *LiveEnv) kick() {
+	if k := e.kickFn.Load(); k != nil {
+		(*k)()
 	}
 }
 

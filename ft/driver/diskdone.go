@@ -42,6 +42,7 @@ type diskState struct {
 	wake    chan struct{} // cap 1: the relay has reports
 	started bool          // the relay runs (r.mu)
 	data    [2]byte       // a KindDiskDone event's data being built (r.mu)
+	seqs    []uint64      // the disks' next request numbers, reused (r.mu)
 }
 
 // DiskDone queues a disk's report for the relay (vmm.DiskEnvironment).
@@ -81,7 +82,10 @@ func (r *Replica) relayDisks() {
 		d.queue, d.spare = d.spare[:0], nil
 		d.mu.Unlock()
 		r.mu.Lock()
-		if r.node.Role() == ft.RolePrimary {
+		// A promoted backup still replaying posts nothing: its guest
+		// has not reached the end of the log, and what is in flight when
+		// it goes live is posted then (postInFlight).
+		if r.node.Role() == ft.RolePrimary && !r.node.Status().Replaying {
 			for _, c := range batch {
 				r.postDisk(c)
 			}
@@ -123,7 +127,21 @@ func (r *Replica) completeDisk(ev ft.Event) {
 	r.m.WaitDisk(disk, ev.Value)
 	r.mu.Lock()
 	got, ok := r.m.CompleteDisk(disk, ev.Value)
-	if ok && got != want {
+	if !ok {
+		// Not in flight: settled by a capture or dropped by an install
+		// (a completion of a request numbered before the disk's next),
+		// or never submitted here, which means this replica's guest
+		// did not make the request the primary's made.
+		seqs := r.m.DiskNextSeqs(r.disk.seqs[:0])
+		r.disk.seqs = seqs
+		if int(disk) >= len(seqs) || ev.Value >= seqs[disk] {
+			err := fmt.Errorf("%w: the primary's disk %d completed request %d, which this replica's guest never made", ft.ErrDivergence, disk, ev.Value)
+			r.log.Errorf("replica: DIVERGENCE: %v", err)
+			r.setFatal(err)
+		}
+		return
+	}
+	if got != want {
 		err := fmt.Errorf("%w: disk %d request %d completed with status %d on this replica, %d on the primary: the images differ",
 			ft.ErrDivergence, disk, ev.Value, got, want)
 		r.log.Errorf("replica: DIVERGENCE: %v", err)

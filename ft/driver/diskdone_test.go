@@ -8,8 +8,9 @@ import (
 	"github.com/ftkvm/ftkvm/ft/wire"
 )
 
-// oneDiskMachine is a machine with one disk whose request 5 is in flight
-// with status have: what completeDisk needs of a Machine.
+// oneDiskMachine is a machine with one disk whose guest made requests 0
+// to 6, of which 5 is in flight with status have: what completeDisk needs
+// of a Machine.
 type oneDiskMachine struct {
 	*fakeMachine // nil: nothing else is called
 	have         uint8
@@ -17,6 +18,7 @@ type oneDiskMachine struct {
 	completed    []uint64
 }
 
+func (d *oneDiskMachine) DiskNextSeqs(dst []uint64) []uint64 { return append(dst, 7) }
 func (d *oneDiskMachine) WaitDisk(disk int, seq uint64) { d.waited = append(d.waited, seq) }
 func (d *oneDiskMachine) CompleteDisk(disk int, seq uint64) (uint8, bool) {
 	if disk != 0 || seq != 5 {
@@ -29,8 +31,10 @@ func (d *oneDiskMachine) CompleteDisk(disk int, seq uint64) (uint8, bool) {
 // A logged disk completion is delivered after the replica's own I/O
 // goroutine performed the request; a status other than the logged one
 // means the images differ: a divergence that stops the replica. A
-// completion for a request no longer in flight does nothing, and malformed
-// event data stops the replica too.
+// completion for a request no longer in flight (settled by a capture)
+// does nothing, one for a request this replica's guest never made (or on a
+// disk it has not) is a divergence, and malformed event data stops the
+// replica too.
 func TestCompleteDiskChecksTheStatus(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
@@ -44,6 +48,8 @@ func TestCompleteDiskChecksTheStatus(t *testing.T) {
 		{"same error status", 5, wire.DiskDoneData(nil, 0, 1), 1, false, false},
 		{"other status", 5, wire.DiskDoneData(nil, 0, 0), 1, true, true},
 		{"not in flight", 6, wire.DiskDoneData(nil, 0, 1), 0, false, false},
+		{"never made", 7, wire.DiskDoneData(nil, 0, 0), 0, true, true},
+		{"on a disk this replica has not", 5, wire.DiskDoneData(nil, 1, 0), 0, true, true},
 		{"malformed data", 5, []byte{0}, 0, false, true},
 		{"no such disk", 5, []byte{wire.MaxDisks, 0}, 0, false, true},
 	} {
@@ -60,5 +66,51 @@ func TestCompleteDiskChecksTheStatus(t *testing.T) {
 				t.Fatalf("waited for %v, want request %d first", m.waited, tc.seq)
 			}
 		})
+	}
+}
+
+// settleMachine records whether the replica's lock was free while the
+// disks settled.
+type settleMachine struct {
+	*fakeMachine
+	r    *Replica
+	held bool
+}
+
+func (m *settleMachine) SettleDisks() {
+	// The ticker and the link reader need r.mu meanwhile.
+	if m.r.mu.TryLock() {
+		m.r.mu.Unlock()
+	} else {
+		m.held = true
+	}
+}
+
+// A capture (a checkpoint's or a page repair's) waits for the disk
+// requests in flight, a flush perhaps, without the replica's lock, so
+// that the heartbeats go on meanwhile.
+func TestCaptureSettlesDisksWithoutTheLock(t *testing.T) {
+	for _, repair := range []bool{false, true} {
+		f := newFakeMachine(0, 0)
+		f.dirtyOn = true
+		f.quiescent = true
+		m := &settleMachine{fakeMachine: f}
+		r := &Replica{log: quietLog(), m: m, scratch: make([]uint64, f.BitmapWords()), accum: make([]uint64, f.BitmapWords())}
+		m.r = r
+		f.env = r
+		r.mu.Lock()
+		var err error
+		if repair {
+			_, err = r.captureRepair(make([]uint64, simPages))
+		} else {
+			_, err = r.capture(false)
+		}
+		r.mu.Unlock()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.held {
+			t.Errorf("page repair %v: the lock is held while the disks settle", repair)
+		}
 	}
 }

@@ -82,7 +82,7 @@ func (r *Replica) pageHashes() (ft.Digest, []uint64, error) {
 func (r *Replica) captureRepair(against []uint64) ([]byte, error) {
 	// As capture: disk requests in flight complete here first, so that
 	// the pages they write are in the dirty log, hashed and compared.
-	r.m.SettleDisks()
+	r.settleDisks()
 	if _, err := r.m.DirtyLog(r.scratch); err != nil {
 		return nil, fmt.Errorf("page repair: %w", err)
 	}
@@ -132,12 +132,22 @@ func (r *Replica) injectDivergence() {
 	})
 }
 
+// settleDisks completes the disk requests in flight (vmm.SettleDisks),
+// without the lock: it waits for the I/O goroutines, a flush perhaps, and
+// the heartbeats must go on meanwhile, as while capturing. The vCPU thread
+// alone touches the machine. mu is held on entry and return.
+func (r *Replica) settleDisks() {
+	r.mu.Unlock()
+	r.m.SettleDisks()
+	r.mu.Lock()
+}
+
 // capture is a checkpoint at a quiescent point, as one stream.
 func (r *Replica) capture(full bool) ([]byte, error) {
 	// Disk requests in flight complete first, at this point, so that the
 	// state has none and the dirty log below sees what they wrote
 	// (devices/virtio_blk.go). A backup installing it drops its own.
-	r.m.SettleDisks()
+	r.settleDisks()
 	// The checkpoint would drain the dirty log (a full one drops it): take
 	// it first, so that the verify hash sees those pages, and only those.
 	if _, err := r.m.DirtyLog(r.scratch); err != nil {

@@ -19,7 +19,7 @@ type oneDiskMachine struct {
 }
 
 func (d *oneDiskMachine) DiskNextSeqs(dst []uint64) []uint64 { return append(dst, 7) }
-func (d *oneDiskMachine) WaitDisk(disk int, seq uint64) { d.waited = append(d.waited, seq) }
+func (d *oneDiskMachine) WaitDisk(disk int, seq uint64)      { d.waited = append(d.waited, seq) }
 func (d *oneDiskMachine) CompleteDisk(disk int, seq uint64) (uint8, bool) {
 	if disk != 0 || seq != 5 {
 		return 0, false

@@ -201,6 +201,18 @@ func (v verifyFigures) String() string {
 		v.pageRepairsSent, v.pagesSent, v.sentKiB, v.protected, strings.Join(v.pageNumbers, " "))
 }
 
+// pairSummary is one line on a pair's run: its divergences and repairs,
+// whether it stayed protected, whether the primary's console shows the
+// whole workload, and the primary's time from its start to its end.
+func pairSummary(o nestedFailoverOutput) string {
+	workload := "finished"
+	if err := checkLinesConsole(strings.ReplaceAll(o.files["p.out"], "\r", ""), nestedPairLines); err != nil {
+		workload = err.Error()
+	}
+	return fmt.Sprintf("--timeout %s; %v; workload on the primary: %s; primary %.1f s from its start to its end",
+		nestedVerifyTimeout, parseVerifyFigures(o), workload, o.times["pend"]-o.times["start"])
+}
+
 // profileOf is the --exit-stats tables at the end of a replica's stderr.
 func profileOf(stderr string) string {
 	if i := strings.Index(stderr, "exit profile:"); i >= 0 {
@@ -233,6 +245,13 @@ func BenchmarkNestedReplica(b *testing.B) {
 			b.Fatal(err)
 		}
 		b.Logf("L1 boot %v", res.BootTime.Round(time.Second))
+		// Both pairs' figures before any check: a replicated pair that
+		// split must not hide the verify pair's.
+		for _, c := range cmds[1:] {
+			if r := res.Command(c.Name); r != nil {
+				b.Logf("%s: %v", c.Name, pairSummary(parseNestedFailover(r.Output)))
+			}
+		}
 		secs := map[string]float64{}
 		for _, c := range cmds {
 			r := res.Command(c.Name)
@@ -253,15 +272,7 @@ func BenchmarkNestedReplica(b *testing.B) {
 			} else {
 				logReplicaFigures(b, c.Name, o)
 				if c.Name == "verify" {
-					// The figures first: a pair that split reports them too.
 					v := parseVerifyFigures(o)
-					workload := "finished"
-					if err := checkLinesConsole(strings.ReplaceAll(o.files["p.out"], "\r", ""), nestedPairLines); err != nil {
-						workload = err.Error()
-					}
-					b.Logf("verify (--timeout %s): %v; workload: %s; primary %.1f s from its start to its end",
-						nestedVerifyTimeout, v, workload,
-						o.times["pend"]-o.times["start"])
 					b.ReportMetric(float64(v.pageRepairs+v.fullRepairs), "verify-repairs")
 					b.ReportMetric(float64(v.pageRepairs), "verify-page-repairs")
 					b.ReportMetric(float64(v.replacedPages), "verify-repaired-pages")

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -149,6 +150,69 @@ func logReplicaFigures(t testing.TB, name string, o nestedFailoverOutput) {
 	}
 }
 
+var (
+	// The primary's line for each page repair it sent (ft/driver/state.go).
+	pageRepairSentRE = regexp.MustCompile(`page repair: (\d+) of (\d+) pages differ from the backup's; sending them with the rest of the state \((\d+) KiB\)`)
+	// The backup's line for each repair it installed (ft/driver/state.go).
+	repairInstalledRE = regexp.MustCompile(`the repair \((a page repair|the full state), (\d+) KiB\) replaced (\d+) pages that differed from the primary's \(\d+ KiB\); first page numbers: \[([^\]]*)\]`)
+)
+
+// verifyFigures is what a verify-mode pair reported about its
+// divergences and their repairs, from the replicas' logs.
+type verifyFigures struct {
+	divergences, repairs     string // the backup's "replica stopped" fields
+	pageRepairsSent          int    // the primary's "page repair" lines
+	pagesSent                int    // pages those lines said differ
+	sentKiB                  int    // their states' sizes
+	pageRepairs, fullRepairs int    // the backup's installed repairs, by kind
+	installedKiB             int    // their states' sizes
+	replacedPages            int    // pages they replaced
+	pageNumbers              []string
+	protected                bool // neither replica lost the other
+}
+
+func parseVerifyFigures(o nestedFailoverOutput) verifyFigures {
+	atoi := func(s string) int { n, _ := strconv.Atoi(s); return n }
+	bs := stoppedFields(o.files["b.err"])
+	v := verifyFigures{divergences: bs["divergences"], repairs: bs["repairs"],
+		protected: !strings.Contains(o.files["p.err"], "backup lost") && !strings.Contains(o.files["b.err"], "taking over")}
+	for _, m := range pageRepairSentRE.FindAllStringSubmatch(o.files["p.err"], -1) {
+		v.pageRepairsSent++
+		v.pagesSent += atoi(m[1])
+		v.sentKiB += atoi(m[3])
+	}
+	for _, m := range repairInstalledRE.FindAllStringSubmatch(o.files["b.err"], -1) {
+		if m[1] == "a page repair" {
+			v.pageRepairs++
+		} else {
+			v.fullRepairs++
+		}
+		v.installedKiB += atoi(m[2])
+		v.replacedPages += atoi(m[3])
+		v.pageNumbers = append(v.pageNumbers, "["+m[4]+"]")
+	}
+	return v
+}
+
+func (v verifyFigures) String() string {
+	return fmt.Sprintf("backup: %s divergences, %s repairs (%d page repairs, %d full states) installed %d KiB and replaced %d pages; "+
+		"primary: %d page repairs sent, %d pages, %d KiB; protected to the end: %v; page numbers per repair: %s",
+		v.divergences, v.repairs, v.pageRepairs, v.fullRepairs, v.installedKiB, v.replacedPages,
+		v.pageRepairsSent, v.pagesSent, v.sentKiB, v.protected, strings.Join(v.pageNumbers, " "))
+}
+
+// pairSummary is one line on a pair's run: its divergences and repairs,
+// whether it stayed protected, whether the primary's console shows the
+// whole workload, and the primary's time from its start to its end.
+func pairSummary(o nestedFailoverOutput) string {
+	workload := "finished"
+	if err := checkLinesConsole(strings.ReplaceAll(o.files["p.out"], "\r", ""), nestedPairLines); err != nil {
+		workload = err.Error()
+	}
+	return fmt.Sprintf("--timeout %s; %v; workload on the primary: %s; primary %.1f s from its start to its end",
+		nestedVerifyTimeout, parseVerifyFigures(o), workload, o.times["pend"]-o.times["start"])
+}
+
 // profileOf is the --exit-stats tables at the end of a replica's stderr.
 func profileOf(stderr string) string {
 	if i := strings.Index(stderr, "exit profile:"); i >= 0 {
@@ -181,6 +245,13 @@ func BenchmarkNestedReplica(b *testing.B) {
 			b.Fatal(err)
 		}
 		b.Logf("L1 boot %v", res.BootTime.Round(time.Second))
+		// Both pairs' figures before any check: a replicated pair that
+		// split must not hide the verify pair's.
+		for _, c := range cmds[1:] {
+			if r := res.Command(c.Name); r != nil {
+				b.Logf("%s: %v", c.Name, pairSummary(parseNestedFailover(r.Output)))
+			}
+		}
 		secs := map[string]float64{}
 		for _, c := range cmds {
 			r := res.Command(c.Name)
@@ -200,6 +271,13 @@ func BenchmarkNestedReplica(b *testing.B) {
 				b.Logf("plain profile:\n%s", profileOf(o.files["x.err"]))
 			} else {
 				logReplicaFigures(b, c.Name, o)
+				if c.Name == "verify" {
+					v := parseVerifyFigures(o)
+					b.ReportMetric(float64(v.pageRepairs+v.fullRepairs), "verify-repairs")
+					b.ReportMetric(float64(v.pageRepairs), "verify-page-repairs")
+					b.ReportMetric(float64(v.replacedPages), "verify-repaired-pages")
+					b.ReportMetric(float64(v.installedKiB), "verify-repair-KiB")
+				}
 				checkNestedPair(b, c.Name, o)
 				if c.Name == "verify" {
 					// Without a fault every divergence is repaired (a

@@ -179,6 +179,7 @@ func New(opts Options) *Replica {
 		done:     make(chan struct{}),
 	}
 	r.net.netAttached = make(chan struct{})
+	r.net.addrs = make([]guestIPv4, len(opts.NICs))
 	if l, ok := opts.Log.(*logrus.Logger); ok && l.IsLevelEnabled(logrus.TraceLevel) {
 		r.trace = true
 	}

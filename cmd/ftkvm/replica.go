@@ -88,6 +88,7 @@ type backupCmd struct {
 	replicaFlags
 	Listen           string `required:"" help:"Address to wait on for the primary." placeholder:"HOST:PORT"`
 	Join             bool   `help:"Accept a primary whose guest already runs and receive its whole state first (ftkvm ctl protect on the primary connects it). Without it, such a primary is refused."`
+	InterruptWindows string `help:"Whether this backup's KVM opens interrupt windows at points the guest defines (native ring 0): auto measures it at start (a timed ring-0 loop, which a host too busy at that moment can fail), on asserts it. A backup that cannot place them refuses a primary that uses them." enum:"auto,on" default:"auto" name:"interrupt-windows"`
 	InjectDivergence uint64 `hidden:"" help:"Test only: corrupt a dirtied page at the first verified epoch end from this epoch on."`
 }
 
@@ -277,7 +278,7 @@ func (c *backupCmd) run() (int, error) {
 		return 0, err
 	}
 	r := driver.New(driver.Options{
-		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg, host, host.ExactWindows, disks, nics), Timeout: c.Timeout, Witness: wd, Join: c.Join},
+		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg, host, host.ExactWindows || c.InterruptWindows == "on", disks, nics), Timeout: c.Timeout, Witness: wd, Join: c.Join},
 		Console:          os.Stdout,
 		Log:              logrus.StandardLogger(),
 		Witness:          wc,

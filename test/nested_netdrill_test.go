@@ -341,11 +341,12 @@ func TestNestedNetFailover(t *testing.T) {
 	for _, g := range gens {
 		for _, l := range strings.Split(o.files[g+".err"], "\n") {
 			switch {
-			case strings.Contains(l, "DIVERGENCE") || strings.Contains(l, "diverge"):
+			case strings.Contains(l, "DIVERGENCE"):
 				divergences = append(divergences, g+": "+l)
 				t.Logf("%s.err: %s", g, l)
 			case strings.Contains(l, "taking over") || strings.Contains(l, "primary now") || strings.Contains(l, "network interface") ||
-				strings.Contains(l, "announce") || strings.Contains(l, "replica stopped") || strings.Contains(l, "protected"):
+				strings.Contains(l, "announce") || strings.Contains(l, "replica stopped") || strings.Contains(l, "protected") ||
+				strings.Contains(l, "repaired"):
 				t.Logf("%s.err: %s", g, l)
 			}
 		}

@@ -14,7 +14,7 @@ import (
 
 // linuxImages builds (or finds in the cache) the pinned Debian kernel and
 // the busybox initramfs.
-func linuxImages(t *testing.T) *imagelib.Images {
+func linuxImages(t testing.TB) *imagelib.Images {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()

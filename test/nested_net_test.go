@@ -20,7 +20,13 @@ var netModules = [][2]string{
 	{"net/core", "failover"}, {"drivers/net", "net_failover"},
 	{"drivers/virtio", "virtio_ring"}, {"drivers/virtio", "virtio"}, {"drivers/virtio", "virtio_mmio"},
 	{"drivers/net", "virtio_net"},
-	{"drivers/net", "tun"}, // for the L1: ftkvm's tap
+}
+
+// netL1Modules are the modules the L1 needs for its side of the network:
+// ftkvm's taps, and the bridge and veth pairs of the drills' namespaces
+// (bridge needs stp, which needs llc), in loading order.
+var netL1Modules = [][2]string{
+	{"drivers/net", "tun"}, {"net/llc", "llc"}, {"net/802", "stp"}, {"net/bridge", "bridge"}, {"drivers/net", "veth"},
 }
 
 // netGuestInit is the L2 /init of the network test: it loads the Debian
@@ -28,7 +34,18 @@ var netModules = [][2]string{
 // address ftkvm.ip= on the kernel command line, serves one TCP connection
 // with an echo (busybox nc -e cat), reports the interface's counters and
 // powers off.
-const netGuestInit = `#!/bin/sh
+const netGuestInit = netGuestPrologue + `echo "NET-LISTENING"
+nc -l -p 7777 -e cat
+echo "NET-SERVED rc=$?"
+s=/sys/class/net/eth0/statistics
+echo "NET-STATS rx=$(cat $s/rx_packets) tx=$(cat $s/tx_packets) rx_errors=$(cat $s/rx_errors) tx_errors=$(cat $s/tx_errors)"
+echo "FTKVM-GUEST-DONE status=0"
+poweroff -f
+while :; do sleep 1000; done
+`
+
+// netGuestPrologue is the network guests' /init up to a configured eth0.
+const netGuestPrologue = `#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -49,19 +66,12 @@ ip addr add "$addr" dev eth0
 ip link set eth0 up
 echo "NET-MAC $(cat /sys/class/net/eth0/address)"
 echo "NET-ADDR $(ip -4 addr show dev eth0 | grep -o 'inet [0-9./]*')"
-echo "NET-LISTENING"
-nc -l -p 7777 -e cat
-echo "NET-SERVED rc=$?"
-s=/sys/class/net/eth0/statistics
-echo "NET-STATS rx=$(cat $s/rx_packets) tx=$(cat $s/tx_packets) rx_errors=$(cat $s/rx_errors) tx_errors=$(cat $s/tx_errors)"
-echo "FTKVM-GUEST-DONE status=0"
-poweroff -f
-while :; do sleep 1000; done
 `
 
 // netFiles extracts the modules from the pinned kernel package and builds
-// the L2 initramfs; it returns the initramfs and tun.ko for the L1.
-func netFiles(ctx context.Context, t *testing.T, im *imagelib.Images) (initramfs, tunKo string) {
+// the L2 initramfs with init as its /init; it returns the initramfs and
+// the L1's modules (netL1Modules: name -> file on this host).
+func netFiles(ctx context.Context, t testing.TB, im *imagelib.Images, init string) (initramfs string, l1Mods map[string]string) {
 	t.Helper()
 	debs, _ := filepath.Glob(filepath.Join(filepath.Dir(im.Vmlinux), "*.deb"))
 	if len(debs) != 1 {
@@ -69,7 +79,7 @@ func netFiles(ctx context.Context, t *testing.T, im *imagelib.Images) (initramfs
 	}
 	dir := t.TempDir()
 	var pats []string
-	for _, m := range netModules {
+	for _, m := range append(netModules, netL1Modules...) {
 		pats = append(pats, "*/kernel/"+m[0]+"/"+m[1]+".ko")
 	}
 	sh := fmt.Sprintf("dpkg-deb --fsys-tarfile %s | tar -x -C %s --wildcards %s", debs[0], dir, strings.Join(pats, " "))
@@ -80,27 +90,30 @@ func netFiles(ctx context.Context, t *testing.T, im *imagelib.Images) (initramfs
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, m := range netModules {
+	module := func(m [2]string) string {
 		found, _ := filepath.Glob(filepath.Join(dir, "lib", "modules", "*", "kernel", m[0], m[1]+".ko"))
 		if len(found) != 1 {
 			t.Fatalf("module %s.ko not in the kernel package (found %v)", m[1], found)
 		}
-		if m[1] == "tun" {
-			tunKo = found[0]
-			continue
-		}
-		if err := a.HostFile("lib/virtio/"+m[1]+".ko", found[0], 0o644); err != nil {
+		return found[0]
+	}
+	l1Mods = map[string]string{}
+	for _, m := range netL1Modules {
+		l1Mods[m[1]] = module(m)
+	}
+	for _, m := range netModules {
+		if err := a.HostFile("lib/virtio/"+m[1]+".ko", module(m), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := a.File("init", []byte(netGuestInit), 0o755); err != nil {
+	if err := a.File("init", []byte(init), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	initramfs = filepath.Join(dir, "net.cpio")
 	if err := a.WriteFile(initramfs); err != nil {
 		t.Fatal(err)
 	}
-	return initramfs, tunKo
+	return initramfs, l1Mods
 }
 
 // TestNestedVirtioNet boots the unmodified Debian kernel under `ftkvm run
@@ -119,7 +132,7 @@ func TestNestedVirtioNet(t *testing.T) {
 		l1Tun    = "/lib/tun.ko"
 		mac      = "02:f7:00:00:00:15"
 	)
-	initramfs, tunKo := netFiles(ctx, t, im)
+	initramfs, l1Mods := netFiles(ctx, t, im, netGuestInit)
 	script := fmt.Sprintf(`insmod %s || exit 1
 [ -c /dev/net/tun ] || { echo "no /dev/net/tun"; exit 1; }
 %s --log-level info run --kernel %s --initrd %s --mem 256 --cmdline "quiet ftkvm.ip=10.0.2.15/24" --net tap=ftap0,mac=%s >/tmp/console 2>&1 &
@@ -145,7 +158,7 @@ wait $ft
 echo "@@@ ftkvm rc=$?"
 cat /tmp/console`, l1Tun, l1FTKVM, nested.GuestVmlinux, l1Initrd, mac)
 	cfg := nested.Config{
-		Files:       map[string]string{l1FTKVM: ftkvmBin, l1Initrd: initramfs, l1Tun: tunKo},
+		Files:       map[string]string{l1FTKVM: ftkvmBin, l1Initrd: initramfs, l1Tun: l1Mods["tun"]},
 		GuestImages: true,
 		Commands:    []nested.Command{{Name: "net-echo", Cmd: script, Timeout: 8 * time.Minute}},
 	}

@@ -34,7 +34,7 @@ type replicaFlags struct {
 	Witness   string        `help:"Address of the witness (ftkvm witness) that decides which replica goes on when the two lose each other; the loser stops. Both replicas must give the same address. Without a witness or an arbiter, a cut link lets both go on (split brain)." placeholder:"HOST:PORT"`
 	Arbiter   string        `help:"Decide as --witness does, on an etcd cluster: etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (one key per pair under PREFIX, default /ftkvm), or etcds://... for TLS with --tls-cert, --tls-key and --tls-ca (etcd's members must have certificates from that CA, and accept this one). Both replicas must name the same cluster and prefix." placeholder:"URL"`
 	Metrics   string        `help:"Serve Prometheus metrics on this address at /metrics (docs/METRICS.md)." placeholder:"HOST:PORT"`
-	Net       []string      `help:"A virtio-net interface on the host tap device NAME (created if absent, brought up), with MAC address MAC or one derived from the guest; both replicas must give the same interfaces (the handshake compares the MACs). The primary opens its tap at start; a backup opens its own only when it takes over, then announces the guest's MAC (RARP). Received frames are logged to the backup; sent frames leave once the backup holds them. Repeatable." placeholder:"tap=NAME[,mac=MAC]" sep:"none"`
+	Net       []string      `help:"A virtio-net interface on the host tap device NAME (created if absent, brought up), with MAC address MAC or one derived from the guest; both replicas must give the same interfaces (the handshake compares the MACs). The primary opens its tap at start; a backup opens its own only when it takes over, then announces the guest's MAC (RARP) and the IPv4 addresses it saw the guest send from (gratuitous ARP). Received frames are logged to the backup; sent frames leave once the backup holds them. Repeatable." placeholder:"tap=NAME[,mac=MAC]" sep:"none"`
 }
 
 // fencing is the node's witness setting and the driver's client for it:
@@ -88,6 +88,7 @@ type backupCmd struct {
 	replicaFlags
 	Listen           string `required:"" help:"Address to wait on for the primary." placeholder:"HOST:PORT"`
 	Join             bool   `help:"Accept a primary whose guest already runs and receive its whole state first (ftkvm ctl protect on the primary connects it). Without it, such a primary is refused."`
+	InterruptWindows string `help:"Whether this backup's KVM opens interrupt windows at points the guest defines (native ring 0): auto measures it at start (a timed ring-0 loop, which a host too busy at that moment can fail), on asserts it. A backup that cannot place them refuses a primary that uses them." enum:"auto,on" default:"auto" name:"interrupt-windows"`
 	InjectDivergence uint64 `hidden:"" help:"Test only: corrupt a dirtied page at the first verified epoch end from this epoch on."`
 }
 
@@ -277,7 +278,7 @@ func (c *backupCmd) run() (int, error) {
 		return 0, err
 	}
 	r := driver.New(driver.Options{
-		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg, host, host.ExactWindows, disks, nics), Timeout: c.Timeout, Witness: wd, Join: c.Join},
+		Node:             ft.Config{Role: ft.RoleBackup, Guest: identity(cfg, host, host.ExactWindows || c.InterruptWindows == "on", disks, nics), Timeout: c.Timeout, Witness: wd, Join: c.Join},
 		Console:          os.Stdout,
 		Log:              logrus.StandardLogger(),
 		Witness:          wc,

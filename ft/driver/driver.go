@@ -182,6 +182,7 @@ func New(opts Options) *Replica {
 	}
 	r.net.netAttached = make(chan struct{})
 	r.disk.wake = make(chan struct{}, 1)
+	r.net.addrs = make([]guestIPv4, len(opts.NICs))
 	if l, ok := opts.Log.(*logrus.Logger); ok && l.IsLevelEnabled(logrus.TraceLevel) {
 		r.trace = true
 	}

@@ -11,8 +11,11 @@ package driver
 // (NoteTakeover; P4: while a backup it neither reads nor writes its own).
 // A promoted backup first announces the guest's MAC addresses as QEMU does
 // after a migration (RARP frames, a few rounds with a growing pause), so
-// that switches learn the guest's new port, then performs the uncertain
-// frames (duplicates allowed).
+// that switches learn the guest's new port, and with them a gratuitous
+// ARP for each IPv4 address the guest was seen sending from (learned from
+// the frames it transmits, on either replica: at most maxGuestIPv4 per
+// interface), so that hosts whose ARP caches hold the address learn it
+// again; then it performs the uncertain frames (duplicates allowed).
 //
 // Locking: the readers take r.mu to post a frame. attachNets opens the
 // host sides without it and publishes them under it; netAttached is
@@ -57,7 +60,7 @@ type NetStats struct {
 	RxErrors   uint64 // host sides whose reading failed (gone): no more frames from them
 	TxFrames   uint64 // frames written to the host sides
 	TxErrors   uint64 // frames a host side refused, or for an interface not attached
-	Announced  uint64 // RARP announcements sent after a takeover
+	Announced  uint64 // announcement frames (RARP, gratuitous ARP) sent after a takeover
 	OpenErrors uint64 // host sides that could not be attached
 }
 
@@ -67,6 +70,7 @@ type netState struct {
 	ports       []FramePort
 	netAttached chan struct{} // closed once attachNets has tried every port
 	txBuf       []byte        // a KindNetTx output being built (vCPU thread)
+	addrs       []guestIPv4   // per interface, the guest's sender addresses (r.mu)
 
 	rxFrames, rxBad, rxErrors     atomic.Uint64
 	txFrames, txErrors, announced atomic.Uint64
@@ -99,6 +103,9 @@ func (t netTx) Write(p []byte) (int, error) {
 	defer r.mu.Unlock()
 	if r.finished || r.fatal != nil || r.quit.Load() {
 		return len(p), nil
+	}
+	if t.nic < len(r.net.addrs) {
+		r.net.addrs[t.nic].learn(p)
 	}
 	r.net.txBuf = wire.NetTxData(r.net.txBuf, t.nic, p) // the node copies what it keeps
 	a := r.node.Output(r.handling(), wire.KindNetTx, r.net.txBuf)
@@ -141,18 +148,92 @@ func (r *Replica) attachNets(announce bool) {
 	default:
 	}
 	r.net.ports = ports
+	addrs := append([]guestIPv4(nil), r.net.addrs...)
 	r.mu.Unlock()
 	for i, p := range ports {
 		if p == nil {
 			continue
 		}
 		if announce {
-			frame := RARPAnnouncement(r.opts.NICs[i].MAC)
-			r.sendAnnouncement(i, p, frame)
-			go r.announceRounds(i, p, frame)
+			mac := r.opts.NICs[i].MAC
+			frames := [][]byte{RARPAnnouncement(mac)}
+			if i < len(addrs) {
+				for _, ip := range addrs[i].a[:addrs[i].n] {
+					frames = append(frames, GratuitousARP(mac, ip))
+				}
+			}
+			r.sendAnnouncement(i, p, frames)
+			go r.announceRounds(i, p, frames)
 		}
 		go r.readFrames(i, p)
 	}
+}
+
+// maxGuestIPv4 bounds the addresses announced per interface: a guest
+// that sends from more has the first ones announced.
+const maxGuestIPv4 = 4
+
+// guestIPv4 is the IPv4 addresses a guest sent from on one interface.
+type guestIPv4 struct {
+	n int
+	a [maxGuestIPv4][4]byte
+}
+
+// learn notes the sender protocol address of an ARP request or reply
+// (RFC 826) or the source of an IPv4 packet (RFC 791) in a frame the guest
+// transmits: a unicast address not seen before, while there is room. It
+// allocates nothing (the vCPU thread calls it for every frame).
+func (g *guestIPv4) learn(f []byte) {
+	if len(f) < 14 {
+		return
+	}
+	var ip []byte
+	switch {
+	case f[12] == 0x08 && f[13] == 0x06 && len(f) >= 42:
+		// Ethernet/IPv4 ARP with 6- and 4-byte addresses.
+		if f[14] != 0 || f[15] != 1 || f[16] != 0x08 || f[17] != 0 || f[18] != 6 || f[19] != 4 {
+			return
+		}
+		ip = f[28:32]
+	case f[12] == 0x08 && f[13] == 0x00 && len(f) >= 34 && f[14]>>4 == 4:
+		ip = f[26:30]
+	default:
+		return
+	}
+	// Not 0.0.0.0/8 (this network: an address being probed), loopback,
+	// multicast, or broadcast.
+	if ip[0] == 0 || ip[0] == 127 || ip[0] >= 224 {
+		return
+	}
+	for _, a := range g.a[:g.n] {
+		if [4]byte(ip) == a {
+			return
+		}
+	}
+	if g.n < maxGuestIPv4 {
+		g.a[g.n] = [4]byte(ip)
+		g.n++
+	}
+}
+
+// GratuitousARP is an ARP announcement (RFC 5227 §2.3) of ip at mac: a
+// broadcast ARP request whose sender and target protocol addresses are
+// both ip, padded to the 60-byte Ethernet minimum. Hosts that hold ip in
+// their ARP caches update its entry.
+func GratuitousARP(mac net.HardwareAddr, ip [4]byte) []byte {
+	f := make([]byte, 60)
+	copy(f[0:6], []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+	copy(f[6:12], mac)
+	f[12], f[13] = 0x08, 0x06 // ETH_P_ARP
+	f[14], f[15] = 0x00, 0x01 // hardware: Ethernet
+	f[16], f[17] = 0x08, 0x00 // protocol: IPv4
+	f[18], f[19] = 6, 4       // address lengths
+	f[20], f[21] = 0x00, 0x01 // request
+	copy(f[22:28], mac)       // sender hardware address
+	copy(f[28:32], ip[:])     // sender protocol address
+	// target hardware address zero (RFC 5227: ignored)
+	copy(f[38:42], ip[:]) // target protocol address
+	return f
 }
 
 // Announcement rounds, as QEMU's defaults (announce-initial 50 ms,
@@ -165,24 +246,28 @@ const (
 	announceMax     = 550 * time.Millisecond
 )
 
-func (r *Replica) announceRounds(nic int, p FramePort, frame []byte) {
+func (r *Replica) announceRounds(nic int, p FramePort, frames [][]byte) {
 	for k := 1; k < announceRounds; k++ {
 		select {
 		case <-time.After(min(announceInitial+time.Duration(k-1)*announceStep, announceMax)):
 		case <-r.done:
 			return
 		}
-		r.sendAnnouncement(nic, p, frame)
+		r.sendAnnouncement(nic, p, frames)
 	}
 }
 
-func (r *Replica) sendAnnouncement(nic int, p FramePort, frame []byte) {
-	if _, err := p.Write(frame); err != nil {
-		r.net.txErrors.Add(1)
-		r.log.Warnf("replica: network interface %d: announcing the guest's address: %v", nic, err)
-		return
+// sendAnnouncement sends one round: the RARP frame, then the gratuitous
+// ARPs.
+func (r *Replica) sendAnnouncement(nic int, p FramePort, frames [][]byte) {
+	for _, f := range frames {
+		if _, err := p.Write(f); err != nil {
+			r.net.txErrors.Add(1)
+			r.log.Warnf("replica: network interface %d: announcing the guest's address: %v", nic, err)
+			return
+		}
+		r.net.announced.Add(1)
 	}
-	r.net.announced.Add(1)
 }
 
 // RARPAnnouncement is the frame QEMU sends for a guest's MAC address after

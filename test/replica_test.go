@@ -78,7 +78,13 @@ func TestReplicaStrictPolicy(t *testing.T) {
 // the primary's state.
 func TestReplicaDivergenceRepaired(t *testing.T) {
 	requireKVM(t)
+	// Four times the drills' interleave: the primary's guest must not end
+	// while the repair's round trip (the backup's page hashes, the
+	// primary's pages) is under way, and the backup may lag by hundreds
+	// of exits on a loaded host.
 	w := workloadNamed(t, "interleave")
+	w.cmdline = strings.Replace(w.cmdline, "lines=30 ", "lines=120 ", 1)
+	w.lines, w.check = 2*120+2, checkInterleave(120)
 	b := start(t, append([]string{"--log-level", "info", "backup", "--listen", "127.0.0.1:0", "--inject-divergence", "5"}, replicaArgs(w)...)...)
 	p := start(t, append([]string{"--log-level", "info", "primary", "--verify", "--backup", b.backupAddr()}, replicaArgs(w)...)...)
 	res := p.wait()

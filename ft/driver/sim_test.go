@@ -380,7 +380,8 @@ func (s *sim) wait() {
 func (s *sim) dump() string {
 	var b strings.Builder
 	for _, l := range s.links {
-		fmt.Fprintf(&b, "link: %v; frames %v / %v\n", l.fault, l.count, l.types)
+		count, types := l.frames()
+		fmt.Fprintf(&b, "link: %v; frames %v / %v\n", l.fault, count, types)
 	}
 	for _, sr := range s.reps {
 		sr.mu.Lock()
@@ -627,7 +628,8 @@ func TestSimNoFailure(t *testing.T) {
 				}
 			}
 			ps := p.r.Status()
-			t.Logf("primary %v; backup %v; frames %v; lag %+v", ps, b.r.Status(), l.count, pm.Lag)
+			count, _ := l.frames()
+			t.Logf("primary %v; backup %v; frames %v; lag %+v", ps, b.r.Status(), count, pm.Lag)
 		})
 	}
 }
@@ -639,7 +641,8 @@ func countFrames(t *testing.T, cfg simConfig) [2]int {
 	s := newSim(t, cfg)
 	defer catch(t, "counting frames", s)
 	_, _, l := s.run(nil)
-	return l.count
+	count, _ := l.frames()
+	return count
 }
 
 // catch reports a failed check of s (a simFailure) and releases s.

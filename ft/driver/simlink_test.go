@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -124,9 +125,19 @@ type simEnd struct {
 	side int
 }
 
-func (e *simEnd) Read(p []byte) (int, error)         { return e.c.Read(p) }
-func (e *simEnd) LocalAddr() net.Addr                { return e.c.LocalAddr() }
-func (e *simEnd) RemoteAddr() net.Addr               { return e.c.RemoteAddr() }
+func (e *simEnd) Read(p []byte) (int, error) { return e.c.Read(p) }
+func (e *simEnd) LocalAddr() net.Addr        { return e.c.LocalAddr() }
+func (e *simEnd) RemoteAddr() net.Addr       { return e.c.RemoteAddr() }
+
+// frames returns how many frames each side has written so far, and their
+// types. A run's link writers can outlive it (a replica's writer goroutine
+// finishing its last frame), hence the lock.
+func (l *simLink) frames() ([2]int, [2][]wire.Type) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.count, [2][]wire.Type{slices.Clone(l.types[0]), slices.Clone(l.types[1])}
+}
+
 func (e *simEnd) SetDeadline(t time.Time) error      { return e.c.SetDeadline(t) }
 func (e *simEnd) SetReadDeadline(t time.Time) error  { return e.c.SetReadDeadline(t) }
 func (e *simEnd) SetWriteDeadline(t time.Time) error { return e.c.SetWriteDeadline(t) }

@@ -77,9 +77,7 @@ func (m *Machine) Run() (int, error) {
 				// primary injected only what it delivered there (point,
 				// at a kick point). Waking it as from HLT would inject a
 				// pending interrupt the primary had not.
-				if m.point.Kind != PointKick || m.point.Delivered {
-					m.inject()
-				}
+				m.injectAtPoint()
 				continue
 			}
 			if !m.pic.HasInterrupt() {
@@ -215,15 +213,20 @@ func (m *Machine) exit(reason kvm.ExitReason) error {
 	if m.stopped {
 		return nil
 	}
+	m.injectAtPoint()
+	return nil
+}
+
+// injectAtPoint injects (inject) at the current point, unless it is a kick
+// point where nothing was delivered: there nothing new may be injected or
+// requested either, since a pending interrupt the guest became ready for
+// would otherwise enter at a place that depends on host timing. It waits
+// for the next exit.
+func (m *Machine) injectAtPoint() {
 	if m.point.Kind == PointKick && !m.point.Delivered {
-		// Nothing was delivered at this host-timed point, so nothing new
-		// may be injected or requested here either: a pending interrupt
-		// the guest became ready for would otherwise enter at a place
-		// that depends on host timing. It waits for the next exit.
-		return nil
+		return
 	}
 	m.inject()
-	return nil
 }
 
 // inject moves the PIC's highest-priority request into the vCPU if the
